@@ -1,0 +1,114 @@
+"""Data parallelism: FSDP2 ``fully_shard``, DDP, or HSDP over the ``dp`` ranks of the mesh.
+
+FSDP2 units follow the model's structure: one per repeated block (so only one block's full
+weights exist at a time), one per other top-level child that holds parameters, and the root
+(the LightningModule or the Fabric module) last. The root holds no parameters of its own in
+the usual case; it exists so that one pre-forward hook starts every step and one post-backward
+callback finishes the gradient reduction.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from picotron_lightning.parallel.structure import find_block_stacks
+
+DataParallelMode = Literal["auto", "fsdp", "ddp", "hsdp"]
+DATA_PARALLEL_MODES = ("auto", "fsdp", "ddp", "hsdp")
+
+# "auto" replicates while parameters + gradients + two Adam moments take less than this share
+# of one device's memory; above it, sharding pays for its extra all-gathers.
+REPLICATE_MEMORY_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class DataParallelConfig:
+    """Options of the data-parallel step (the strategy's arguments of the same names)."""
+
+    mode: DataParallelMode = "auto"
+    reshard_after_forward: bool = True
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in DATA_PARALLEL_MODES:
+            raise ValueError(f"`data_parallel_mode={self.mode!r}` is not one of {DATA_PARALLEL_MODES}.")
+
+
+def device_memory_bytes(device: torch.device, local_processes: int = 1) -> int:
+    """Memory one process may plan with: the GPU's total, or host RAM split among local processes."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = 8 << 30
+    return total // max(1, local_processes)
+
+
+def training_state_bytes(module: nn.Module) -> int:
+    """Parameters, gradients and two Adam moments of this rank's (unsharded) parameters."""
+    return sum(p.numel() * p.element_size() * 4 for p in module.parameters() if p.requires_grad)
+
+
+def resolve_mode(
+    mode: DataParallelMode, module: nn.Module, device: torch.device, local_processes: int, tensor_parallel: bool
+) -> Literal["fsdp", "ddp", "hsdp"]:
+    """Turn ``"auto"`` into a concrete mode: replicate if the training state fits comfortably, else shard."""
+    if mode != "auto":
+        return mode
+    if tensor_parallel:
+        return "fsdp"  # DTensor parameters need FSDP2; DDP cannot reduce them
+    budget = device_memory_bytes(device, local_processes) * REPLICATE_MEMORY_SHARE
+    return "ddp" if training_state_bytes(module) <= budget else "fsdp"
+
+
+def _mp_policy(config: DataParallelConfig):  # noqa: ANN202 - torch type imported lazily
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype)
+
+
+def apply_fsdp(root: nn.Module, dp_mesh, config: DataParallelConfig, ignored_params: set | None = None) -> nn.Module:  # noqa: ANN001
+    """Shard ``root`` over ``dp_mesh`` (1-D for FSDP, 2-D replicate x shard for HSDP) in place."""
+    from torch.distributed.fsdp import fully_shard
+
+    kwargs = {"mesh": dp_mesh, "mp_policy": _mp_policy(config)}
+    if ignored_params:
+        kwargs["ignored_params"] = ignored_params
+    covered: set[int] = set()
+    for stack in find_block_stacks(root):
+        for block in stack.blocks:
+            fully_shard(block, reshard_after_forward=config.reshard_after_forward, **kwargs)
+            covered.update(id(p) for p in block.parameters())
+    for child in root.children():
+        # One unit for the rest of each top-level child (embedding, final norm, head...).
+        if any(id(p) not in covered for p in child.parameters()):
+            fully_shard(child, reshard_after_forward=config.reshard_after_forward, **kwargs)
+            covered.update(id(p) for p in child.parameters())
+    # The root's parameters are needed again at the start of backward: keep them gathered.
+    fully_shard(root, reshard_after_forward=False, **kwargs)
+    return root
+
+
+def apply_ddp(root: nn.Module, dp_group, device: torch.device) -> nn.Module:  # noqa: ANN001
+    """Wrap ``root`` in ``DistributedDataParallel`` over the data-parallel process group."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    # Gradients as bucket views skip one copy per step; buckets are the DDP default size.
+    return DistributedDataParallel(root, process_group=dp_group, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def set_gradient_sync(module: nn.Module, enabled: bool) -> None:
+    """Turn FSDP2 gradient reduction on or off for every unit under ``module``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.set_requires_gradient_sync(enabled, recurse=False)

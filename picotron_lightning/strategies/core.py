@@ -1,0 +1,195 @@
+"""What the Trainer and Fabric strategies share: arguments, layout, mesh, parallelization, norms.
+
+Lightning has two strategy hierarchies (``lightning.pytorch`` and ``lightning.fabric``) with the
+same ideas under different method names. Everything that is about *parallelism* lives here, once;
+the two strategy classes only adapt it to their framework's hooks.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from picotron_lightning.parallel.data import DATA_PARALLEL_MODES, DataParallelConfig, set_gradient_sync
+from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
+from picotron_lightning.strategies.parallelize import ParallelConfig, ParallelModel, parallelize
+from picotron_lightning.topology import MESH_DIM_NAMES, LayoutError, ParallelLayout, SizeArg
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "16": torch.float16,
+}
+
+
+def _as_dtype(name: str, value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"`{name}={value!r}` is not a dtype; use one of {sorted(_DTYPES)} or a torch.dtype.")
+    return _DTYPES[value]
+
+
+class Picotron3DCore:
+    """Parallelism shared by :class:`Picotron3DStrategy` and :class:`Picotron3DFabricStrategy`.
+
+    Args:
+        data_parallel_size: ranks that each hold a model replica (or shard of one); ``"auto"`` fills
+            whatever the other sizes leave of the world size.
+        tensor_parallel_size: ranks that split each layer Megatron-style (neighbouring ranks).
+        pipeline_parallel_size: stages the layers are split into.
+        expert_parallel_size: ranks (taken from the data-parallel ones) that split the experts of MoE layers.
+        data_parallel_mode: ``"fsdp"`` (FSDP2 ``fully_shard``), ``"ddp"``, ``"hsdp"`` (replicate across
+            groups of ``hsdp_shard_size`` ranks that shard), or ``"auto"``: replicate while parameters,
+            gradients and optimizer state fit comfortably in one device's memory, shard otherwise.
+        hsdp_shard_size: ranks that shard within one HSDP replica (default: the data-parallel ranks of a node).
+        reshard_after_forward: FSDP frees gathered weights after forward (less memory, one more all-gather).
+        reduce_dtype: dtype of gradient reduction (e.g. ``"fp32"`` to reduce bf16 gradients in fp32).
+        param_dtype: dtype FSDP gathers parameters in for compute (``None`` keeps the stored dtype).
+        process_group_backend: ``"gloo"`` or ``"nccl"``; default by device.
+        timeout: timeout of every collective; a stuck rank fails the run after this long.
+    """
+
+    def _init_core(
+        self,
+        data_parallel_size: SizeArg,
+        tensor_parallel_size: int,
+        pipeline_parallel_size: int,
+        expert_parallel_size: int,
+        data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"],
+        hsdp_shard_size: SizeArg,
+        reshard_after_forward: bool,
+        reduce_dtype: str | torch.dtype | None,
+        param_dtype: str | torch.dtype | None,
+        process_group_backend: str | None,
+        timeout: timedelta | None,
+    ) -> None:
+        # Validate argument types now, at construction: the user sees the error before any launch.
+        self._requested_layout = ParallelLayout(
+            data_parallel_size, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
+        )
+        if data_parallel_mode not in DATA_PARALLEL_MODES:
+            raise ValueError(
+                f"`data_parallel_mode={data_parallel_mode!r}` is not supported; use one of {DATA_PARALLEL_MODES}."
+            )
+        if hsdp_shard_size != "auto" and (not isinstance(hsdp_shard_size, int) or hsdp_shard_size < 1):
+            raise ValueError(f"`hsdp_shard_size` must be a positive integer or 'auto', got {hsdp_shard_size!r}.")
+        self._hsdp_shard_size = hsdp_shard_size
+        self._parallel_config = ParallelConfig(
+            data_parallel=DataParallelConfig(
+                mode=data_parallel_mode,
+                reshard_after_forward=reshard_after_forward,
+                param_dtype=_as_dtype("param_dtype", param_dtype),
+                reduce_dtype=_as_dtype("reduce_dtype", reduce_dtype),
+            )
+        )
+        self._process_group_backend = process_group_backend
+        self._timeout = timeout
+        self._layout: ParallelLayout | None = None
+        self._device_mesh: DeviceMesh | None = None
+        self._parallel_model: ParallelModel | None = None
+
+    # ------------------------------------------------------------------ layout and mesh
+    @property
+    def layout(self) -> ParallelLayout:
+        """The resolved layout (all sizes integers); the requested one before launch."""
+        return self._layout or self._requested_layout
+
+    @property
+    def device_mesh(self) -> DeviceMesh:
+        """The ``(pp, dp, tp)`` mesh (``dp`` is a flattened ``dp_replicate x dp_shard`` under HSDP)."""
+        if self._device_mesh is None:
+            raise RuntimeError("The device mesh exists only after the processes have been set up.")
+        return self._device_mesh
+
+    @property
+    def data_parallel_mode(self) -> str | None:
+        """The mode actually applied (``"auto"`` resolved), or None before setup."""
+        return self._parallel_model.data_parallel_mode if self._parallel_model else None
+
+    def _resolve_layout(self, world_size: int) -> ParallelLayout:
+        """Check the sizes against the world size; raises before any process group exists."""
+        self._layout = self._requested_layout.resolve(world_size)
+        if self._parallel_config.data_parallel.mode == "hsdp":
+            self._hsdp_sizes(self._layout, local_processes=getattr(self, "num_processes", world_size))
+        return self._layout
+
+    def _hsdp_sizes(self, layout: ParallelLayout, local_processes: int) -> tuple[int, int]:
+        shard = self._hsdp_shard_size
+        if shard == "auto":
+            shard = math.gcd(layout.dp, max(1, local_processes // (layout.tp * layout.pp)))
+        if layout.dp % shard:
+            raise LayoutError(
+                f"hsdp_shard_size={shard} must divide data_parallel_size={layout.dp}; sizes that would work: "
+                f"{[d for d in range(1, layout.dp + 1) if layout.dp % d == 0]}."
+            )
+        return layout.dp // shard, shard
+
+    def _build_mesh(self, device: torch.device, local_processes: int) -> DeviceMesh:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        layout = self.layout
+        if self._parallel_config.data_parallel.mode != "hsdp":
+            mesh = layout.build_device_mesh(device.type)
+        else:
+            replicate, shard = self._hsdp_sizes(layout, local_processes)
+            names = ("pp", "dp_replicate", "dp_shard", "tp")
+            mesh = init_device_mesh(device.type, (layout.pp, replicate, shard, layout.tp), mesh_dim_names=names)
+            mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        self._device_mesh = mesh
+        return mesh
+
+    def _data_parallel_coordinates(self) -> dict[str, int]:
+        mesh = self.device_mesh
+        return {"num_replicas": mesh["dp"].size(), "rank": mesh["dp"].get_local_rank()}
+
+    # ------------------------------------------------------------------ parallelization
+    def _parallelize(self, module: nn.Module, device: torch.device, local_processes: int) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+            raise TypeError(
+                "The model already contains FSDP1 (`FullyShardedDataParallel`) wrappers; picotron3d applies "
+                "data parallelism itself. Remove the wrapping from the model."
+            )
+        self._parallel_model = parallelize(
+            module, self.device_mesh, self.layout, self._parallel_config, device, local_processes
+        )
+        return self._parallel_model.module
+
+    @contextmanager
+    def _no_gradient_sync(self, module: nn.Module):  # noqa: ANN202
+        """Accumulate gradients locally: no reduction until the context exits."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        if isinstance(module, DistributedDataParallel):
+            with module.no_sync():
+                yield
+            return
+        set_gradient_sync(module, False)
+        try:
+            yield
+        finally:
+            set_gradient_sync(module, True)
+
+    def _ranks_per_stage(self) -> int:
+        return self.layout.world_size // self.layout.pp
+
+    def global_grad_norm(self, module: nn.Module | None = None, norm_type: float = 2.0) -> torch.Tensor:
+        """Norm of all gradients over shards, replicas and stages; the same on every rank."""
+        module = module if module is not None else self._norm_module()
+        return global_grad_norm(module.parameters(), norm_type, ranks_per_stage=self._ranks_per_stage())
+
+    def _clip_grad_norm(self, parameters: Any, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        return clip_grad_norm_(parameters, max_norm, norm_type, ranks_per_stage=self._ranks_per_stage())
+
+    def _norm_module(self) -> nn.Module:  # overridden by each strategy
+        raise NotImplementedError

@@ -1,0 +1,287 @@
+"""``Picotron3DFabricStrategy``: the same parallelism for Fabric scripts (``Fabric(strategy="picotron3d")``)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, ExitStack
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.fabric.strategies.parallel import ParallelStrategy
+from lightning.fabric.strategies.strategy import _BackwardSyncControl
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.nn import Module
+from torch.optim import Optimizer
+
+from picotron_lightning.strategies.checkpoint import collect_state, load_sharded, save_sharded
+from picotron_lightning.strategies.core import Picotron3DCore
+from picotron_lightning.topology import SizeArg
+
+
+class _Picotron3DBackwardSyncControl(_BackwardSyncControl):
+    def __init__(self, strategy: Picotron3DFabricStrategy) -> None:
+        self._strategy = strategy
+
+    def no_backward_sync(self, module: Module, enabled: bool) -> AbstractContextManager:
+        if not enabled:
+            return ExitStack()
+        return self._strategy._no_gradient_sync(module)
+
+
+def _rebind_optimizer(optimizer: Optimizer, before: dict[int, str], after: dict[str, torch.nn.Parameter]) -> None:
+    """Point ``optimizer`` at the parameters that sharding created in place of the originals.
+
+    ``fully_shard`` and tensor parallelism replace each ``nn.Parameter`` with a new (DTensor) one,
+    so an optimizer built before ``fabric.setup`` would update tensors the model no longer uses.
+    """
+    if optimizer.state:
+        raise RuntimeError(
+            "The optimizer already has state (it has stepped). Create it before training, or call "
+            "`fabric.setup(model)` first and `fabric.setup_optimizers(optimizer)` on a new optimizer."
+        )
+    for group in optimizer.param_groups:
+        group["params"] = [after[before[id(p)]] if id(p) in before else p for p in group["params"]]
+
+
+class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
+    """Data, tensor, pipeline and expert parallelism for Fabric; same arguments as the Trainer strategy.
+
+    ``fabric.setup(model, optimizer)`` works as with ``ddp``: the optimizer is re-pointed at the
+    sharded parameters. ``fabric.clip_gradients`` and ``fabric.no_backward_sync`` know the layout.
+    """
+
+    strategy_name = "picotron3d"
+
+    def __init__(
+        self,
+        data_parallel_size: SizeArg = "auto",
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
+        data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
+        hsdp_shard_size: SizeArg = "auto",
+        reshard_after_forward: bool = True,
+        reduce_dtype: Optional[str] = None,
+        param_dtype: Optional[str] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn"] = "popen",
+        accelerator: Optional[Accelerator] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision: Optional[Precision] = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+        )
+        self._init_core(
+            data_parallel_size, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
+            data_parallel_mode, hsdp_shard_size, reshard_after_forward, reduce_dtype, param_dtype,
+            process_group_backend, timeout,
+        )
+        if start_method not in ("popen", "spawn"):
+            raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
+        self._start_method = start_method
+        self._num_nodes = 1
+        self._backward_sync_control = _Picotron3DBackwardSyncControl(self)
+        self._module: Optional[Module] = None
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls,
+            description="picotron-lightning: data/tensor/pipeline/expert parallelism with FSDP2 and DTensor",
+        )
+
+    # ------------------------------------------------------------------ devices and launch
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_nodes(self) -> int:
+        return self._num_nodes
+
+    @num_nodes.setter
+    def num_nodes(self, num_nodes: int) -> None:
+        self._num_nodes = num_nodes
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        # Tells Lightning to insert its DistributedSampler (with the kwargs below).
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return self._data_parallel_coordinates()
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        env = self.cluster_environment
+        self._resolve_layout(env.world_size() if env.creates_processes_externally else self.num_nodes * self.num_processes)
+        if env.creates_processes_externally:
+            return
+        if self._start_method == "spawn":
+            self._launcher = _MultiProcessingLauncher(self, start_method="spawn")
+        else:
+            self._launcher = _SubprocessScriptLauncher(env, self.num_processes, self.num_nodes)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        self._resolve_layout(self.world_size)
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        assert self.cluster_environment is not None
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        self._build_mesh(self.root_device, self.num_processes)
+
+    # ------------------------------------------------------------------ module and optimizers
+    def setup_module_and_optimizers(
+        self, module: Module, optimizers: list[Optimizer], scheduler: Optional[Any] = None
+    ) -> tuple[Module, list[Optimizer], Optional[Any]]:
+        before = {id(p): name for name, p in module.named_parameters()}
+        wrapped = self.setup_module(module)
+        after = dict(module.named_parameters())
+        for optimizer in optimizers:
+            _rebind_optimizer(optimizer, before, after)
+        return wrapped, optimizers, scheduler
+
+    def setup_module(self, module: Module) -> Module:
+        if not any(p.is_meta for p in module.parameters()):
+            module.to(self.root_device)
+        wrapped = self._parallelize(module, self.root_device, self.num_processes)
+        _materialize_distributed_module(module, self.root_device)
+        self._module = module
+        return wrapped
+
+    def module_to_device(self, module: Module) -> None:
+        if not any(p.is_meta for p in module.parameters()):
+            module.to(self.root_device)
+
+    def module_init_context(self, empty_init: Optional[bool] = None) -> AbstractContextManager:
+        stack = ExitStack()
+        if empty_init:
+            stack.enter_context(torch.device("meta"))  # materialized after sharding, in setup_module
+        stack.enter_context(self.precision.module_init_context())
+        return stack
+
+    def clip_gradients_norm(
+        self,
+        module: Module,
+        optimizer: Optimizer,
+        max_norm: Union[float, int],
+        norm_type: Union[float, int] = 2.0,
+        error_if_nonfinite: bool = True,
+    ) -> Tensor:
+        self.precision.unscale_gradients(optimizer)
+        norm = self._clip_grad_norm(list(self.precision.main_params(optimizer)), float(max_norm), float(norm_type))
+        if error_if_nonfinite and not torch.isfinite(norm):
+            raise RuntimeError(f"The total norm of gradients is non-finite ({norm.item()}); not clipping.")
+        return norm
+
+    def _norm_module(self) -> Module:
+        if self._module is None:
+            raise RuntimeError("Call `fabric.setup(model)` before asking for the gradient norm.")
+        return self._module
+
+    # ------------------------------------------------------------------ collectives
+    def all_reduce(
+        self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
+    ) -> Tensor:
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if not _distributed_is_initialized():
+            return
+        if torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[self.root_device.index])
+        else:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src)
+        return box[0]
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(
+        self,
+        path: Any,
+        state: dict[str, Union[Module, Optimizer, Any]],
+        storage_options: Optional[Any] = None,
+        filter: Optional[dict[str, Callable[[str, Any], bool]]] = None,
+    ) -> None:
+        if storage_options is not None or filter is not None:
+            raise TypeError("picotron3d writes sharded checkpoints; `storage_options` and `filter` are not supported.")
+        modules = {k: v for k, v in state.items() if isinstance(v, Module)}
+        if len(modules) != 1:
+            raise ValueError(f"Pass exactly one model in the state to save, got {sorted(modules) or 'none'}.")
+        (model_key, module), = modules.items()
+        optimizers = {k: v for k, v in state.items() if isinstance(v, Optimizer)}
+        rest = {k: v for k, v in state.items() if k not in modules and k not in optimizers}
+        rest["__model_key__"] = model_key
+        tensors = collect_state(module, list(optimizers.values()), list(optimizers))
+        save_sharded(Path(self.broadcast(str(path))), tensors, metadata=rest)
+
+    def load_checkpoint(
+        self,
+        path: Any,
+        state: Optional[Union[Module, Optimizer, dict[str, Union[Module, Optimizer, Any]]]] = None,
+        strict: bool = True,
+        weights_only: Optional[bool] = None,
+    ) -> dict[str, Any]:
+        if isinstance(state, Module):
+            state = {"model": state}
+        if not isinstance(state, dict) or not any(isinstance(v, Module) for v in state.values()):
+            raise ValueError("Pass the state to restore with its model, e.g. `fabric.load(path, {'model': model})`.")
+        (module,) = [v for v in state.values() if isinstance(v, Module)]
+        optimizers = {k: v for k, v in state.items() if isinstance(v, Optimizer)}
+        metadata = load_sharded(Path(self.broadcast(str(path))), module, list(optimizers.values()),
+                                optimizer_keys=list(optimizers), strict=strict)
+        metadata.pop("__model_key__", None)
+        for key in [k for k in state if k not in optimizers and not isinstance(state[k], Module)]:
+            if key in metadata:
+                state[key] = metadata.pop(key)
+            elif strict:
+                raise KeyError(f"'{key}' is not in the checkpoint {path}; it holds {sorted(metadata)}.")
+        return metadata

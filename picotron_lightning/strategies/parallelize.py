@@ -1,0 +1,121 @@
+"""The ordered steps that turn a plain model into a parallel one; shared by Trainer and Fabric.
+
+The order is fixed and visible here, one function per concern:
+
+    pipeline split -> tensor parallel -> expert parallel -> memory policies -> data parallel
+
+Each later step works on what the earlier one produced: tensor parallelism shards the blocks a
+pipeline stage kept, expert parallelism runs after TP so expert weights are not TP-sharded by
+accident, and data parallelism comes last because FSDP2 shards whatever parameters (plain or
+DTensor) the model holds by then. A step whose size is 1 leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from picotron_lightning.parallel.data import DataParallelConfig, apply_ddp, apply_fsdp, resolve_mode
+from picotron_lightning.topology import LayoutError, ParallelLayout
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+
+@dataclass
+class ParallelConfig:
+    """Everything the steps need besides the layout; built from the strategy's arguments."""
+
+    data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
+    tensor_parallel: dict[str, Any] = field(default_factory=dict)
+    pipeline: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ParallelModel:
+    """What the steps produced."""
+
+    module: nn.Module  # what the strategy runs: the root itself, or a DDP wrapper around it
+    data_parallel_mode: str
+    expert_mesh: DeviceMesh | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def apply_pipeline_split(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout, config: ParallelConfig) -> None:
+    """Keep only this rank's pipeline stage of ``root`` (identity when pp == 1)."""
+    if layout.pp == 1:
+        return
+    raise LayoutError(
+        f"pipeline_parallel_size={layout.pp}: pipeline parallelism is not available in this version; use 1."
+    )
+
+
+def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout, config: ParallelConfig) -> None:
+    """Shard the blocks Megatron-style over the ``tp`` mesh dimension (identity when tp == 1)."""
+    if layout.tp == 1:
+        return
+    raise LayoutError(
+        f"tensor_parallel_size={layout.tp}: tensor parallelism is not available in this version; use 1."
+    )
+
+
+def apply_expert_parallel(
+    root: nn.Module, layout: ParallelLayout, config: ParallelConfig, device: torch.device
+) -> DeviceMesh | None:
+    """Spread the experts of MoE layers over the ``ep`` ranks (identity when ep == 1)."""
+    if layout.ep == 1:
+        return None
+    raise LayoutError(
+        f"expert_parallel_size={layout.ep}: expert parallelism is not available in this version; use 1."
+    )
+
+
+def apply_memory_policies(root: nn.Module, config: ParallelConfig) -> None:
+    """Activation checkpointing and offload chosen by the memory settings (identity by default)."""
+    return
+
+
+def apply_data_parallel(
+    root: nn.Module,
+    mesh: DeviceMesh,
+    layout: ParallelLayout,
+    config: ParallelConfig,
+    device: torch.device,
+    local_processes: int,
+) -> tuple[nn.Module, str]:
+    """FSDP2, DDP or HSDP over the ``dp`` ranks; returns the module to run and the mode used."""
+    dp_config = config.data_parallel
+    mode = resolve_mode(dp_config.mode, root, device, local_processes, tensor_parallel=layout.tp > 1)
+    if layout.dp == 1:
+        return root, "none"
+    if mode == "ddp":
+        if layout.tp > 1:
+            raise LayoutError(
+                "data_parallel_mode='ddp' cannot reduce tensor-parallel (DTensor) parameters; "
+                "use data_parallel_mode='fsdp' or 'hsdp' with tensor_parallel_size > 1."
+            )
+        return apply_ddp(root, mesh["dp"].get_group(), device), mode
+    if mode == "hsdp":
+        return apply_fsdp(root, mesh["dp_replicate", "dp_shard"], dp_config), mode
+    return apply_fsdp(root, mesh["dp"], dp_config), mode
+
+
+def parallelize(
+    root: nn.Module,
+    mesh: DeviceMesh,
+    layout: ParallelLayout,
+    config: ParallelConfig,
+    device: torch.device,
+    local_processes: int = 1,
+) -> ParallelModel:
+    """Apply every step, in the order of this module's docstring, to ``root`` in place."""
+    apply_pipeline_split(root, mesh, layout, config)
+    apply_tensor_parallel(root, mesh, layout, config)
+    expert_mesh = apply_expert_parallel(root, layout, config, device)
+    apply_memory_policies(root, config)
+    module, mode = apply_data_parallel(root, mesh, layout, config, device, local_processes)
+    return ParallelModel(module=module, data_parallel_mode=mode, expert_mesh=expert_mesh)

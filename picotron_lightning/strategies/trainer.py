@@ -1,0 +1,308 @@
+"""``Picotron3DStrategy``: the Trainer strategy, registered as ``strategy="picotron3d"``."""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.utilities.distributed import (
+    _distributed_is_initialized,
+    _get_default_process_group_backend_for_device,
+    _init_dist_connection,
+    _sync_ddp_if_available,
+)
+from lightning.fabric.utilities.init import _materialize_distributed_module
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities.seed import reset_seed
+from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
+from lightning.pytorch.strategies.parallel import ParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+from torch import Tensor
+from torch.optim import Optimizer
+
+from picotron_lightning.strategies.checkpoint import (
+    load_sharded,
+    optimizer_list,
+    remove_checkpoint,
+    save_sharded,
+)
+from picotron_lightning.strategies.core import Picotron3DCore
+from picotron_lightning.topology import SizeArg
+
+
+class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
+    """Data, tensor, pipeline and expert parallelism for an unchanged LightningModule.
+
+    ``Trainer(strategy="picotron3d", devices=8)`` uses the defaults; pass an instance to choose
+    sizes. The model is parallelized in ``setup`` (no ``configure_model`` needed; if the module
+    defines one, the Trainer runs it first). See :class:`~picotron_lightning.strategies.core.Picotron3DCore`
+    for the parallelism arguments.
+
+    Args:
+        start_method: ``"popen"`` re-runs the script for each rank (as Lightning's ``ddp``);
+            ``"spawn"`` starts ranks with ``torch.multiprocessing`` (for notebooks and tests).
+    """
+
+    strategy_name = "picotron3d"
+
+    def __init__(
+        self,
+        data_parallel_size: SizeArg = "auto",
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        expert_parallel_size: int = 1,
+        data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
+        hsdp_shard_size: SizeArg = "auto",
+        reshard_after_forward: bool = True,
+        reduce_dtype: Optional[str] = None,
+        param_dtype: Optional[str] = None,
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+        start_method: Literal["popen", "spawn"] = "popen",
+        accelerator: Optional["pl.accelerators.Accelerator"] = None,
+        parallel_devices: Optional[list[torch.device]] = None,
+        cluster_environment: Optional[ClusterEnvironment] = None,
+        checkpoint_io: Optional[CheckpointIO] = None,
+        precision_plugin: Optional[Precision] = None,
+    ) -> None:
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._init_core(
+            data_parallel_size, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
+            data_parallel_mode, hsdp_shard_size, reshard_after_forward, reduce_dtype, param_dtype,
+            process_group_backend, timeout,
+        )
+        if start_method not in ("popen", "spawn"):
+            raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
+        self._start_method = start_method
+        self.num_nodes = 1
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="picotron-lightning: data/tensor/pipeline/expert parallelism with FSDP2 and DTensor",
+        )
+
+    # ------------------------------------------------------------------ devices and launch
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        # Tells Lightning to insert its DistributedSampler (with the kwargs below).
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # Every tensor/pipeline rank of one replica must see the same samples.
+        return self._data_parallel_coordinates()
+
+    @property
+    def process_group_backend(self) -> Optional[str]:
+        return self._process_group_backend
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return False
+
+    def _expected_world_size(self) -> int:
+        assert self.cluster_environment is not None
+        if self.cluster_environment.creates_processes_externally:
+            return self.cluster_environment.world_size()
+        return self.num_nodes * self.num_processes
+
+    def _configure_launcher(self) -> None:
+        assert self.cluster_environment is not None
+        # Check the sizes now, in the launching process, before any rank or process group exists.
+        self._resolve_layout(self._expected_world_size())
+        if self.cluster_environment.creates_processes_externally:
+            return
+        if self._start_method == "spawn":
+            self._launcher = _MultiProcessingLauncher(self, start_method="spawn")
+        else:
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        reset_seed()
+        self.set_world_ranks()
+        self._resolve_layout(self.world_size)
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            self.root_device
+        )
+        assert self.cluster_environment is not None
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if self.root_device.type != "cpu":
+            kwargs["device_id"] = self.root_device
+        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
+        self._build_mesh(self.root_device, self.num_processes)
+        assert self.lightning_module is not None
+        self.lightning_module._device_mesh = self.device_mesh  # `pl_module.device_mesh`, as Lightning does
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
+    # ------------------------------------------------------------------ model setup
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.model is not None and self.accelerator is not None
+        self.accelerator.setup(trainer)
+        module = self.precision_plugin.convert_module(self.model)
+        if not any(p.is_meta for p in module.parameters()):
+            module.to(self.root_device)
+        self.model = self._parallelize(module, self.root_device, self.num_processes)
+        _materialize_distributed_module(self.lightning_module, self.root_device)
+        self._install_gradient_clipping()
+        self.barrier("picotron3d.setup")
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._reset_optimizers_and_schedulers()
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if trainer.state.fn == TrainerFn.FITTING:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+
+    def _install_gradient_clipping(self) -> None:
+        """Route the Trainer's norm clipping through the layout-aware global norm.
+
+        Lightning clips in the precision plugin with ``torch.nn.utils.clip_grad_norm_``, which
+        sees only this rank's shards. The strategy knows the layout, so it supplies the norm.
+        """
+        precision = self.precision_plugin
+
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+            self._clip_grad_norm(list(precision.main_params(optimizer)), float(clip_val))
+
+        precision.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
+
+    def _norm_module(self) -> torch.nn.Module:
+        assert self.lightning_module is not None
+        return self.lightning_module
+
+    # ------------------------------------------------------------------ steps
+    def _redirect(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        # Always enter through the root module's __call__, so FSDP's root hooks run every step,
+        # even when the root is the LightningModule itself.
+        assert self.model is not None and self.lightning_module is not None
+        return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.train_step_context():
+            return self._redirect("training_step", *args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.val_step_context():
+            return self._redirect("validation_step", *args, **kwargs)
+
+    def test_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.test_step_context():
+            return self._redirect("test_step", *args, **kwargs)
+
+    def predict_step(self, *args: Any, **kwargs: Any) -> Any:
+        with self.precision_plugin.predict_step_context():
+            return self._redirect("predict_step", *args, **kwargs)
+
+    @contextmanager
+    def block_backward_sync(self) -> Generator[None, None, None]:
+        """Skip gradient reduction on non-final accumulation steps (FSDP2 and DDP alike)."""
+        assert self.model is not None
+        with self._no_gradient_sync(self.model):
+            yield
+
+    # ------------------------------------------------------------------ collectives
+    def barrier(self, name: Optional[str] = None) -> None:
+        if not _distributed_is_initialized():
+            return
+        if torch.distributed.get_backend() == "nccl":
+            torch.distributed.barrier(device_ids=[self.root_device.index])
+        else:
+            torch.distributed.barrier()
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src)
+        return box[0]
+
+    def reduce(
+        self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
+    ) -> Union[Tensor, Any]:
+        # Over the world: tensor-parallel ranks hold equal copies, so the mean is the data-parallel mean.
+        if isinstance(tensor, Tensor):
+            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+        return tensor
+
+    # ------------------------------------------------------------------ checkpoints
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        assert self.lightning_module is not None
+        return get_model_state_dict(self.lightning_module)
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        assert self.lightning_module is not None
+        return get_optimizer_state_dict(self.lightning_module, optimizer_list([optimizer])[0])
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        pass  # done in load_checkpoint, shard by shard
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        pass  # done in load_checkpoint, shard by shard
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+        if storage_options is not None:
+            raise TypeError("picotron3d writes sharded checkpoints itself; `storage_options` is not supported.")
+        path = Path(self.broadcast(str(filepath)))
+        state = {"model": checkpoint.pop("state_dict")}
+        for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
+            state[f"optimizer_{i}"] = optim_state
+        save_sharded(path, state, metadata=checkpoint)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        assert self.lightning_module is not None
+        return load_sharded(
+            path, self.lightning_module, optimizer_list(self.optimizers), strict=self.lightning_module.strict_loading
+        )
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        remove_checkpoint(filepath)
+
+    def teardown(self) -> None:
+        super().teardown()
