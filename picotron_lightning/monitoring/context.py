@@ -105,12 +105,13 @@ class RunContext:
         return self.world_size
 
     def learning_rates(self) -> dict[str, float]:
+        """Current learning rate per optimizer and param group (``lr`` when there is only one)."""
         rates = {}
         for i, opt in enumerate(self.optimizers):
             inner = getattr(opt, "optimizer", opt)  # LightningOptimizer / _FabricOptimizer wrap the real one
+            single = len(self.optimizers) == 1 and len(inner.param_groups) == 1
             for j, group in enumerate(inner.param_groups):
-                key = "lr" if len(self.optimizers) == 1 and len(inner.param_groups) == 1 else f"lr/opt{i}_group{j}"
-                rates[key] = float(group["lr"])
+                rates["lr" if single else f"lr/opt{i}_group{j}"] = float(group["lr"])
         return rates
 
     def should_stop(self) -> None:
@@ -227,3 +228,34 @@ def memory_stats(device: torch.device) -> dict[str, float]:
             fragmentation_gb=(reserved - allocated) / gib,
         )
     return stats
+
+
+# ---------------------------------------------------------------------------------- shared state
+_LOOSE_STATE: dict[int, dict[str, Any]] = {}
+
+
+def shared_state(ctx: RunContext) -> dict[str, Any]:
+    """A dict shared by all monitors of one run (kept on the Trainer or Fabric object).
+
+    The monitors share one TensorBoard writer and one gradient norm per step through it, so two
+    callbacks never issue the same collective twice.
+    """
+    owner = ctx.trainer if ctx.trainer is not None else ctx.fabric
+    if owner is None:
+        return _LOOSE_STATE.setdefault(id(ctx), {})
+    state = getattr(owner, "_picotron_monitoring", None)
+    if state is None:
+        state = {}
+        owner._picotron_monitoring = state
+    return state
+
+
+def cached_grad_norm(ctx: RunContext, module: nn.Module, step: int) -> torch.Tensor:
+    """:func:`grad_norm` computed at most once per optimizer step for all monitors of the run."""
+    state = shared_state(ctx)
+    cached = state.get("grad_norm")
+    if cached is not None and cached[0] == step:
+        return cached[1]
+    value = grad_norm(ctx, module)
+    state["grad_norm"] = (step, value)
+    return value

@@ -153,34 +153,56 @@ def _find_config(module: nn.Module) -> object | None:
     return None
 
 
-def model_flops_per_token(module: nn.Module, seq_len: int, include_backward: bool = True) -> float:
-    """Training FLOPs per token: ``6 N_active + 12 L d s`` (forward + backward).
+@dataclass(frozen=True)
+class ModelFlops:
+    """The sizes that set a transformer's training FLOPs per token.
 
-    ``N_active`` counts matmul parameters a token passes through: embedding tables are lookups
-    and are left out unless tied to the output layer; MoE layers count only ``top_k`` experts.
-    The attention term ``12 L d s`` covers the score and value matmuls, which have no
-    parameters (Kaplan et al. 2020; PaLM appendix B). Read the sizes from ``module.config`` (the
-    reference Llama or a Hugging Face config); without one the attention term is left out.
-    Call it on the whole, unsharded model.
+    ``active_params`` counts matmul parameters a token passes through: embedding tables are
+    lookups and are left out unless tied to the output layer; MoE layers count only ``top_k``
+    experts. ``layers`` and ``hidden`` feed the attention term.
     """
-    params = {id(p): p for p in module.parameters()}
-    embedding_ids: set[int] = set()
-    output_ids: set[int] = set()
-    for m in module.modules():
-        if isinstance(m, nn.Embedding):
-            embedding_ids.add(id(m.weight))
-        elif isinstance(m, nn.Linear):
-            output_ids.add(id(m.weight))
-    # A tied embedding is also the output matmul: keep it.
-    n = sum(p.numel() for i, p in params.items() if i not in embedding_ids or i in output_ids)
-    n -= _moe_inactive_params(module)
-    config = _find_config(module)
-    layers = getattr(config, "num_layers", None) or getattr(config, "num_hidden_layers", None) or 0
-    hidden = getattr(config, "hidden_size", None) or 0
-    # Forward: QK^T and AV, each s*d multiply-adds per token and layer; causal masking not halved.
-    attention = 4 * layers * hidden * seq_len
-    forward = 2 * n + attention
-    return float(3 * forward if include_backward else forward)
+
+    active_params: int
+    layers: int
+    hidden: int
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> ModelFlops:
+        """Measure a whole, unsharded model (call before the strategy shards it).
+
+        Sizes come from ``module.config`` or ``module.model.config`` (the reference Llama or a
+        Hugging Face config); without one the attention term is left out.
+        """
+        params = {id(p): p for p in module.parameters()}
+        embedding_ids: set[int] = set()
+        linear_ids: set[int] = set()
+        for m in module.modules():
+            if isinstance(m, nn.Embedding):
+                embedding_ids.add(id(m.weight))
+            elif isinstance(m, nn.Linear):
+                linear_ids.add(id(m.weight))
+        # A tied embedding is also the output matmul: keep it.
+        n = sum(p.numel() for i, p in params.items() if i not in embedding_ids or i in linear_ids)
+        n -= _moe_inactive_params(module)
+        config = _find_config(module)
+        layers = getattr(config, "num_layers", None) or getattr(config, "num_hidden_layers", None) or 0
+        hidden = getattr(config, "hidden_size", None) or 0
+        return cls(int(n), int(layers), int(hidden))
+
+    def per_token(self, seq_len: int, include_backward: bool = True) -> float:
+        """Training FLOPs per token, ``6 N_active + 12 L d s`` (Kaplan et al. 2020; PaLM appendix B).
+
+        The attention term covers the score and value matmuls, which have no parameters.
+        """
+        # Forward: QK^T and AV, each s*d multiply-adds per token and layer; causal masking not halved.
+        attention = 4 * self.layers * self.hidden * seq_len
+        forward = 2 * self.active_params + attention
+        return float(3 * forward if include_backward else forward)
+
+
+def model_flops_per_token(module: nn.Module, seq_len: int, include_backward: bool = True) -> float:
+    """Training FLOPs per token of a whole model at sequence length ``seq_len`` (see :class:`ModelFlops`)."""
+    return ModelFlops.from_module(module).per_token(seq_len, include_backward)
 
 
 def mfu(tokens_per_second_per_device: float, flops_per_token: float, peak: float | None) -> float | None:

@@ -165,7 +165,8 @@ class TensorBoardOutput:
         """The (layers x experts) load heatmap as an image."""
         if self.writer is None or tokens_per_expert.numel() == 0:
             return
-        self.writer.add_image(EXPERT_LOAD_IMAGE, expert_load_image(tokens_per_expert), step, dataformats="HWC")
+        image = expert_load_image(tokens_per_expert)
+        self.writer.add_image(EXPERT_LOAD_IMAGE, image, step, dataformats="HWC")
 
     def text(self, tag: str, markdown: str, step: int) -> None:
         if self.writer is not None:
@@ -183,3 +184,14 @@ class TensorBoardOutput:
         self.flush()
         if self._own_writer and self.writer is not None:
             self.writer.close()
+
+
+def shared_output(ctx: RunContext) -> TensorBoardOutput:
+    """The one :class:`TensorBoardOutput` of this run, created on first use."""
+    from picotron_lightning.monitoring.context import shared_state
+
+    state = shared_state(ctx)
+    out = state.get("tensorboard")
+    if out is None:
+        out = state["tensorboard"] = TensorBoardOutput(ctx)
+    return out
