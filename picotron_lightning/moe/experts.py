@@ -60,7 +60,8 @@ class ExpertLayer(nn.Module):
         modules = [factory() for _ in range(self.num_experts)]
         params, buffers = torch.func.stack_module_state(modules)
         if buffers:
-            raise ValueError("Custom experts with buffers are not supported: the stacked form holds parameters only.")
+            raise ValueError("Custom experts with buffers are not supported: the stacked form holds"
+                             " parameters only.")
         # A stateless copy on the meta device describes the computation for functional_call.
         template = copy.deepcopy(modules[0]).to("meta")
         object.__setattr__(self, "_template", template)  # not a submodule: it owns no real tensors
@@ -98,7 +99,8 @@ class ExpertLayer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = type(self._template).__name__ if self._template is not None else "SwiGLU"
-        return f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_hidden_size}, expert={kind}"
+        return (f"experts={self.num_experts}, hidden={self.hidden_size}, ffn={self.ffn_hidden_size},"
+                f" expert={kind}")
 
 
 class SharedExperts(nn.Module):
@@ -108,7 +110,8 @@ class SharedExperts(nn.Module):
     planner must not split them behind the MoE layer's back.
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_shared: int, init_std: float = 0.02) -> None:
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_shared: int,
+                 init_std: float = 0.02) -> None:
         super().__init__()
         width = ffn_hidden_size * num_shared
         self.init_std = init_std

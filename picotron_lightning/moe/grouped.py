@@ -15,7 +15,7 @@ import torch
 __all__ = ["grouped_matmul", "grouped_mm_available", "pad_by_group", "unpad_by_group"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     """Whether ``torch._grouped_mm`` runs forward and backward for this device and dtype."""
     fn = getattr(torch, "_grouped_mm", None)

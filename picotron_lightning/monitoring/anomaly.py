@@ -15,9 +15,12 @@ optimizer step is a no-op there too. The learning-rate scheduler and ``global_st
 advance. Optimizers that update parameters without a ``.grad`` are not supported by this action.
 
 **Stragglers.** Synchronous collectives make every rank's full step time equal, so the detector
-times each rank's own work before its first gradient collective: data loading plus the forward
-pass (``on_train_batch_start`` -> ``on_before_backward``). Each rank is scored against the fastest
-rank and against its own history.
+times only the stretch in which each rank works alone: from leaving the detector's all-gather of
+the previous step (optimizer update, data loading, hooks) up to the model's first collective --
+``on_before_backward`` for DDP-style replicas, whose forward does not communicate, and
+``on_train_batch_start`` for sharded models (FSDP, TP), whose forward gathers weights. Each rank is
+scored against the fastest rank and against its own history. A rank that is slow *inside* a
+sharded forward is hidden by the gathers; data loading and host-side work are always seen.
 
 Fabric::
 
@@ -109,6 +112,8 @@ class AnomalyDetector(Callback):
         straggler_ratio: a rank whose own work takes this many times the fastest rank's is a straggler.
         straggler_z: ... or whose time is this many standard deviations above its own history
             (and at least ``1.2x`` the fastest rank).
+        straggler_min_s: ... and in either case at least this many seconds slower than the fastest
+            (sub-millisecond differences are scheduling noise, however large their ratio).
         collapse_window, collapse_share: an expert receiving less than ``collapse_share`` of a
             uniform share of its layer's tokens over ``collapse_window`` steps has collapsed.
         skip_batches: ``(epoch, batch_idx)`` pairs, or the path of a recorded
@@ -128,6 +133,7 @@ class AnomalyDetector(Callback):
         grad_z: float = 6.0,
         straggler_ratio: float = 1.5,
         straggler_z: float = 6.0,
+        straggler_min_s: float = 0.005,
         collapse_window: int = 50,
         collapse_share: float = 0.01,
         skip_batches: Iterable[tuple[int, int]] | str | None = None,
@@ -146,6 +152,7 @@ class AnomalyDetector(Callback):
             self.actions[kind] = acts
         self.loss_z, self.grad_z = loss_z, grad_z
         self.straggler_ratio, self.straggler_z = straggler_ratio, straggler_z
+        self.straggler_min_s = straggler_min_s
         self.collapse_window, self.collapse_share = collapse_window, collapse_share
         self.loss_stats = RollingZScore(window, warmup)
         self.grad_stats = RollingZScore(window, warmup)
@@ -162,7 +169,8 @@ class AnomalyDetector(Callback):
         self.ctx = RunContext()
         self.module: nn.Module | None = None
         self._reset_step()
-        self._last_end: float | None = None
+        self._released: float | None = None  # when this rank left the last all-gather
+        self._forward_collectives: bool | None = None
         self._expert_tokens: torch.Tensor | None = None
         self._expert_steps = 0
         self._pending: Decision | None = None
@@ -188,7 +196,7 @@ class AnomalyDetector(Callback):
         self._losses: list[torch.Tensor] = []
         self._batches: list[int] = []
         self._epoch = 0
-        self._compute_time = 0.0
+        self._compute_time: float | None = None
         self._t_start: float | None = None
         self._checked = False
 
@@ -196,17 +204,18 @@ class AnomalyDetector(Callback):
     def start_batch(self, batch_idx: int, epoch: int = 0) -> None:
         """Call before the forward pass of every (micro-)batch."""
         now = time.perf_counter()
-        if self._last_end is not None:
-            self._compute_time += now - self._last_end  # data loading since the last batch ended
-        self._t_start = now
+        if self._t_start is None and self._compute_time is None:
+            self._t_start = self._released if self._released is not None else now
+            if self._has_forward_collectives():
+                # FSDP/TP forwards gather weights: time spent there is waiting for the others.
+                self._compute_time = now - self._t_start
         self._batches.append(batch_idx)
         self._epoch = epoch
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Call with the loss before backward (the forward time ends here)."""
-        if self._t_start is not None:
-            self._compute_time += time.perf_counter() - self._t_start
-            self._t_start = None
+        if self._compute_time is None and self._t_start is not None:
+            self._compute_time = time.perf_counter() - self._t_start
         self._losses.append(loss.detach().float().reshape(()))
 
     def check(self, step: int) -> Decision:
@@ -223,9 +232,10 @@ class AnomalyDetector(Callback):
         loss_ok, norm_ok = math.isfinite(loss), math.isfinite(norm)
         row = ctx.collective_tensor([
             loss if loss_ok else 0.0, float(not loss_ok) * has_loss, local_bad_grads,
-            self._compute_time, norm if norm_ok else 0.0, float(not norm_ok), has_loss,
+            self._compute_time or 0.0, norm if norm_ok else 0.0, float(not norm_ok), has_loss,
         ])
         table = ctx.all_gather(row).cpu()  # (world, 7), identical on every rank
+        self._released = time.perf_counter()
         decision = Decision()
         bad_loss_ranks = [r for r in range(len(table)) if table[r, 1] > 0]
         bad_grad_ranks = [r for r in range(len(table)) if table[r, 2] > 0]
@@ -268,7 +278,8 @@ class AnomalyDetector(Callback):
         slow = {}
         for r, (t, ratio) in enumerate(zip(times, ratios, strict=True)):
             z = self.rank_time_stats[r].score(t)
-            if ratio >= self.straggler_ratio or (z > self.straggler_z and ratio >= 1.2):
+            slower = t - fastest >= self.straggler_min_s
+            if slower and (ratio >= self.straggler_ratio or (z > self.straggler_z and ratio >= 1.2)):
                 slow[r] = {"ratio": ratio, "zscore": z, "time_s": t}
             else:
                 self.rank_time_stats[r].add(t)
@@ -317,6 +328,14 @@ class AnomalyDetector(Callback):
 
             logging.getLogger(__name__).warning("%s (step %d): %s", kind, step, message)
 
+    def _has_forward_collectives(self) -> bool:
+        """Whether the model's forward itself communicates (sharded parameters: FSDP, TP)."""
+        if self._forward_collectives is None:
+            params = list(self.module.parameters()) if self.module is not None else []
+            self._forward_collectives = any(hasattr(p, "device_mesh") or hasattr(p, "_is_flat_param")
+                                            or type(p).__name__ == "FlatParameter" for p in params)
+        return self._forward_collectives
+
     def _drop_grads(self) -> None:
         assert self.module is not None
         for p in self.module.parameters():
@@ -331,7 +350,6 @@ class AnomalyDetector(Callback):
 
     def end_batch(self, step: int, optimizer_stepped: bool = True) -> None:
         """Call after the optimizer step (and after micro-batches that do not step)."""
-        self._last_end = time.perf_counter()
         if not optimizer_stepped:
             return
         self._experts(step)

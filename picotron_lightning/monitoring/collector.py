@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -112,6 +113,7 @@ class MetricsCollector(Callback):
         self.module: nn.Module | None = None
         self.model_flops: ModelFlops | None = None
         self.last_metrics: dict[str, float] = {}  # what was logged last (also on ranks that do not write)
+        self.history: deque[tuple[int, dict[str, float]]] = deque(maxlen=1000)  # (step, metrics), recent
         self._window_start: float | None = None
         self._reset_window()
         self._norms: dict[str, float] = {}
@@ -226,6 +228,7 @@ class MetricsCollector(Callback):
             if matrix is not None:
                 out.expert_heatmap(matrix, step)
         self.last_metrics = metrics
+        self.history.append((step, metrics))
         self._norms = {}
         self._reset_window()
         self._window_start = time.perf_counter()

@@ -131,9 +131,12 @@ class RunContext:
         """Stack ``tensor`` from every rank into shape (world, *tensor.shape)."""
         if not (_distributed() and dist.get_world_size() > 1):
             return tensor.unsqueeze(0)
-        out = torch.empty((dist.get_world_size(), *tensor.shape), dtype=tensor.dtype, device=tensor.device)
-        dist.all_gather_into_tensor(out, tensor.contiguous())
-        return out
+        world = dist.get_world_size()
+        flat = torch.empty(world * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        # torch 2.13 renamed all_gather_into_tensor; gloo wants a flat output either way.
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather(flat, tensor.contiguous().reshape(-1))
+        return flat.view(world, *tensor.shape)
 
     def collective_tensor(self, values: list[float]) -> torch.Tensor:
         """A float64 tensor on the device the process group can reduce (CUDA for NCCL)."""

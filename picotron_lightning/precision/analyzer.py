@@ -64,7 +64,8 @@ class PrecisionAnalyzer:
     def __init__(self, interval: int = 100, track_backward: bool = True) -> None:
         self.interval = interval
         self.track_backward = track_backward
-        self.stats: dict[str, ModuleStats] = {}
+        self.stats: dict[str, ModuleStats] = {}  # over all sampled steps
+        self.step_stats: dict[str, ModuleStats] = {}  # the current/last sampled step only
         self.forward_culprits: list[str] = []  # this step, in execution order
         self.backward_culprits: list[str] = []
         self._handles: list[Any] = []
@@ -90,6 +91,7 @@ class PrecisionAnalyzer:
         self._requested = False
         self.active = True
         self.forward_culprits, self.backward_culprits = [], []
+        self.step_stats = {}
         self._names = names or {m: n for n, m in model.named_modules()}
         for module, name in self._names.items():
             self._handles.append(module.register_forward_hook(self._forward_hook(name), with_kwargs=True))
@@ -108,20 +110,23 @@ class PrecisionAnalyzer:
             outs = _tensors(output)
             if not outs:
                 return
-            stats = self.stats.setdefault(name, ModuleStats())
-            stats.output_dtype = str(outs[0].dtype).replace("torch.", "")
+            both = [self.stats.setdefault(name, ModuleStats()),
+                    self.step_stats.setdefault(name, ModuleStats())]
             with torch.no_grad():
-                self._record(stats, outs, grad=False)
+                for stats in both:
+                    stats.output_dtype = str(outs[0].dtype).replace("torch.", "")
+                    self._record(stats, outs, grad=False)
                 if not _finite(outs):
-                    stats.nonfinite_forward += 1
+                    for stats in both:
+                        stats.nonfinite_forward += 1
                     if _finite(_tensors((args, kwargs))):
                         self.forward_culprits.append(name)
             if self.track_backward and torch.is_grad_enabled():
-                self._hook_backward(name, stats, args, kwargs, outs)
+                self._hook_backward(name, both, args, kwargs, outs)
 
         return hook
 
-    def _hook_backward(self, name: str, stats: ModuleStats, args: tuple, kwargs: dict,
+    def _hook_backward(self, name: str, both: list[ModuleStats], args: tuple, kwargs: dict,
                        outs: list[torch.Tensor]) -> None:
         # Per module and step: was the gradient at the output finite, and at the inputs?
         state = {"out_finite": True}
@@ -129,14 +134,17 @@ class PrecisionAnalyzer:
         def on_output_grad(grad: torch.Tensor) -> None:
             with torch.no_grad():
                 g = grad.to_local() if hasattr(grad, "to_local") else grad
-                self._record(stats, [g], grad=True)
-                if not bool(torch.isfinite(g).all()):
-                    state["out_finite"] = False
-                    stats.nonfinite_backward += 1
+                finite = bool(torch.isfinite(g).all())
+                state["out_finite"] = state["out_finite"] and finite
+                for stats in both:
+                    self._record(stats, [g], grad=True)
+                    stats.nonfinite_backward += int(not finite)
 
         def on_input_grad(grad: torch.Tensor) -> None:
             g = grad.to_local() if hasattr(grad, "to_local") else grad
-            if state["out_finite"] and not bool(torch.isfinite(g).all()) and name not in self.backward_culprits:
+            if name in self.backward_culprits or not state["out_finite"]:
+                return
+            if not bool(torch.isfinite(g).all()):
                 self.backward_culprits.append(name)
 
         for t in outs:
@@ -191,7 +199,8 @@ class PrecisionAnalyzer:
     def report(self, top: int = 20) -> str:
         """A table of the modules with the largest activations seen on sampled steps."""
         rows = sorted(self.stats.items(), key=lambda kv: kv[1].act_absmax, reverse=True)[:top]
-        lines = [f"{'module':40s} {'dtype':9s} {'act max':>10s} {'grad max':>10s} {'>fp16':>7s} {'<fp16':>7s}"]
+        head = f"{'module':40s} {'dtype':9s} {'act max':>10s} {'grad max':>10s} {'>fp16':>7s} {'<fp16':>7s}"
+        lines = [head]
         for name, s in rows:
             lines.append(f"{name or '<root>':40.40s} {s.output_dtype:9s} {s.act_absmax:10.3g} "
                          f"{s.grad_absmax:10.3g} {s.act_over_fp16 + s.grad_over_fp16:7d} "
@@ -251,10 +260,8 @@ class PrecisionAnalyzer:
 
 
 def _leafmost(names: list[str]) -> str:
-    """Of nested candidates ("a", "a.b", "a.b.c"), the deepest one that has no candidate below it."""
-    for name in sorted(names, key=lambda n: n.count("."), reverse=True):
-        return name
-    return names[0]
+    """Of nested candidates ("a", "a.b", "a.b.c"), the deepest: promoting it changes the least."""
+    return max(names, key=lambda n: n.count("."))
 
 
 @contextmanager

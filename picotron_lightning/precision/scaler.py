@@ -74,9 +74,11 @@ class AdaptiveLossScaler:
                  growth_interval: int = 1000, hysteresis: int = 2, min_scale: float = 1.0,
                  max_scale: float = 2.0**24, max_floor_overflows: int = 20, enabled: bool = True) -> None:
         if not 0.0 < backoff_factor < 1.0 or growth_factor <= 1.0:
-            raise ValueError(f"Need 0 < backoff_factor < 1 < growth_factor, got {backoff_factor}, {growth_factor}.")
+            raise ValueError(f"Need 0 < backoff_factor < 1 < growth_factor, got {backoff_factor}, "
+                             f"{growth_factor}.")
         if hysteresis < 1 or growth_interval < 1:
-            raise ValueError(f"hysteresis and growth_interval must be >= 1, got {hysteresis}, {growth_interval}.")
+            raise ValueError(f"hysteresis and growth_interval must be >= 1, got {hysteresis}, "
+                             f"{growth_interval}.")
         if not 0.0 < min_scale <= init_scale <= max_scale:
             raise ValueError(f"Need 0 < min_scale <= init_scale <= max_scale, got {min_scale}, {init_scale}, "
                              f"{max_scale}.")
@@ -118,7 +120,8 @@ class AdaptiveLossScaler:
                 found_inf = torch.maximum(found_inf, flag.to(device))
         return bool(all_reduce_max(found_inf).item() > 0)
 
-    def update(self, found_inf: bool, step: int, reason: str | None = None, count_overflow: bool = True) -> None:
+    def update(self, found_inf: bool, step: int, reason: str | None = None,
+               count_overflow: bool = True) -> None:
         """Adjust the scale after a step; record and report the step when ``found_inf``.
 
         ``count_overflow=False`` records the skip without touching the scale: used when the
@@ -136,7 +139,8 @@ class AdaptiveLossScaler:
         self._clean_steps = 0
         why = reason or "non-finite gradients"
         self.skipped.append(SkippedStep(step=step, reason=why, scale=self.scale))
-        log.warning("picotron_lightning: skipped optimizer step %d (%s); loss scale %g", step, why, self.scale)
+        log.warning("picotron_lightning: skipped optimizer step %d (%s); loss scale %g",
+                    step, why, self.scale)
         if not count_overflow or not self.enabled:
             return
         self._consecutive_overflows += 1
@@ -145,10 +149,10 @@ class AdaptiveLossScaler:
             if self._floor_overflows >= self.max_floor_overflows:
                 raise LossScaleError(
                     f"The loss scale is stuck at its floor min_scale={self.min_scale:g} and gradients kept "
-                    f"overflowing for {self._floor_overflows} steps (last: step {step}, {why}). The overflow is "
-                    "not fixed by scaling: use bf16 (AdaptivePrecision(mode='bf16')) if the hardware has it, "
-                    "lower the learning rate, clip gradients, or mark the offending module fp32 with "
-                    "AdaptivePrecision(fp32_modules=[...])."
+                    f"overflowing for {self._floor_overflows} steps (last: step {step}, {why}). "
+                    "The overflow is not fixed by scaling: use bf16 (AdaptivePrecision(mode='bf16')) if "
+                    "the hardware has it, lower the learning rate, clip gradients, or mark the offending "
+                    "module fp32 with AdaptivePrecision(fp32_modules=[...])."
                 )
         if self._consecutive_overflows >= self.hysteresis:
             self.scale = max(self.scale * self.backoff_factor, self.min_scale)

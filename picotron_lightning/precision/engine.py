@@ -1,0 +1,277 @@
+"""The step logic shared by the Trainer and Fabric plugins.
+
+One object owns the hardware report, the plan, the analyzer, the promotions and the scaler, and
+exposes the moments of a training step: ``begin_step`` (before the forward), ``scale_loss``,
+``after_backward`` (unscale, detect, trace, promote) and ``end_step`` (scale update, demotion,
+bookkeeping). The plugins only map Lightning's and Fabric's hooks onto these calls.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from picotron_lightning.precision.analyzer import FP16_MAX, PrecisionAnalyzer
+from picotron_lightning.precision.hardware import HardwareDetector, HardwareReport
+from picotron_lightning.precision.policy import AdaptivePolicy, PrecisionPlan
+from picotron_lightning.precision.promotion import PromotionManager
+from picotron_lightning.precision.scaler import AdaptiveLossScaler, LossScaleError
+
+log = logging.getLogger("picotron_lightning.precision")
+STATE_VERSION = 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DDP / Lightning / Fabric wrappers (names stay stable across them)."""
+    while True:
+        inner = getattr(model, "_forward_module", None) or getattr(model, "module", None)
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+
+
+class AdaptiveEngine:
+    """State and per-step logic of adaptive mixed precision (see :class:`AdaptivePrecision`)."""
+
+    def __init__(self, policy: AdaptivePolicy, device: str | None, hardware: HardwareReport | None,
+                 scaler: AdaptiveLossScaler | None, analyzer: PrecisionAnalyzer, promotions: PromotionManager,
+                 near_overflow: float | None, max_consecutive_skips: int) -> None:
+        self.policy = policy
+        self.device = device
+        self.hardware = hardware
+        self._scaler_arg = scaler
+        self.scaler: AdaptiveLossScaler | None = None
+        self.analyzer = analyzer
+        self.promotions = promotions
+        self.near_overflow = near_overflow
+        self.max_consecutive_skips = max_consecutive_skips
+        self.plan: PrecisionPlan | None = None
+        self.model: nn.Module | None = None
+        self.step = 0
+        self.consecutive_skips = 0
+        self._device_type: str | None = None
+        self._in_step = False
+        self._checked: tuple[bool, str | None, bool] | None = None  # result of after_backward this step
+        self._pending_state: dict[str, Any] | None = None
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def bind(self, model: nn.Module) -> None:
+        """Remember the user's module (first call wins) and plan as far as the device is known."""
+        if self.model is None:
+            self.model = unwrap(model)
+        self.ensure_planned()
+
+    def _guess_device_type(self) -> str:
+        if self.device is not None:
+            return torch.device(self.device).type
+        if self.model is not None:
+            for p in self.model.parameters():
+                if p.device.type != "meta":
+                    # Parameters still on CPU before the strategy moves them: CUDA is the likely target.
+                    if p.device.type == "cpu" and torch.cuda.is_available():
+                        return "cuda"
+                    return p.device.type
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def ensure_planned(self, actual_device_type: str | None = None) -> None:
+        """Plan once; re-plan if the device turned out to be another type than first guessed."""
+        device_type = actual_device_type or self._device_type or self._guess_device_type()
+        if self.plan is not None and device_type == self._device_type:
+            return
+        if self.plan is not None:
+            log.info("picotron_lightning: precision re-planned for %s (first guess was %s)",
+                     device_type, self._device_type)
+        self._device_type = device_type
+        if self.hardware is None or self.hardware.device_type != device_type:
+            self.hardware = HardwareDetector(device_type).detect()
+        self.plan = self.policy.plan(self.model if self.model is not None else nn.Module(), self.hardware)
+        if self.scaler is None or self.scaler.enabled != self.plan.loss_scaling:
+            self.scaler = self._scaler_arg or AdaptiveLossScaler(enabled=self.plan.loss_scaling)
+            self.scaler.enabled = self.plan.loss_scaling
+            if not self.plan.loss_scaling:
+                self.scaler.scale = 1.0
+        self.promotions.device_type = device_type
+        if self.model is not None:
+            self.promotions.bind(self.model)
+            for name in self.plan.fp32_modules():
+                self.promotions.promote(name, self.plan.modules[name].reason, self.step, source="plan")
+            self._apply_fp8()
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+
+    def _apply_fp8(self) -> None:
+        names = set(self.plan.fp8_modules()) if self.plan is not None else set()
+        if not names or getattr(self.model, "_picotron_fp8_applied", False):
+            return
+        from torchao.float8 import convert_to_float8_training  # optional extra, planned only if importable
+
+        convert_to_float8_training(self.model, module_filter_fn=lambda mod, fqn: fqn in names)
+        self.model._picotron_fp8_applied = True
+
+    @property
+    def device_type(self) -> str:
+        """The autocast device type."""
+        if self._device_type is None:
+            self.ensure_planned()
+        return self._device_type  # type: ignore[return-value]
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def autocast(self) -> AbstractContextManager:
+        """The forward context: autocast in the planned dtype, or nothing for fp32."""
+        dtype = self.plan.autocast_dtype if self.plan is not None else None
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=dtype, cache_enabled=False)
+
+    def begin_step(self) -> None:
+        """Before the first forward of an optimizer step: attach the analyzer on sampled steps."""
+        if self._in_step:
+            return
+        self._in_step = True
+        self._checked = None
+        if self.model is not None and self.analyzer.should_sample(self.step):
+            self.analyzer.attach(self.model)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss times the current scale (fp16), or unchanged."""
+        return self.scaler.scale_loss(loss) if self.scaler is not None else loss
+
+    def after_backward(self, optimizer: Any) -> tuple[bool, str | None, bool]:
+        """Unscale gradients, detect overflow on any rank, trace and promote the culprit.
+
+        Returns ``(skip, reason, count_for_scale)``. Idempotent within a step (Fabric may unscale
+        for clipping and again at the step).
+        """
+        if self._checked is not None:
+            return self._checked
+        assert self.scaler is not None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        found_inf = self.scaler.unscale_and_check(params)
+        reason, count = None, True
+        if found_inf and self.analyzer.active:
+            reason, count = self._trace()
+        elif self.analyzer.active and self.near_overflow is not None and self.plan is not None \
+                and self.plan.mode == "fp16":
+            self._promote_near_overflow()
+        if found_inf and not self.analyzer.active:
+            reason = "non-finite gradients; the next step traces which module"
+            self.analyzer.request()
+        self._checked = (found_inf, reason, count)
+        return self._checked
+
+    def _trace(self) -> tuple[str, bool]:
+        culprit = self.analyzer.first_culprit()
+        if culprit is None and self.model is not None:
+            params = self.analyzer.parameter_culprits(self.model)
+            culprit = (params[-1], "backward") if params else None
+        found = _agree([culprit] if culprit is not None else [])
+        if not found:
+            return f"non-finite gradients at scale {self.scaler.scale:g}, no module traced", True
+        forward = [name for name, where in found if where == "forward"]
+        if forward:
+            promoted = [n for n in forward if self.promotions.promote(
+                n, f"non-finite {_dtype_name(self.plan)} output in forward at step {self.step}", self.step)]
+            if promoted:
+                return f"forward overflow in {', '.join(promoted)} (promoted to fp32)", False
+            return (f"forward produced Inf/NaN in {', '.join(forward)} although it already runs in fp32: "
+                    "not a precision problem (check inputs, learning rate, the module's maths)"), True
+        names = [name for name, _ in found]
+        if self.scaler.enabled and self.scaler.scale <= self.scaler.min_scale:
+            promoted = [n for n in names if self.promotions.promote(
+                n, f"backward overflow at the floor loss scale {self.scaler.scale:g}", self.step)]
+            if promoted:
+                where = ", ".join(promoted)
+                return f"backward overflow in {where} at the floor scale (promoted to fp32)", False
+        return f"gradient overflow at scale {self.scaler.scale:g} (traced to {', '.join(names)})", True
+
+    def _promote_near_overflow(self) -> None:
+        limit = self.near_overflow * FP16_MAX
+        local = [(name, f"{stats.act_absmax:.3g}") for name, stats in self.analyzer.step_stats.items()
+                 if name and stats.output_dtype == "float16" and stats.act_absmax > limit]
+        for name, peak in _agree(local):  # every rank takes part, so all promote the same modules
+            self.promotions.promote(name, f"near overflow: fp16 output reached {peak} "
+                                          f"> {self.near_overflow:g} x fp16 max", self.step)
+
+    def end_step(self, skipped: bool, reason: str | None, count_for_scale: bool) -> None:
+        """After the optimizer step (or its skip): update the scale, demote, count, detach."""
+        assert self.scaler is not None
+        self.analyzer.detach()
+        self.scaler.update(skipped, self.step, reason, count_overflow=count_for_scale)
+        self.promotions.end_step(self.step, skipped)
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        self.step += 1
+        self._in_step = False
+        self._checked = None
+        if self.consecutive_skips >= self.max_consecutive_skips:
+            recent = "; ".join(f"step {s.step}: {s.reason}" for s in self.scaler.skipped[-3:])
+            raise LossScaleError(
+                f"{self.consecutive_skips} optimizer steps in a row were skipped for non-finite gradients "
+                f"(last ones: {recent}). Promotions so far: {sorted(self.promotions.promotions) or 'none'}. "
+                "Look at the model's numerics (PrecisionAnalyzer.report()), lower the learning rate or train "
+                "in fp32 (AdaptivePrecision(mode='fp32')).")
+
+    # -- state and metrics ---------------------------------------------------------------------
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers for the monitoring callbacks."""
+        scaler = self.scaler
+        return {
+            "scale": float(scaler.scale) if scaler is not None else 1.0,
+            "promotions": float(self.promotions.dynamic_count()),
+            "fp32_modules": float(len(self.promotions.promotions)),
+            "skipped_steps": float(scaler.skipped_steps) if scaler is not None else 0.0,
+            "overflow_steps": float(scaler.overflow_steps) if scaler is not None else 0.0,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Scale, counters, promotions and their history."""
+        return {
+            "version": STATE_VERSION,
+            "mode": self.plan.mode if self.plan is not None else None,
+            "step": self.step,
+            "consecutive_skips": self.consecutive_skips,
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "promotions": self.promotions.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; deferred until the model is known if needed."""
+        if self.plan is None or self.model is None:
+            self._pending_state = state
+            return
+        self.step = int(state.get("step", 0))
+        self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        if state.get("scaler") is not None and self.scaler is not None:
+            self.scaler.load_state_dict(state["scaler"])
+            if not self.scaler.enabled:
+                self.scaler.scale = 1.0  # resumed in bf16/fp32 from an fp16 run: no scaling
+        self.promotions.load_state_dict(state["promotions"])
+        # Planned islands of this run stay, even if the saved run planned differently.
+        for name in self.plan.fp32_modules():
+            self.promotions.promote(name, self.plan.modules[name].reason, self.step, source="plan")
+
+
+def _dtype_name(plan: PrecisionPlan | None) -> str:
+    return plan.mode if plan is not None else "low-precision"
+
+
+def _agree(local: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Union over ranks of ``(module, detail)`` findings, so all ranks promote the same modules."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return local
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, local)
+    seen: list[tuple[str, str]] = []
+    for items in gathered:
+        for item in items:
+            if tuple(item) not in seen:
+                seen.append(tuple(item))
+    return seen

@@ -1,0 +1,149 @@
+"""picotron3d data parallelism reproduces one process, step by step (fp32, relative 1e-4).
+
+One spawn per world size runs several scenarios in sequence: starting processes costs more
+than the tiny runs themselves on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dist import run_ranks
+from parity import (
+    RTOL,
+    fabric_run,
+    make_data,
+    max_relative_diff,
+    mean_over_ranks,
+    reference_losses,
+    step_means,
+    trainer_run,
+)
+
+STEPS = 8
+MICRO = 2
+
+
+def _scenarios_world2(rank: int, world: int, ckpt_dir: str) -> dict:
+    data = make_data(64)
+    out = {
+        "trainer_fsdp": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}),
+        "trainer_ddp": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "ddp"}),
+        "trainer_default": trainer_run(world, data, MICRO, STEPS),
+        "trainer_fsdp_accum2": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}, accumulate=2),
+        "trainer_fsdp_clip": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}, clip=0.05),
+        "trainer_ddp_accum2": trainer_run(world, data, MICRO, 2, {"data_parallel_mode": "ddp"}, accumulate=2),
+        "fabric_fsdp": fabric_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}),
+        "fabric_ddp_accum2": fabric_run(world, data, MICRO, STEPS, {"data_parallel_mode": "ddp"}, accumulate=2),
+        "fabric_fsdp_clip": fabric_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}, clip=0.05),
+    }
+    # Resume: one step per epoch (so no mid-epoch data-loader state is involved), a checkpoint at
+    # each epoch end; resume from the end of the 4th step.
+    small = make_data(world * MICRO)
+    out["full_run"] = trainer_run(world, small, MICRO, 6, {"data_parallel_mode": "fsdp"}, ckpt_dir=ckpt_dir)
+    out["resumed"] = trainer_run(
+        world, small, MICRO, 6, {"data_parallel_mode": "fsdp"}, resume_from=f"{ckpt_dir}/epoch=3-step=4.ckpt"
+    )
+    return out
+
+
+def _scenarios_world4(rank: int, world: int, ckpt_dir: str) -> dict:
+    data = make_data(128)
+    small = make_data(2 * MICRO)  # the world-2 resume data: one global batch of 4
+    return {
+        "trainer_fsdp": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}),
+        "trainer_hsdp": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "hsdp", "hsdp_shard_size": 2}),
+        "fabric_ddp": fabric_run(world, data, MICRO, STEPS, {"data_parallel_mode": "ddp"}),
+        # A dp=2 checkpoint continued on dp=4: micro-batch 1 keeps the global batch at 4.
+        "resumed_dp4": trainer_run(
+            world, small, 1, 6, {"data_parallel_mode": "fsdp"}, resume_from=f"{ckpt_dir}/epoch=3-step=4.ckpt"
+        ),
+    }
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def world2(ckpt_dir) -> list[dict]:
+    return run_ranks(_scenarios_world2, 2, ckpt_dir, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def world4(world2, ckpt_dir) -> list[dict]:  # needs the world-2 checkpoint
+    return run_ranks(_scenarios_world4, 4, ckpt_dir, timeout=600)
+
+
+def _step_losses(results: list[dict], name: str, accumulate: int = 1) -> list[float]:
+    return step_means(mean_over_ranks([r[name]["losses"] for r in results]), accumulate)
+
+
+@pytest.mark.parametrize(
+    "name, accumulate",
+    [("trainer_fsdp", 1), ("trainer_ddp", 1), ("trainer_default", 1), ("trainer_fsdp_accum2", 2),
+     ("fabric_fsdp", 1), ("fabric_ddp_accum2", 2)],
+)
+def test_dp2_matches_one_process(world2, name, accumulate):
+    ref = reference_losses(make_data(64), STEPS, global_batch=2 * MICRO * accumulate,
+                           shuffle=name.startswith("trainer"))["losses"]
+    got = _step_losses(world2, name, accumulate)
+    assert len(got) == STEPS
+    assert max_relative_diff(got, ref) <= RTOL, (got, ref)
+    # the two replicas really saw different data
+    assert world2[0][name]["losses"] != world2[1][name]["losses"]
+
+
+def test_modes_are_the_ones_asked_for(world2, world4):
+    assert world2[0]["trainer_fsdp"]["mode"] == "fsdp"
+    assert world2[0]["trainer_ddp"]["mode"] == "ddp"
+    assert world2[0]["trainer_default"]["mode"] == "ddp"  # "auto": a tiny model replicates
+    assert world4[0]["trainer_hsdp"]["mode"] == "hsdp"
+
+
+@pytest.mark.parametrize("name", ["trainer_fsdp_clip", "fabric_fsdp_clip"])
+def test_clipping_sharded_gradients_matches_one_process(world2, name):
+    shuffle = name.startswith("trainer")
+    ref = reference_losses(make_data(64), STEPS, global_batch=2 * MICRO, clip=0.05, shuffle=shuffle)
+    assert min(ref["norms"]) > 0.05, "the clip value must bind for this test to mean anything"
+    unclipped = reference_losses(make_data(64), STEPS, global_batch=2 * MICRO, shuffle=shuffle)["losses"]
+    got = _step_losses(world2, name)
+    assert max_relative_diff(got, ref["losses"]) <= RTOL
+    assert max_relative_diff(got, unclipped) > 10 * RTOL
+
+
+@pytest.mark.parametrize("name", ["trainer_fsdp", "trainer_hsdp", "fabric_ddp"])
+def test_dp4_matches_one_process(world4, name):
+    ref = reference_losses(make_data(128), STEPS, global_batch=4 * MICRO, shuffle=name.startswith("trainer"))["losses"]
+    assert max_relative_diff(_step_losses(world4, name), ref) <= RTOL
+
+
+def test_resume_reproduces_uninterrupted_run(world2):
+    full = _step_losses(world2, "full_run")
+    resumed = _step_losses(world2, "resumed")
+    ref = reference_losses(make_data(2 * MICRO), 6, global_batch=2 * MICRO)["losses"]
+    assert max_relative_diff(full, ref) <= RTOL
+    assert len(resumed) == 2  # steps 5 and 6 only
+    assert max_relative_diff(resumed, full[4:]) <= RTOL
+
+
+def test_checkpoint_loads_into_different_data_parallel_size(world4):
+    ref = reference_losses(make_data(2 * MICRO), 6, global_batch=2 * MICRO)["losses"]
+    resumed = _step_losses(world4, "resumed_dp4")
+    assert max_relative_diff(resumed, ref[4:]) <= RTOL
+
+
+def test_data_parallel_rank_drives_the_sampler(world4):
+    assert sorted(r["trainer_fsdp"]["dp_rank"] for r in world4) == [0, 1, 2, 3]
+    assert torch.tensor([r["trainer_fsdp"]["losses"][0] for r in world4]).unique().numel() == 4
+
+
+def test_accumulation_skips_gradient_sync_until_the_last_micro_step(world2):
+    # FSDP2: no reduce-scatter on the first micro-step, so no sharded gradient exists yet.
+    fsdp = world2[0]["trainer_fsdp_accum2"]["sync_probe"]
+    assert fsdp[0::2] == [None] * STEPS and all(v is not None for v in fsdp[1::2])
+    # DDP: first micro-step gradients are local (differ between ranks), the last ones are averaged.
+    ddp = [r["trainer_ddp_accum2"]["sync_probe"] for r in world2]
+    assert ddp[0][0] != ddp[1][0]
+    assert abs(ddp[0][1] - ddp[1][1]) <= 1e-9 * max(1.0, abs(ddp[0][1]))
