@@ -43,8 +43,17 @@ class FabricAdaptivePrecision(_AdaptiveBase):
         self._engine.scale_loss(tensor).backward(*args, **kwargs)
 
     def unscale_gradients(self, optimizer: Optimizer) -> None:
-        """Unscale (and check) before ``fabric.clip_gradients``; the step reuses the result."""
-        self._engine.after_backward(optimizer)
+        """Unscale (and check) before ``fabric.clip_gradients``; the step reuses the result.
+
+        On a step that will be skipped the gradients are zeroed: ``fabric.clip_gradients`` raises
+        on a non-finite norm by default, and these gradients are thrown away anyway.
+        """
+        skip, _, _ = self._engine.after_backward(optimizer)
+        if skip:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.zero_()
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         """Step on finite gradients, skip (and report) otherwise."""
