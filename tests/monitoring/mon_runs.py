@@ -94,6 +94,7 @@ def fit(
     strategy: Any = "picotron3d",
     dataset: Dataset | None = None,
     lr: float = 1e-2,
+    batch: int = MICRO,
 ) -> Any:
     """Train the reference module; return the trainer."""
     import lightning as L
@@ -109,7 +110,7 @@ def fit(
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
         limit_val_batches=0, log_every_n_steps=1,
     )
-    trainer.fit(module, loader(dataset or Samples(data), world, rank))
+    trainer.fit(module, loader(dataset or Samples(data), world, rank, batch))
     return trainer
 
 

@@ -36,7 +36,8 @@ def _grad_norms(rank: int, world: int) -> dict:
 
     collector = MetricsCollector(log_every_n_steps=1, tokens_per_batch=lm_tokens)
     trainer = fit(world, rank, make_data(32), 3, [collector], strategy=picotron_fsdp())
-    return {"norms": [m["grad/norm"] for _, m in collector.history], "strategy": type(trainer.strategy).__name__}
+    norms = [m["grad/norm"] for _, m in collector.history]
+    return {"norms": norms, "strategy": type(trainer.strategy).__name__}
 
 
 class _InjectNaN:
@@ -79,7 +80,7 @@ def _nan_skip(rank: int, world: int, root: str) -> dict:
         "kinds": [sorted(d.anomalies) for d in detector.history],
         "global_step": trainer.global_step,
         "callable_alerts": [(a.kind, a.data.get("grad_ranks")) for a in received],
-        "log_records": [r for r in handler.records if "nonfinite" in r],
+        "log_records": [r for r in handler.records if r.startswith("[ERROR] nonfinite")],
         "jsonl": alerts.jsonl_path,
         "log_dir": trainer.log_dir,
         "max_abs_diff": max((weights[k] - ref_weights[k]).abs().max().item() for k in weights),
@@ -129,13 +130,12 @@ def test_acceptance_run_writes_tensorboard_views(results):
 
     out = results[0]["acceptance"]
     assert out["strategy"] == "Picotron3DStrategy"
-    assert results[1]["acceptance"]["log_dir"] == out["log_dir"] or True  # rank 1 writes nothing
     ea = _events(out["log_dir"])
     tags = ea.Tags()
     for tag in ("train/loss", "throughput/tokens_per_sec", "throughput/tokens_per_sec_per_device",
                 "throughput/samples_per_sec", "throughput/step_time_s", "throughput/mfu", "grad/norm",
                 "grad/param_norm", "optim/lr", "memory/host_rss_gb", "moe/load_imbalance",
-                "moe/layer0/router_entropy", "moe/layer1/tokens_per_expert" if False else "moe/layer1/aux_loss"):
+                "moe/layer0/router_entropy", "moe/layer1/aux_loss"):
         assert tag in tags["scalars"], tag
     assert [e.step for e in ea.Scalars("train/loss")] == [1, 2, 3, 4]
     losses = [e.value for e in ea.Scalars("train/loss")]
@@ -143,7 +143,8 @@ def test_acceptance_run_writes_tensorboard_views(results):
     mfu = [e.value for e in ea.Scalars("throughput/mfu")]
     assert all(0.0 < v < 1.0 for v in mfu)
     hist = [t for t in tags["histograms"] if t.startswith("weights/")]
-    assert "weights/model.embed_tokens.weight" in hist and any(t.startswith("grads/") for t in tags["histograms"])
+    assert "weights/model.embed_tokens.weight" in hist
+    assert any(t.startswith("grads/") for t in tags["histograms"])
     assert [e.step for e in ea.Histograms("weights/model.embed_tokens.weight")] == [2, 4]
     assert "moe/expert_load" in tags["images"]
     image = ea.Images("moe/expert_load")[-1]
@@ -160,34 +161,21 @@ def test_acceptance_run_writes_tensorboard_views(results):
 
 
 def test_grad_norm_under_fsdp_dp2_equals_single_process(results):
-    from mon_runs import fit as fit_single
-
     from picotron_lightning.monitoring import MetricsCollector
 
+    # One process on the same global batches (2 ranks x MICRO samples), in the same order.
     collector = MetricsCollector(log_every_n_steps=1, tokens_per_batch=lm_tokens)
-    # One process, the same global batch (2 ranks x MICRO samples) in the same order.
-    import mon_runs
-
-    single = mon_runs.loader  # noqa: F841 - the sampler-free loader is used through fit()
-    fit_single(1, 0, make_data(32), 3, [collector], dataset=_GlobalBatches(make_data(32)))
+    fit(1, 0, make_data(32), 3, [collector], batch=2 * MICRO)
     reference = [m["grad/norm"] for _, m in collector.history]
+    assert len(reference) == 3
     for r in (0, 1):
         assert results[r]["grad_norms"]["strategy"] == "Picotron3DStrategy"
         got = results[r]["grad_norms"]["norms"]
         assert got == pytest.approx(reference, rel=1e-4), (got, reference)
 
 
-class _GlobalBatches(torch.utils.data.Dataset):
-    """One item = one global batch, so the one-process loader (batch size MICRO) sees 2*MICRO samples."""
-
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data.view(-1, 2, data.size(1))
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i]
+# tp=2: the same check belongs here once the strategy's tensor parallelism lands
+# (Picotron3DStrategy(tensor_parallel_size=2) on 2 ranks against the same one-process reference).
 
 
 def test_nan_on_one_rank_skips_the_step_everywhere(results):
@@ -202,8 +190,6 @@ def test_nan_on_one_rank_skips_the_step_everywhere(results):
 
 
 def test_nan_alert_appears_once_in_every_sink(results):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: F401
-
     a, b = results[0]["nan"], results[1]["nan"]
     assert a["callable_alerts"] == [("nonfinite", [1])]  # rank 1's gradients were poisoned
     assert b["callable_alerts"] == []  # one alert for the run, from rank 0
