@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.optim import Optimizer
 
@@ -133,7 +134,7 @@ def _check_compatible(path: Path, expected: dict[str, Any]) -> None:
     reader = dcp.FileSystemReader(str(path))
     try:
         saved = reader.read_metadata().state_dict_metadata
-    except Exception as err:  # noqa: BLE001 - any failure here means an unreadable checkpoint
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - any failure here means an unreadable checkpoint
         raise CheckpointError(f"Checkpoint {path} is corrupt: its DCP metadata cannot be read ({err}).") from err
     wanted = _tensor_shapes(expected)
     missing = sorted(k for k in wanted if k not in saved)
@@ -192,8 +193,10 @@ def load_sharded(
         dcp.load(scratch, checkpoint_id=str(path))
         # Our own file, written by save_sharded; it holds arbitrary Python objects (loop state).
         metadata = torch.load(path / METADATA_FILE, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - re-raised with the path and the promise that nothing changed
-        raise CheckpointError(f"Checkpoint {path} could not be read ({type(err).__name__}: {err}). "
+    # DCP's CheckpointException derives from BaseException, not Exception.
+    except (Exception, CheckpointException) as err:  # noqa: BLE001 - re-raised with the path
+        cause = (str(err).strip().splitlines() or [type(err).__name__])[-1]  # DCP wraps a traceback per rank
+        raise CheckpointError(f"Checkpoint {path} could not be read ({cause}). "
                               "The model and optimizer were left unchanged.") from err
     options = StateDictOptions(strict=strict)
     set_model_state_dict(module, scratch[MODEL_KEY], options=options)
