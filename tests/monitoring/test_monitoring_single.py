@@ -8,7 +8,7 @@ import os
 import lightning as L
 import pytest
 import torch
-from mon_runs import Samples, fit, full_state, lm_tokens, make_data
+from mon_runs import fit, full_state, lm_tokens, make_data
 from torch import nn
 
 from picotron_lightning.monitoring import (
@@ -46,7 +46,7 @@ def test_peak_table_matches_real_device_names(name, table_name, bf16):
     peak = lookup_peak(name)
     assert peak is not None and peak.name == table_name
     assert peak.tflops("bf16") == bf16
-    assert peak.tflops("fp32") < peak.tflops("tf32") or peak.tflops("tf32") is None or peak.name == "RTX 4090"
+    assert peak.tflops("fp32") < peak.tflops("bf16")
 
 
 def test_unknown_device_and_precisions():
@@ -68,7 +68,8 @@ def test_model_flops_count_active_experts_and_attention():
     for model in (dense, moe):
         flops = ModelFlops.from_module(model)
         # Embedding lookups are not matmuls; inactive experts do no work for a token.
-        assert flops.active_params == model.num_parameters(active_only=True) - model.embed_tokens.weight.numel()
+        embedding = model.embed_tokens.weight.numel()
+        assert flops.active_params == model.num_parameters(active_only=True) - embedding
         assert (flops.layers, flops.hidden) == (2, 64)
         assert flops.per_token(128) == 6 * flops.active_params + 12 * 2 * 64 * 128
     assert ModelFlops.from_module(moe).active_params < sum(p.numel() for p in moe.parameters())
@@ -161,7 +162,8 @@ class _ToyMoE(nn.Module):
         return self.proj(x)
 
     def moe_metrics(self) -> dict[str, torch.Tensor]:
-        return {"tokens_per_expert": torch.tensor([50.0, 50.0, 28.0, 0.0]), "load_imbalance": torch.tensor(1.6)}
+        counts = torch.tensor([50.0, 50.0, 28.0, 0.0])
+        return {"tokens_per_expert": counts, "load_imbalance": torch.tensor(1.6)}
 
 
 class _ToyModule(L.LightningModule):
@@ -180,9 +182,11 @@ def test_expert_collapse_and_moe_metrics_from_any_moe_layer(tmp_path):
     got: list[Alert] = []
     collector = MetricsCollector(log_every_n_steps=2, histogram_every_n_steps=0)
     detector = AnomalyDetector(collapse_window=3, warmup=100)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=6, logger=False, enable_progress_bar=False,
-                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                        callbacks=[collector, detector, AlertManager(callables=[got.append], sinks=())])
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=6, logger=False, enable_progress_bar=False,
+        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        callbacks=[collector, detector, AlertManager(callables=[got.append], sinks=())],
+    )
     trainer.fit(_ToyModule(), torch.utils.data.DataLoader(torch.randn(24, 8), batch_size=4))
     collapses = [a for a in got if a.kind == "expert_collapse"]
     assert [a.step for a in collapses] == [3, 6] and collapses[0].data["experts"] == [[0, 3]]
@@ -234,4 +238,3 @@ def test_fabric_api(tmp_path):
     assert [a.kind for a in got] == ["nonfinite"]
     assert os.path.exists(alerts.jsonl_path)
     assert detector.history[0].skip is False and detector.skipped_steps == 1
-    _ = Samples  # shared helpers are imported from one place
