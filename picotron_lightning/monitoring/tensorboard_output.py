@@ -2,8 +2,9 @@
 
 Scalars go through the run's loggers (so a CSV or W&B logger gets them too); the TensorBoard-only
 views (custom layout, histograms, images, text) go to the TensorBoard logger's ``SummaryWriter``,
-or to a writer of our own under the log directory when the run has no TensorBoard logger. Only
-rank 0 writes; every other rank's :class:`TensorBoardOutput` is inert.
+or to a writer of our own under ``<log_dir>/monitoring`` when the run has other loggers but no
+TensorBoard one. A run without loggers gets no files. Only rank 0 writes; every other rank's
+:class:`TensorBoardOutput` is inert.
 """
 
 from __future__ import annotations
@@ -109,7 +110,8 @@ class TensorBoardOutput:
         self._layout_written = False
 
     def _find_writer(self) -> Any:
-        if not self.ctx.is_global_zero:
+        # No loggers at all means the user turned logging off: write nothing, leave no files.
+        if not self.ctx.is_global_zero or not self.ctx.loggers:
             return None
         for logger in self.ctx.loggers:
             if "TensorBoard" in type(logger).__name__:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -108,7 +109,7 @@ def fit(
         accelerator="cpu", devices=world, strategy=strategy_for(world, strategy), max_steps=steps,
         logger=logger, callbacks=callbacks, enable_progress_bar=False, enable_checkpointing=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-        limit_val_batches=0, log_every_n_steps=1,
+        limit_val_batches=0, log_every_n_steps=1, default_root_dir=root or tempfile.mkdtemp(prefix="mon-"),
     )
     trainer.fit(module, loader(dataset or Samples(data), world, rank, batch))
     return trainer
