@@ -121,13 +121,13 @@ def test_grouped_matmul_equals_per_group_matmul(use_grouped_mm: bool) -> None:
         pytest.skip("torch._grouped_mm not available")
     counts = torch.tensor([3, 0, 5, 1])  # includes an empty group
     x = torch.randn(9, 8, requires_grad=True)
-    w = torch.randn(4, 8, 6, requires_grad=True)
+    w = torch.randn(4, 8, 12, requires_grad=True)  # rows of 16-byte multiples, as the kernel needs
     out = grouped_matmul(x, w, counts, use_grouped_mm=use_grouped_mm)
     out.sum().backward()  # a stride-0 gradient: the case torch._grouped_mm rejects on its own
     gx, gw = x.grad.clone(), w.grad.clone()
     x.grad = w.grad = None
     bounds = torch.cumsum(counts, 0).tolist()
-    ref = torch.cat([x[s - c:s] @ w[g] for g, (s, c) in enumerate(zip(bounds, counts.tolist()))])
+    ref = torch.cat([x[s - c:s] @ w[g] for g, (s, c) in enumerate(zip(bounds, counts.tolist(), strict=True))])
     ref.sum().backward()
     assert torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(gx, x.grad, atol=1e-5) and torch.allclose(gw, w.grad, atol=1e-5)
@@ -181,7 +181,7 @@ def test_aux_gradient_reaches_router_without_user_loss() -> None:
 
 def test_aux_loss_scale_scales_injected_gradient() -> None:
     torch.manual_seed(0)
-    x = torch.randn(1, 8, 16)
+    x = torch.randn(1, 32, 16)
     layer = MoELayer(16, 24, num_experts=4, top_k=2, aux_loss_coeff=1.0, z_loss_coeff=0.0)
     grads = []
     for scale in (1.0, 0.25):
@@ -207,30 +207,36 @@ def _imbalance(layer: MoELayer, x: torch.Tensor) -> float:
     return layer.moe_metrics()["load_imbalance"].item()
 
 
-@pytest.mark.parametrize("rate", [0.0, 0.02])
+@pytest.mark.parametrize("rate", [0.0, 0.01])
 def test_bias_balancing_evens_out_skewed_router(rate: float) -> None:
     torch.manual_seed(0)
-    layer = MoELayer(16, 8, num_experts=8, top_k=2, aux_loss_coeff=0.0, z_loss_coeff=0.0, bias_update_rate=rate)
+    layer = MoELayer(16, 8, num_experts=8, top_k=2, aux_loss_coeff=0.0, z_loss_coeff=0.0,
+                     bias_update_rate=rate)
     with torch.no_grad():
-        layer.router.weight.normal_(std=0.1)
-        layer.router.weight[0] += 0.5  # a router that loves experts 0 and 1
-        layer.router.weight[1] += 0.4
-    x = torch.randn(4, 32, 16) + 1.0
-    start = _imbalance(layer, x)
-    # lr 0: the optimizer step moves nothing but still triggers the bias update.
+        layer.router.weight.normal_(std=0.3)
+        layer.router.weight[0] += 0.3  # with inputs shifted by +0.3, a router that loves experts 0 and 1
+        layer.router.weight[1] += 0.24
+    g = torch.Generator().manual_seed(1)
+    held_out = torch.randn(8, 64, 16, generator=g) + 0.3
+    start = _imbalance(layer, held_out)
+    # lr 0: the optimizer step moves no weight but still triggers the bias update.
     opt = torch.optim.SGD(layer.parameters(), lr=0.0)
-    for _ in range(60):
-        layer(x).sum().backward()
+    late = []
+    for step in range(60):
+        layer(torch.randn(4, 32, 16, generator=g) + 0.3).sum().backward()
         opt.step()
         opt.zero_grad()
-    end = _imbalance(layer, x)
-    assert start > 3.0
+        if step >= 40:
+            late.append(_imbalance(layer, held_out))
+    assert start > 2.0
     if rate:
-        assert end < 1.3, f"imbalance {start:.2f} -> {end:.2f}"
-        weights = layer.router(x.reshape(-1, 16))
-        assert torch.allclose(weights.weights.sum(-1), torch.ones(128), atol=1e-6)
+        # sign() updates keep jittering around balance; judge the average of the last steps.
+        assert sum(late) / len(late) < 1.5, f"imbalance {start:.2f} -> {late}"
+        assert layer.router.expert_bias[0] < 0 < layer.router.expert_bias[5]
+        route = layer.router(held_out.reshape(-1, 16))
+        assert torch.allclose(route.weights.sum(-1), torch.ones(512), atol=1e-6)  # weights stay unbiased
     else:
-        assert end == start
+        assert late[-1] == start
 
 
 def test_metrics_keys_and_values() -> None:
@@ -266,7 +272,7 @@ def test_custom_expert_modules() -> None:
     out.sum().backward()
     # The same computation with ordinary modules holding expert e's slice.
     ref = []
-    for e, rows in zip((0, 2), (x[:2], x[2:])):
+    for e, rows in zip((0, 2), (x[:2], x[2:]), strict=True):
         m = _GeluExpert()
         with torch.no_grad():
             for name, p in m.named_parameters():
