@@ -6,7 +6,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from picotron_lightning.data import ByteCorpus, stdlib_bytes
 
@@ -74,12 +74,20 @@ def full_loss(module: OverflowModule) -> float:
     return float(F.mse_loss(module.net(x).float(), y))
 
 
-def regression_loader(batch_size: int = 32) -> DataLoader:
-    return DataLoader(regression_data(), batch_size=batch_size, shuffle=False)
+def _loader(dataset: Dataset, batch_size: int, rank: int, world: int) -> DataLoader:
+    # An explicit unshuffled split (rank r takes samples r, r + world, ...): the ranks' shares of
+    # one step together are exactly the one-process batch of that step.
+    sampler = DistributedSampler(dataset, world, rank, shuffle=False) if world > 1 else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, sampler=sampler)
 
 
-def byte_loader(batch_size: int = 8, seq_len: int = 32, max_bytes: int = 100_000) -> DataLoader:
-    return DataLoader(ByteCorpus(stdlib_bytes(max_bytes), seq_len), batch_size=batch_size, shuffle=False)
+def regression_loader(batch_size: int = 32, rank: int = 0, world: int = 1) -> DataLoader:
+    return _loader(regression_data(), batch_size, rank, world)
+
+
+def byte_loader(batch_size: int = 8, seq_len: int = 32, max_bytes: int = 100_000, rank: int = 0,
+                world: int = 1) -> DataLoader:
+    return _loader(ByteCorpus(stdlib_bytes(max_bytes), seq_len), batch_size, rank, world)
 
 
 class LossRecorder(L.Callback):

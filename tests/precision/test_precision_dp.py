@@ -13,7 +13,7 @@ from dist import run_ranks
 from precision_models import LossRecorder, OverflowModule, byte_loader, regression_loader, trainer
 
 from picotron_lightning.models import CausalLMModule
-from picotron_lightning.precision import AdaptivePrecision
+from picotron_lightning.precision import AdaptiveLossScaler, AdaptivePrecision
 
 LM_STEPS, LM_BATCH = 8, 8
 FP16_STEPS, FP16_BATCH = 12, 32
@@ -27,6 +27,11 @@ def _strategy(world: int) -> object:
     return Picotron3DStrategy()
 
 
+def _trainer(steps: int, world: int, plugin: AdaptivePrecision, recorder: LossRecorder) -> object:
+    return trainer(steps, devices=world, strategy=_strategy(world), plugins=[plugin], callbacks=[recorder],
+                   use_distributed_sampler=False)
+
+
 def _scenarios(rank: int, world: int) -> dict:
     import torch
 
@@ -34,15 +39,19 @@ def _scenarios(rank: int, world: int) -> dict:
     # bf16 on the reference model.
     torch.manual_seed(0)
     plugin, recorder = AdaptivePrecision(), LossRecorder()
-    t = trainer(LM_STEPS, devices=world, strategy=_strategy(world), plugins=[plugin], callbacks=[recorder])
-    t.fit(CausalLMModule("tiny", learning_rate=3e-3), byte_loader(batch_size=LM_BATCH // world))
+    t = _trainer(LM_STEPS, world, plugin, recorder)
+    t.fit(CausalLMModule("tiny", learning_rate=3e-3), byte_loader(LM_BATCH // world, rank=rank, world=world))
     out["lm"] = {"losses": recorder.losses, "mode": plugin.plan.mode, "metrics": plugin.metrics(),
                  "policy": plugin.fsdp_mixed_precision_policy()}
     # fp16 on the overflowing model: every rank must promote the same module on the same step.
-    plugin, recorder = AdaptivePrecision(mode="fp16", analysis_interval=0), LossRecorder()
-    module = OverflowModule()
-    t = trainer(FP16_STEPS, devices=world, strategy=_strategy(world), plugins=[plugin], callbacks=[recorder])
-    t.fit(module, regression_loader(batch_size=FP16_BATCH // world))
+    # A moderate fixed-start scale: at 2**16 the per-rank backward (half the batch, so twice the
+    # per-sample gradient) overflows on other steps than one process does, which is fp16 scaling
+    # working as designed, not a parity question.
+    scaler = AdaptiveLossScaler(init_scale=2.0**10)
+    plugin = AdaptivePrecision(mode="fp16", analysis_interval=0, scaler=scaler)
+    recorder, module = LossRecorder(), OverflowModule()
+    t = _trainer(FP16_STEPS, world, plugin, recorder)
+    t.fit(module, regression_loader(FP16_BATCH // world, rank=rank, world=world))
     promoted = plugin.promotions.promotions.items()
     params = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in module.parameters()]
     out["fp16"] = {"losses": recorder.losses, "metrics": plugin.metrics(),
@@ -67,8 +76,8 @@ def test_dp2_with_plugin_matches_one_process_with_plugin():
     lm_dp = _mean([r["lm"]["losses"] for r in dp])
     assert len(lm_dp) == LM_STEPS and all(r["lm"]["mode"] == "bf16" for r in dp)
     assert dp[0]["lm"]["policy"].reduce_dtype is not None  # the FSDP2 policy the strategy applies
-    # bf16 rounding differs with the per-rank matmul shapes; 0.5% per step is far below a wrong batch.
-    assert all(_close(a, b, 5e-3) for a, b in zip(lm_dp, one["lm"]["losses"], strict=True)), \
+    # Measured: 4e-5 (bf16) and 1.3e-4 (fp16); per-rank matmul shapes round differently than one process.
+    assert all(_close(a, b, 1e-3) for a, b in zip(lm_dp, one["lm"]["losses"], strict=True)), \
         (lm_dp, one["lm"]["losses"])
 
     for r in dp:  # the ranks agree with each other and with the single process
@@ -77,5 +86,5 @@ def test_dp2_with_plugin_matches_one_process_with_plugin():
         assert r["fp16"]["metrics"] == one["fp16"]["metrics"]
         assert r["fp16"]["finite"]
     fp16_dp = _mean([r["fp16"]["losses"] for r in dp])
-    assert all(_close(a, b, 5e-3) for a, b in zip(fp16_dp, one["fp16"]["losses"], strict=True)), \
+    assert all(_close(a, b, 1e-3) for a, b in zip(fp16_dp, one["fp16"]["losses"], strict=True)), \
         (fp16_dp, one["fp16"]["losses"])
