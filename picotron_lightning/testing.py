@@ -1,0 +1,107 @@
+"""Run a function on N real processes with gloo, the way torchrun would start them.
+
+Used by the test suite and the benchmarks; useful for testing your own multi-rank code too.
+
+Each worker gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK, ...), so
+Lightning's TorchElasticEnvironment sees externally created processes and a Trainer or Fabric
+inside the worker joins the others instead of launching its own. The parent waits with a hard
+deadline: a worker that raises brings the whole run down with its traceback, and a hang is
+killed and reported instead of blocking CI.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch.multiprocessing as mp
+
+COLLECTIVE_TIMEOUT = timedelta(seconds=90)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, results: Any) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        GROUP_RANK="0",
+        TORCHELASTIC_RUN_ID="picotron-test",
+        OMP_NUM_THREADS="1",
+        PL_DISABLE_FORK="1",
+    )
+    import torch
+
+    torch.set_num_threads(1)
+    try:
+        out = fn(rank, world_size, *args, **kwargs)
+        results.put((rank, "ok", pickle.dumps(out)))
+    except BaseException:  # noqa: BLE001 - everything goes back to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0, **kwargs: Any) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return results by rank."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results), daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(outputs) < world_size:
+            try:
+                rank, status, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outputs]
+                if dead:
+                    raise RuntimeError(f"rank(s) {dead} died without a result (exit codes "
+                                       f"{[procs[r].exitcode for r in dead]})") from None
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(outputs))} did not finish "
+                                       f"within {timeout:.0f}s (hang?)") from None
+                continue
+            if status == "error":
+                raise RuntimeError(f"rank {rank} failed:\n{payload}")
+            outputs[rank] = pickle.loads(payload)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return [outputs[r] for r in range(world_size)]
+
+
+def init_gloo(rank: int, world_size: int) -> None:
+    """Plain process group for tests that drive torch.distributed without a strategy."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
+
+
