@@ -48,7 +48,7 @@ def _worker(rank: int, world: int, preset: str, steps: int, rounds: int, batch: 
                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
                                 enable_model_summary=False, callbacks=[timer])
             trainer.fit(CausalLMModule(preset=preset), DataLoader(data, batch_size=batch))
-            intervals = [b - a for a, b in zip(timer.stamps[5:], timer.stamps[6:])]  # skip warm-up steps
+            intervals = [b - a for a, b in zip(timer.stamps[5:], timer.stamps[6:], strict=False)]  # skip warm-up steps
             times[name].append(statistics.median(intervals))
     return {name: statistics.median(v) for name, v in times.items()}
 

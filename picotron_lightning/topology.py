@@ -13,12 +13,12 @@ ranks each.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple, Union
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-SizeArg = Union[int, Literal["auto"]]
+SizeArg = int | Literal["auto"]
 
 MESH_DIM_NAMES = ("pp", "dp", "tp")
 EXPERT_MESH_DIM_NAMES = ("pp", "ep_replicate", "ep", "tp")

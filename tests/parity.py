@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 RTOL = 1e-4
 VOCAB = 256
@@ -75,11 +75,11 @@ def reference_losses(
 
 def max_relative_diff(a: list[float], b: list[float]) -> float:
     assert len(a) == len(b), (len(a), len(b))
-    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b))
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
 
 def mean_over_ranks(per_rank: list[list[float]]) -> list[float]:
-    return [sum(vals) / len(vals) for vals in zip(*per_rank)]
+    return [sum(vals) / len(vals) for vals in zip(*per_rank, strict=True)]
 
 
 def step_means(micro_losses: list[float], accumulate: int) -> list[float]:
@@ -143,8 +143,8 @@ def trainer_run(
     module = make_module(preset, config)
     loader = DataLoader(TokenDataset(data), batch_size=micro_batch, shuffle=False)
     trainer.fit(module, loader, ckpt_path=resume_from)
-    return {"losses": losses, "sync_probe": sync_probe, "mode": trainer.strategy.data_parallel_mode, "dp_rank": strategy.layout.coordinates(
-        trainer.global_rank).dp}
+    dp_rank = strategy.layout.coordinates(trainer.global_rank).dp
+    return {"losses": losses, "sync_probe": sync_probe, "mode": trainer.strategy.data_parallel_mode, "dp_rank": dp_rank}
 
 
 def fabric_run(
@@ -158,8 +158,8 @@ def fabric_run(
 ) -> dict[str, Any]:
     """An ordinary Fabric training loop with picotron3d; returns this rank's micro-batch losses."""
     import lightning as L
-
     from dist import COLLECTIVE_TIMEOUT
+
     from picotron_lightning import Picotron3DFabricStrategy
 
     fabric = L.Fabric(

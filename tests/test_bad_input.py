@@ -72,6 +72,10 @@ def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
 def _unchanged(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> bool:
     return all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
 
@@ -88,7 +92,7 @@ def test_round_trip(checkpoint):
     path, saved = checkpoint
     module, optimizer = _trained({"init_std": 0.5})
     assert load_sharded(path, module, [optimizer]) == {"epoch": 3}
-    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), saved.state_dict().values()))
+    assert _same_weights(module, saved)
 
 
 def test_checkpoint_of_another_model_is_refused_and_changes_nothing(checkpoint):
@@ -135,4 +139,4 @@ def test_failed_save_keeps_the_previous_checkpoint(checkpoint):
         save_sharded(path, collect_state(other, [optimizer]), {"bad": lambda: 0})
     module, optimizer = _trained({"init_std": 0.1})
     load_sharded(path, module, [optimizer])
-    assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(), saved.state_dict().values()))
+    assert _same_weights(module, saved)

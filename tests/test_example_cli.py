@@ -52,7 +52,8 @@ def test_example_trains_from_yaml_and_writes_tensorboard(tmp_path):
     cmd = [
         sys.executable, str(ROOT / "examples/pretrain.py"), "fit",
         "--config", str(ROOT / "examples/configs/pretrain_dp.yaml"),
-        "--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false", "--trainer.val_check_interval=3",
+        "--trainer.max_steps=3", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+        "--trainer.val_check_interval=3",
         f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.max_bytes=200000",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)

@@ -32,7 +32,8 @@ def test_expert_parallel_must_divide_data_parallel():
 @pytest.mark.parametrize(
     "kwargs, name",
     [({"data_parallel_size": 0}, "data_parallel_size"), ({"tensor_parallel_size": -1}, "tensor_parallel_size"),
-     ({"pipeline_parallel_size": 1.5}, "pipeline_parallel_size"), ({"expert_parallel_size": "2"}, "expert_parallel_size"),
+     ({"pipeline_parallel_size": 1.5}, "pipeline_parallel_size"),
+     ({"expert_parallel_size": "2"}, "expert_parallel_size"),
      ({"data_parallel_size": True}, "data_parallel_size")],
 )
 def test_sizes_must_be_positive_integers(kwargs, name):

@@ -24,8 +24,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.optim import Optimizer
 
 METADATA_FILE = "meta.pt"
@@ -70,7 +70,7 @@ def collect_state(
     """Sharded state dicts of ``module`` and ``optimizers`` keyed for :func:`save_sharded`."""
     keys = list(optimizer_keys or [f"optimizer_{i}" for i in range(len(optimizers))])
     state: dict[str, Any] = {MODEL_KEY: _model_state(module)}
-    for key, optimizer in zip(keys, optimizers):
+    for key, optimizer in zip(keys, optimizers, strict=True):
         state[key] = _optimizer_state(module, optimizer)
     return state
 
@@ -200,7 +200,7 @@ def load_sharded(
                               "The model and optimizer were left unchanged.") from err
     options = StateDictOptions(strict=strict)
     set_model_state_dict(module, scratch[MODEL_KEY], options=options)
-    for key, optimizer in zip(keys, optimizers):
+    for key, optimizer in zip(keys, optimizers, strict=True):
         set_optimizer_state_dict(module, optimizer, scratch[key], options=options)
     return metadata
 
