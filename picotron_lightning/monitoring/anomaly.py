@@ -227,8 +227,10 @@ class AnomalyDetector(Callback):
         ctx = self.ctx
         loss = torch.stack(self._losses).mean().item() if self._losses else float("nan")
         has_loss = 1.0 if self._losses else 0.0
-        local_bad_grads = 0.0 if local_grads_finite(self.module) else 1.0
         norm = float(cached_grad_norm(ctx, self.module, step))
+        # A non-finite gradient anywhere makes the global norm non-finite; only then is it worth
+        # a pass over this rank's gradients to say which ranks had them.
+        local_bad_grads = 0.0 if math.isfinite(norm) or local_grads_finite(self.module) else 1.0
         loss_ok, norm_ok = math.isfinite(loss), math.isfinite(norm)
         row = ctx.collective_tensor([
             loss if loss_ok else 0.0, float(not loss_ok) * has_loss, local_bad_grads,
