@@ -1,0 +1,104 @@
+"""Trainer runs with picotron3d tensor parallelism for any LightningModule, with probes of what was sharded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+RTOL = 1e-4
+
+
+def make(kind: str) -> Any:
+    """A fresh, identically initialised module: ``llama`` (reference) or a kind from ``tp_models``."""
+    if kind.startswith("llama"):
+        from parity import make_module
+
+        # "llama_mha": 4 kv heads, so that tp=4 divides them (the tiny preset has 2).
+        return make_module(config={"num_kv_heads": 4} if kind == "llama_mha" else None)
+    from tp_models import LMModule
+
+    return LMModule(kind)
+
+
+def reference(kind: str, data: torch.Tensor, steps: int, global_batch: int, clip: float | None = None
+              ) -> dict[str, list[float]]:
+    """One process, plain loop, the Trainer's DistributedSampler order (seed 0 + epoch)."""
+    module = make(kind)
+    optimizer = module.configure_optimizers()
+    losses, norms = [], []
+    per_epoch = len(data) // global_batch
+    for step in range(steps):
+        epoch, start = divmod(step, per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
+        loss = module._loss(data[order[start * global_batch:(start + 1) * global_batch]])
+        loss.backward()
+        norms.append(torch.nn.utils.clip_grad_norm_(module.parameters(), clip or float("inf")).item())
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return {"losses": losses, "norms": norms}
+
+
+def fit(world: int, kind: str, data: torch.Tensor, micro_batch: int, steps: int, strategy_kwargs: dict,
+        clip: float | None = None, ckpt_dir: str | None = None, resume_from: str | None = None) -> dict[str, Any]:
+    """``Trainer.fit`` on this rank; returns its per-step losses and probes of the sharding."""
+    import lightning as L
+    from dist import COLLECTIVE_TIMEOUT
+    from parity import TokenDataset
+    from torch.distributed.tensor import DTensor
+
+    from picotron_lightning import Picotron3DStrategy
+
+    losses: list[float] = []
+    probes: dict[str, Any] = {}
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            losses.append(float(outputs["loss"]))
+
+        def on_train_start(self, trainer, pl_module):  # noqa: ANN001
+            plan = trainer.strategy._parallel_config.tensor_parallel.get("applied_plan")
+            params = list(pl_module.parameters())
+            probes["local_numel"] = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+            probes["global_numel"] = sum(p.numel() for p in params)
+            if plan is None:
+                return
+            probes["source"] = plan.source
+            probes["sequence_parallel"] = plan.sequence_parallel
+            probes["styles"] = dict(plan.styles)
+            modules = dict(pl_module.named_modules())
+            norms = plan.modules_with("norm")
+            if norms:
+                modules[norms[0]].register_forward_pre_hook(
+                    lambda m, a: probes.setdefault("norm_input_shape", tuple(_local(a[0]).shape)) and None)
+            heads = plan.modules_with("head")
+            if heads:
+                modules[heads[0]].register_forward_hook(
+                    lambda m, a, o: probes.setdefault("logits_type", type(o).__name__) and None)
+
+    callbacks: list[Any] = [Record()]
+    if ckpt_dir:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1))
+    trainer = L.Trainer(
+        strategy=Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs),
+        accelerator="cpu", devices=world, max_steps=steps, gradient_clip_val=clip, logger=False,
+        enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    trainer.fit(make(kind), DataLoader(TokenDataset(data), batch_size=micro_batch), ckpt_path=resume_from)
+    return {"losses": losses, **probes}
+
+
+def _local(x: Any) -> torch.Tensor:
+    return x.to_local() if hasattr(x, "to_local") else x
+
+
+def refusal(world: int, kind: str, strategy_kwargs: dict) -> str:
+    """The message with which ``Trainer.fit`` refuses the layout (empty string if it did not)."""
+    try:
+        fit(world, kind, torch.zeros(8, 17, dtype=torch.long), 2, 1, strategy_kwargs)
+    except Exception as err:  # noqa: BLE001 - the message is what the test checks
+        return f"{type(err).__name__}: {err}"
+    return ""
