@@ -144,7 +144,11 @@ def trainer_run(
     loader = DataLoader(TokenDataset(data), batch_size=micro_batch, shuffle=False)
     trainer.fit(module, loader, ckpt_path=resume_from)
     dp_rank = strategy.layout.coordinates(trainer.global_rank).dp
-    return {"losses": losses, "sync_probe": sync_probe, "mode": trainer.strategy.data_parallel_mode, "dp_rank": dp_rank}
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    checkpointed = sum(isinstance(m, CheckpointWrapper) for m in module.modules())
+    return {"losses": losses, "sync_probe": sync_probe, "mode": trainer.strategy.data_parallel_mode, "dp_rank": dp_rank,
+            "checkpointed_blocks": checkpointed}
 
 
 def fabric_run(

@@ -32,6 +32,8 @@ def _scenarios_world2(rank: int, world: int, ckpt_dir: str) -> dict:
         "trainer_default": trainer_run(world, data, MICRO, STEPS),
         "trainer_fsdp_accum2": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}, accumulate=2),
         "trainer_fsdp_clip": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}, clip=0.05),
+        "trainer_fsdp_ac": trainer_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp",
+                                                                  "activation_checkpointing": True}),
         "trainer_ddp_accum2": trainer_run(world, data, MICRO, 2, {"data_parallel_mode": "ddp"}, accumulate=2),
         "fabric_fsdp": fabric_run(world, data, MICRO, STEPS, {"data_parallel_mode": "fsdp"}),
         "fabric_ddp_accum2": fabric_run(world, data, MICRO, STEPS, {"data_parallel_mode": "ddp"}, accumulate=2),
@@ -83,7 +85,7 @@ def _step_losses(results: list[dict], name: str, accumulate: int = 1) -> list[fl
 @pytest.mark.parametrize(
     "name, accumulate",
     [("trainer_fsdp", 1), ("trainer_ddp", 1), ("trainer_default", 1), ("trainer_fsdp_accum2", 2),
-     ("fabric_fsdp", 1), ("fabric_ddp_accum2", 2)],
+     ("trainer_fsdp_ac", 1), ("fabric_fsdp", 1), ("fabric_ddp_accum2", 2)],
 )
 def test_dp2_matches_one_process(world2, name, accumulate):
     ref = reference_losses(make_data(64), STEPS, global_batch=2 * MICRO * accumulate,
@@ -147,3 +149,8 @@ def test_accumulation_skips_gradient_sync_until_the_last_micro_step(world2):
     ddp = [r["trainer_ddp_accum2"]["sync_probe"] for r in world2]
     assert ddp[0][0] != ddp[1][0]
     assert abs(ddp[0][1] - ddp[1][1]) <= 1e-9 * max(1.0, abs(ddp[0][1]))
+
+
+def test_activation_checkpointing_wraps_every_block(world2):
+    assert world2[0]["trainer_fsdp_ac"]["checkpointed_blocks"] == 2  # the tiny model's two blocks
+    assert world2[0]["trainer_fsdp"]["checkpointed_blocks"] == 0
