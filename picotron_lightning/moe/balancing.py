@@ -38,6 +38,12 @@ from picotron_lightning.moe.router import Router, RouterOutput
 __all__ = ["AuxLossInjector", "BalanceStats", "LoadBalancer", "update_expert_biases"]
 
 
+def _logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise logsumexp; spelled out because ``torch.logsumexp`` is several times slower on CPU."""
+    peak = logits.detach().amax(dim=-1, keepdim=True)
+    return (logits - peak).exp().sum(dim=-1).log() + peak.squeeze(-1)
+
+
 class BalanceStats:
     """Global (all-reduced) routing statistics of one forward, plus the differentiable local losses."""
 
@@ -148,12 +154,14 @@ class LoadBalancer(nn.Module):
         tokens = route.probs.shape[0]
         probs = route.probs
         training = self.training and torch.is_grad_enabled()  # before no_grad below switches it off
+        want_z_grad = training and bool(self.z_loss_coeff)
+        with torch.set_grad_enabled(want_z_grad):
+            z_per_token = _logsumexp(route.logits).pow(2)
         with torch.no_grad():
             entropy_sum = -(probs * torch.log(probs.clamp_min(1e-20))).sum()
-            lse = torch.logsumexp(route.logits, dim=-1)
             packed = torch.cat([
                 counts.float(), probs.sum(0),
-                torch.stack([entropy_sum, lse.pow(2).sum(), dropped.float(),
+                torch.stack([entropy_sum, z_per_token.detach().sum(), dropped.float(),
                              torch.tensor(float(tokens), device=probs.device)]),
             ])
             if training and self.stat_groups:
@@ -169,7 +177,7 @@ class LoadBalancer(nn.Module):
         if training and self.aux_loss_coeff:
             local_aux = e * (f * probs.mean(0)).sum()
         if training and self.z_loss_coeff:
-            local_z = torch.logsumexp(route.logits, dim=-1).pow(2).mean()
+            local_z = z_per_token.mean()
         stats = BalanceStats(g_counts, g_prob_mean, g_entropy / g_tokens, g_z / g_tokens,
                              g_dropped / (g_tokens * self.top_k), aux_value, local_aux, local_z)
         self.last = stats

@@ -22,13 +22,14 @@ def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
     if fn is None:
         return False
     try:
-        x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
-        out = fn(x, w, offs=offs)
-        out.backward(torch.ones_like(out))
-        ref = x.detach()[:3] @ w.detach()[0]
-        return bool(torch.allclose(out.detach()[:3].float(), ref.float(), rtol=1e-2, atol=1e-2))
+        with torch.enable_grad():  # the first call may come from a no_grad forward
+            x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
+            out = fn(x, w, offs=offs)
+            out.backward(torch.ones_like(out))
+            ref = x.detach()[:3] @ w.detach()[0]
+            return bool(torch.allclose(out.detach()[:3].float(), ref.float(), rtol=1e-2, atol=1e-2))
     except (RuntimeError, NotImplementedError, TypeError):
         return False
 
