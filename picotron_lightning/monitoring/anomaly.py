@@ -262,7 +262,7 @@ class AnomalyDetector(Callback):
         if not math.isfinite(x):
             return
         z = stats.score(x)
-        self._log({f"{ANOMALY}/{kind.split('_')[0]}_zscore": z})
+        self._log({f"{ANOMALY}/{kind.split('_')[0]}_zscore": z}, force=z > threshold)
         if z > threshold:
             decision.anomalies[kind] = {"value": x, "zscore": z,
                                         "message": f"{what} {x:.4g} is {z:.1f} standard deviations above "
@@ -389,9 +389,9 @@ class AnomalyDetector(Callback):
                            f"{self.collapse_window} steps (layer, expert): {starved}"}})
             self._act(decision, step)
 
-    def _log(self, metrics: dict[str, float]) -> None:
+    def _log(self, metrics: dict[str, float], force: bool = False) -> None:
         step = len(self.history)  # optimizer steps checked so far, the same on every rank
-        if step % self.log_every_n_steps == 0:
+        if force or step % self.log_every_n_steps == 0:  # a spike is always shown
             shared_output(self.ctx).scalars(metrics, step)
 
     # ------------------------------------------------------------------------------ Lightning
