@@ -56,6 +56,15 @@ class Picotron3DCore:
         param_dtype: dtype FSDP gathers parameters in for compute (``None`` keeps the stored dtype).
         process_group_backend: ``"gloo"`` or ``"nccl"``; default by device.
         timeout: timeout of every collective; a stuck rank fails the run after this long.
+        tp_plan: tensor-parallel plan, ``{"module.name.pattern": style}`` with styles ``"colwise"``,
+            ``"rowwise"``, ``"embedding"``, ``"head"``, ``"norm"`` or a ``ParallelStyle``; ``*`` matches one
+            name part. Default: the LightningModule's ``tensor_parallel_plan()`` hook, the Hugging Face
+            model's own plan, the reference Llama's, or one detected from the blocks' data flow.
+        sequence_parallel: split norms (and the residual stream) along the sequence between the tp ranks;
+            ``"auto"`` turns it on for pre-norm blocks. Needs the sequence length divisible by tp.
+        loss_parallel: keep the logits sharded over the vocabulary and compute ``F.cross_entropy`` on the
+            shards (no gathered logits). Opt-in: the step must pass the logits straight to
+            ``F.cross_entropy``/``F.nll_loss`` (see docs/tensor_parallel.md).
     """
 
     def _init_core(
@@ -71,6 +80,10 @@ class Picotron3DCore:
         param_dtype: str | torch.dtype | None,
         process_group_backend: str | None,
         timeout: timedelta | None,
+        *,
+        tp_plan: dict[str, Any] | None = None,
+        sequence_parallel: bool | Literal["auto"] = "auto",
+        loss_parallel: bool = False,
     ) -> None:
         # Validate argument types now, at construction: the user sees the error before any launch.
         self._requested_layout = ParallelLayout(
@@ -90,6 +103,13 @@ class Picotron3DCore:
                 param_dtype=_as_dtype("param_dtype", param_dtype),
                 reduce_dtype=_as_dtype("reduce_dtype", reduce_dtype),
             )
+        )
+        if sequence_parallel not in (True, False, "auto"):
+            raise ValueError(f"`sequence_parallel` must be True, False or 'auto', got {sequence_parallel!r}.")
+        if tp_plan is not None and not isinstance(tp_plan, dict):
+            raise ValueError(f"`tp_plan` must be a dict of module-name pattern -> style, got {type(tp_plan).__name__}.")
+        self._parallel_config.tensor_parallel.update(
+            plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=bool(loss_parallel)
         )
         self._process_group_backend = process_group_backend
         self._timeout = timeout
@@ -164,6 +184,22 @@ class Picotron3DCore:
             module, self.device_mesh, self.layout, self._parallel_config, device, local_processes
         )
         return self._parallel_model.module
+
+    @contextmanager
+    def loss_parallel(self):  # noqa: ANN201
+        """Where losses on vocabulary-sharded logits are computed (and backpropagated) with ``loss_parallel=True``.
+
+        The Trainer strategy enters it around every step and backward itself; a Fabric script wraps its
+        loss computation in it (``fabric.backward`` enters it on its own). A no-op otherwise.
+        """
+        tp_options = self._parallel_config.tensor_parallel
+        if not (tp_options.get("loss_parallel") and self.layout.tp > 1):
+            yield
+            return
+        from picotron_lightning.parallel.tensor import loss_parallel_context
+
+        with loss_parallel_context():
+            yield
 
     @contextmanager
     def _no_gradient_sync(self, module: nn.Module):  # noqa: ANN202

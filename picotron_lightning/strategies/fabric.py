@@ -82,6 +82,9 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         param_dtype: Optional[str] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        tp_plan: Optional[dict[str, Any]] = None,
+        sequence_parallel: Union[bool, Literal["auto"]] = "auto",
+        loss_parallel: bool = False,
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -100,6 +103,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             data_parallel_size, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
             data_parallel_mode, hsdp_shard_size, reshard_after_forward, reduce_dtype, param_dtype,
             process_group_backend, timeout,
+            tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
         )
         if start_method not in ("popen", "spawn"):
             raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
@@ -214,6 +218,11 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         if error_if_nonfinite and not torch.isfinite(norm):
             raise RuntimeError(f"The total norm of gradients is non-finite ({norm.item()}); not clipping.")
         return norm
+
+    def backward(self, tensor: Tensor, module: Optional[Module], *args: Any, **kwargs: Any) -> None:
+        # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
+        with self.loss_parallel():
+            super().backward(tensor, module, *args, **kwargs)
 
     def _norm_module(self) -> Module:
         if self._module is None:

@@ -58,9 +58,10 @@ def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, layout: ParallelLay
     """Shard the blocks Megatron-style over the ``tp`` mesh dimension (identity when tp == 1)."""
     if layout.tp == 1:
         return
-    raise LayoutError(
-        f"tensor_parallel_size={layout.tp}: tensor parallelism is not available in this version; use 1."
-    )
+    from picotron_lightning.parallel.tensor import apply_tensor_parallel as shard_tensor_parallel
+
+    # Options: plan (user plan), sequence_parallel, loss_parallel; see parallel/tensor.py.
+    config.tensor_parallel["applied_plan"] = shard_tensor_parallel(root, mesh["tp"], config.tensor_parallel)
 
 
 def apply_expert_parallel(

@@ -69,6 +69,9 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         param_dtype: Optional[str] = None,
         process_group_backend: Optional[str] = None,
         timeout: Optional[timedelta] = default_pg_timeout,
+        tp_plan: Optional[dict[str, Any]] = None,
+        sequence_parallel: Union[bool, Literal["auto"]] = "auto",
+        loss_parallel: bool = False,
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -87,6 +90,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             data_parallel_size, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
             data_parallel_mode, hsdp_shard_size, reshard_after_forward, reduce_dtype, param_dtype,
             process_group_backend, timeout,
+            tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
         )
         if start_method not in ("popen", "spawn"):
             raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
@@ -217,7 +221,13 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         # Always enter through the root module's __call__, so FSDP's root hooks run every step,
         # even when the root is the LightningModule itself.
         assert self.model is not None and self.lightning_module is not None
-        return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
+        with self.loss_parallel():  # no-op unless loss_parallel=True with tp > 1
+            return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
+        with self.loss_parallel():
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.train_step_context():
