@@ -96,8 +96,9 @@ def fit(
     dataset: Dataset | None = None,
     lr: float = 1e-2,
     batch: int = MICRO,
+    dp: int | None = None,
 ) -> Any:
-    """Train the reference module; return the trainer."""
+    """Train the reference module; return the trainer. ``dp``: data-parallel size (default: world)."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -111,7 +112,9 @@ def fit(
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
         limit_val_batches=0, log_every_n_steps=1, default_root_dir=root or tempfile.mkdtemp(prefix="mon-"),
     )
-    trainer.fit(module, loader(dataset or Samples(data), world, rank, batch))
+    dp = dp or world
+    # Ranks of one tensor-parallel group read the same samples: the sampler spans dp only.
+    trainer.fit(module, loader(dataset or Samples(data), dp, rank // (world // dp), batch))
     return trainer
 
 

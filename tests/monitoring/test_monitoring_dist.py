@@ -32,12 +32,18 @@ def _acceptance(rank: int, world: int, root: str) -> dict:
 
 
 def _grad_norms(rank: int, world: int) -> dict:
+    from picotron_lightning import Picotron3DStrategy
     from picotron_lightning.monitoring import MetricsCollector
 
-    collector = MetricsCollector(log_every_n_steps=1, tokens_per_batch=lm_tokens)
-    trainer = fit(world, rank, make_data(32), 3, [collector], strategy=picotron_fsdp())
-    norms = [m["grad/norm"] for _, m in collector.history]
-    return {"norms": norms, "strategy": type(trainer.strategy).__name__}
+    out = {}
+    for name, strategy, dp, batch in (("fsdp_dp2", picotron_fsdp(), world, MICRO),
+                                      ("tp2", Picotron3DStrategy(tensor_parallel_size=2), 1, world * MICRO)):
+        collector = MetricsCollector(log_every_n_steps=1, tokens_per_batch=lm_tokens)
+        trainer = fit(world, rank, make_data(32), 3, [collector], strategy=strategy, dp=dp, batch=batch)
+        sharded = type(next(trainer.lightning_module.parameters())).__name__ == "DTensor"
+        out[name] = {"norms": [m["grad/norm"] for _, m in collector.history], "sharded": sharded,
+                     "layout": trainer.strategy.layout.describe()}
+    return out
 
 
 class _InjectNaN:
@@ -160,22 +166,19 @@ def test_acceptance_run_writes_tensorboard_views(results):
         assert per_step == pytest.approx(2 * MICRO, rel=1e-6)
 
 
-def test_grad_norm_under_fsdp_dp2_equals_single_process(results):
+@pytest.mark.parametrize("layout", ["fsdp_dp2", "tp2"])
+def test_logged_grad_norm_equals_single_process(results, layout):
     from picotron_lightning.monitoring import MetricsCollector
 
-    # One process on the same global batches (2 ranks x MICRO samples), in the same order.
+    # One process on the same global batches (2 x MICRO samples), in the same order.
     collector = MetricsCollector(log_every_n_steps=1, tokens_per_batch=lm_tokens)
     fit(1, 0, make_data(32), 3, [collector], batch=2 * MICRO)
     reference = [m["grad/norm"] for _, m in collector.history]
     assert len(reference) == 3
     for r in (0, 1):
-        assert results[r]["grad_norms"]["strategy"] == "Picotron3DStrategy"
-        got = results[r]["grad_norms"]["norms"]
-        assert got == pytest.approx(reference, rel=1e-4), (got, reference)
-
-
-# tp=2: the same check belongs here once the strategy's tensor parallelism lands
-# (Picotron3DStrategy(tensor_parallel_size=2) on 2 ranks against the same one-process reference).
+        got = results[r]["grad_norms"][layout]
+        assert got["sharded"], got  # the parameters really are DTensor shards
+        assert got["norms"] == pytest.approx(reference, rel=1e-4), (got, reference)
 
 
 def test_nan_on_one_rank_skips_the_step_everywhere(results):
