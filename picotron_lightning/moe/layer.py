@@ -103,6 +103,10 @@ class MoELayer(nn.Module):
         return max(1, math.ceil(self.capacity_factor * tokens * self.top_k / self.num_experts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:
+            # Shape-only dry runs (planners validating a layout on the meta device): routing is
+            # data-dependent (bincount, split sizes), the output shape is not.
+            return torch.empty_like(x)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         route = self.router(tokens)

@@ -293,3 +293,20 @@ def test_llama_moe_variant_uses_moe_layer() -> None:
     logits = model(torch.randint(0, 256, (2, 8)))
     logits.float().mean().backward()
     assert layers[0].router.weight.grad is not None and layers[0].experts.gate_up_proj.grad is not None
+
+
+def test_activation_checkpointing_gives_same_gradients_and_counts_once() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = MoELayer(16, 24, num_experts=4, top_k=2, bias_update_rate=0.1)
+    x = torch.randn(2, 8, 16)
+    layer(x).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    counts = layer.balancer._pending_counts.clone()
+    layer.balancer._pending_counts = None
+    layer.zero_grad()
+    checkpoint(layer, x, use_reentrant=False).square().sum().backward()  # recomputes the forward
+    for n, p in layer.named_parameters():
+        assert torch.allclose(plain[n], p.grad, atol=1e-7), n
+    assert torch.equal(layer.balancer._pending_counts, counts)  # the recompute did not count twice
