@@ -4,6 +4,7 @@ Importing the package registers the strategy name ``"picotron3d"`` with both the
 Fabric, so ``Trainer(strategy="picotron3d")`` and ``Fabric(strategy="picotron3d")`` work.
 """
 
+from picotron_lightning.monitoring import AlertManager, AnomalyDetector, MetricsCollector
 from picotron_lightning.strategies import CheckpointError, Picotron3DFabricStrategy, Picotron3DStrategy
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
@@ -23,7 +24,10 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "AlertManager",
+    "AnomalyDetector",
     "CheckpointError",
+    "MetricsCollector",
     "LayoutError",
     "ParallelLayout",
     "Picotron3DFabricStrategy",
