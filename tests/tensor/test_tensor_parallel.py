@@ -12,7 +12,7 @@ import time
 
 import pytest
 from dist import run_ranks
-from parity import make_data, max_relative_diff, mean_over_ranks
+from parity import fabric_run, make_data, max_relative_diff, mean_over_ranks, reference_losses
 from tp_runs import RTOL, fit, reference, refusal
 
 STEPS = 8
@@ -29,6 +29,7 @@ def _world2(rank: int, world: int, ckpt_dir: str) -> dict:
         "llama_nosp": fit(world, "llama", data, MICRO, STEPS, {**tp2, "sequence_parallel": False,
                                                                "loss_parallel": True}),
         "llama_clip": fit(world, "llama", data, MICRO, STEPS, tp2, clip=0.05),
+        "fabric": fabric_run(world, data, MICRO, STEPS, tp2),
         "hf": fit(world, "hf", data, MICRO, STEPS, tp2),
         "gpt": fit(world, "gpt", data, MICRO, STEPS, tp2),
         "gpt_fused": refusal(world, "gpt_fused", tp2),
@@ -108,6 +109,11 @@ def test_sequence_parallel_is_on_by_default_and_splits_the_sequence(world2):
 def test_loss_parallel_keeps_logits_sharded(world2):
     assert world2[0]["llama_nosp"]["logits_type"] == "DTensor"
     assert world2[0]["llama_sp"]["logits_type"] == "Tensor"  # gathered by default
+
+
+def test_fabric_tp2_matches_one_process(world2):
+    ref = reference_losses(make_data(64), STEPS, global_batch=MICRO, shuffle=False)["losses"]
+    _assert_parity(world2, "fabric", ref)
 
 
 def test_clipping_over_tensor_parallel_shards_matches_one_process(world2, ref_llama):
