@@ -72,21 +72,23 @@ class StdlibDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.seq_len, self.batch_size, self.max_bytes = seq_len, batch_size, max_bytes
+        self.val_fraction, self.num_workers, self.root = val_fraction, num_workers, root
         self.train_set: ByteCorpus | None = None
         self.val_set: ByteCorpus | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        data = stdlib_bytes(self.hparams.max_bytes, self.hparams.root)
-        split = int(len(data) * (1 - self.hparams.val_fraction))
-        self.train_set = ByteCorpus(data[:split], self.hparams.seq_len)
-        self.val_set = ByteCorpus(data[split:], self.hparams.seq_len)
+        data = stdlib_bytes(self.max_bytes, self.root)
+        split = int(len(data) * (1 - self.val_fraction))
+        self.train_set = ByteCorpus(data[:split], self.seq_len)
+        self.val_set = ByteCorpus(data[split:], self.seq_len)
 
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         assert dataset is not None, "call setup() first"
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle, drop_last=True,
-                          num_workers=self.hparams.num_workers)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=True,
+                          num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

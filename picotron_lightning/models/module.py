@@ -32,6 +32,7 @@ class CausalLMModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.learning_rate, self.weight_decay, self.warmup_steps = learning_rate, weight_decay, warmup_steps
         self.config: LlamaConfig = llama_config(preset, **(config or {}))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -56,11 +57,9 @@ class CausalLMModule(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.AdamW(
-            self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
-        )
-        if not self.hparams.warmup_steps:
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        if not self.warmup_steps:
             return optimizer
-        warmup = self.hparams.warmup_steps
+        warmup = self.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -53,12 +53,13 @@ def global_grad_norm(
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size(group) if distributed else 1
     per_stage = ranks_per_stage or world
-    params = [p for p in parameters if p.grad is not None]
-    device = params[0].grad.device if params else torch.device("cpu")
+    params_with_grad = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params_with_grad if p.grad is not None]
+    device = grads[0].device if grads else torch.device("cpu")
     if math.isinf(norm_type):
         total = torch.zeros((), device=device, dtype=torch.float32)
-        for p in params:
-            local, _ = _local_piece(p.grad)
+        for grad in grads:
+            local, _ = _local_piece(grad)
             if local.numel():
                 total = torch.maximum(total, local.detach().abs().max().float())
         if distributed:
@@ -66,12 +67,16 @@ def global_grad_norm(
         return total
     if norm_type != 2.0:
         raise ValueError(f"`norm_type` must be 2.0 or inf, got {norm_type}.")
-    total = torch.zeros((), device=device, dtype=torch.float32)
-    for p in params:
-        local, pieces = _local_piece(p.grad)
+    # Group the local pieces by how many ranks hold each copy, then one fused norm per group.
+    by_copies: dict[float, list[torch.Tensor]] = {}
+    for p, grad in zip(params_with_grad, grads, strict=True):
+        local, pieces = _local_piece(grad)
         pieces *= getattr(p, DISTINCT_PIECES_ATTR, 1)
-        copies = per_stage / pieces
-        total += local.detach().float().pow(2).sum() / copies
+        if local.numel():
+            by_copies.setdefault(per_stage / pieces, []).append(local.detach())
+    total = torch.zeros((), device=device, dtype=torch.float32)
+    for copies, tensors in by_copies.items():
+        total += torch.nn.utils.get_total_norm(tensors, 2.0).float().pow(2) / copies
     if distributed:
         dist.all_reduce(total, group=group)
     return total.sqrt()
@@ -89,7 +94,7 @@ def clip_grad_norm_(
     params = [p for p in parameters if p.grad is not None]
     total = global_grad_norm(params, norm_type, ranks_per_stage, group)
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    for p in params:
-        local, _ = _local_piece(p.grad)
+    for grad in [p.grad for p in params if p.grad is not None]:
+        local, _ = _local_piece(grad)
         local.mul_(coef.to(local.device, local.dtype))
     return total

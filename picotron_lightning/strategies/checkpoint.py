@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
 METADATA_FILE = "meta.pt"
@@ -143,11 +144,11 @@ def _check_compatible(path: Path, expected: dict[str, Any]) -> None:
             f"Checkpoint {path} does not match this model: {len(missing)} tensor(s) are missing, e.g. "
             f"{missing[:3]}. Was it saved from a different model or optimizer? Nothing was loaded."
         )
-    wrong = [
-        (k, tuple(getattr(saved[k], "size", ())), tuple(shape))
-        for k, shape in wanted.items()
-        if hasattr(saved[k], "size") and tuple(saved[k].size) != tuple(shape)
-    ]
+    wrong = []
+    for k, shape in wanted.items():
+        meta = saved[k]
+        if isinstance(meta, TensorStorageMetadata) and tuple(meta.size) != tuple(shape):
+            wrong.append((k, tuple(meta.size), tuple(shape)))
     if wrong:
         k, got, want = wrong[0]
         raise CheckpointError(
