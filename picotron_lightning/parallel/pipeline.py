@@ -1,0 +1,425 @@
+"""Pipeline parallelism: split the model into stages, run steps through a pipeline schedule.
+
+``apply_pipeline_split`` is the first step of ``strategies/parallelize.py``. It keeps this rank's
+stages of the model in place (``pp_split.py``: original parameter names, stubs for what other
+ranks hold) and returns a :class:`PipelineRuntime`, which
+
+* wraps each of this rank's stages in a :class:`StageModule` that runs the model's *own* forward
+  with only that stage's blocks visible, the previous stage's activation fed into its first
+  block, and the forward stopped after its last block (later stages are on other ranks);
+* applies data parallelism per stage (FSDP2 ``fully_shard`` with the stage module as root, or DDP);
+* runs each Lightning step through a ``torch.distributed.pipelining`` schedule (``pp_schedule.py``)
+  reusing the user's step for the loss (``pp_step.py``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from picotron_lightning.parallel import pp_step
+from picotron_lightning.parallel.pp_schedule import (
+    TARGET_MICROBATCHES_PER_STAGE,
+    BubbleMeter,
+    PipelineOptions,
+    choose_microbatches,
+    schedule_class,
+    stage_ids,
+    valid_microbatches,
+)
+from picotron_lightning.parallel.pp_split import (
+    AbsentStub,
+    PipelineParts,
+    balance_stages,
+    check_stage_count,
+    check_tied_across_stages,
+    find_pipeline_parts,
+    keep_blocks,
+    replace_submodule,
+    stage_costs,
+    stub_for,
+)
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from picotron_lightning.parallel.data import DataParallelConfig
+    from picotron_lightning.topology import ParallelLayout
+
+
+class _StageExit(Exception):  # noqa: N818 - control flow, not an error
+    """Raised after a non-last stage's last block: the rest of the forward belongs to later stages."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__("stage done")
+        self.output = output
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The block's call with its hidden-state input replaced by ``hidden``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (hidden, *args[1:]), kwargs
+    name = "hidden_states" if "hidden_states" in kwargs else next(
+        (k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.shape == hidden.shape), None)
+    if name is None:
+        raise RuntimeError("Pipeline stage: cannot find the hidden-state input of the stage's first block.")
+    return args, {**kwargs, name: hidden}
+
+
+class _BlockView(nn.Module):
+    """A block as one stage sees it: input from the previous stage, and/or the end of the stage.
+
+    Lives in the block container only during that stage's forward. The block is held without
+    registering it, and attribute reads fall through to it (models read e.g. ``layer.attention_type``).
+    """
+
+    def __init__(self, block: nn.Module, hidden: torch.Tensor | None, last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        object.__setattr__(self, "_hidden", hidden)
+        object.__setattr__(self, "_last", last)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._hidden is not None:
+            args, kwargs = _with_hidden(args, kwargs, self._hidden)
+        out = self._block(*args, **kwargs)
+        if self._last:
+            raise _StageExit(out[0] if isinstance(out, (tuple, list)) else out)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: runs the model's forward with only this stage's part active.
+
+    Its children are the stage's blocks and first/last modules (the same objects the model holds),
+    so FSDP can use it as the stage's root and the schedule sees exactly the stage's parameters.
+    """
+
+    def __init__(self, runtime: PipelineRuntime, index: int, num_stages: int, block_keys: list[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_runtime", runtime)  # not a child: the runtime is not a module
+        self.index, self.num_stages, self.block_keys = index, num_stages, block_keys
+        self.blocks = nn.ModuleDict()
+        self.first = nn.ModuleDict()
+        self.last = nn.ModuleDict()
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def attach(self) -> None:
+        """(Re)collect this stage's modules from the model, after earlier steps may have wrapped them."""
+        rt = self._runtime
+        container = rt.parts.container._modules
+        self.blocks = nn.ModuleDict({k: container[k] for k in self.block_keys})
+        key = lambda name: name.replace(".", "__")  # noqa: E731 - ModuleDict keys cannot hold dots
+        if self.is_first:
+            self.first = nn.ModuleDict({key(n): rt.root.get_submodule(n) for n in rt.parts.first})
+        if self.is_last:
+            self.last = nn.ModuleDict({key(n): rt.root.get_submodule(n) for n in rt.parts.last})
+
+    def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
+        rt = self._runtime
+        index = int(mb_index.reshape(-1)[0])
+        args, kwargs = rt.calls[index]
+        received = None if self.is_first else activations
+        if received is not None and len(received) != 1:
+            raise RuntimeError(f"Stage {self.index} received {len(received)} tensors; the structural split passes one.")
+        with rt.stage_view(self, None if received is None else received[0]):
+            try:
+                out = rt.inner(*args, **kwargs)
+            except _StageExit as done:
+                return done.output
+        return rt.pack_output(out, index)
+
+
+@dataclass
+class _StepContext:
+    kind: str
+    step: Any
+    microbatches: list[Any]
+    rest: tuple
+    kwargs: dict
+    scale: float
+    logs: pp_step.LogRecorder = field(default_factory=pp_step.LogRecorder)
+    results: dict[int, Any] = field(default_factory=dict)
+
+
+class PipelineRuntime:
+    """This rank's stages of a split model and everything needed to run steps through a schedule."""
+
+    def __init__(self, root: nn.Module, parts: PipelineParts, options: PipelineOptions, mesh: DeviceMesh,
+                 assignment: list[range], my_stages: list[int]) -> None:
+        self.root, self.parts, self.options, self.mesh = root, parts, options, mesh
+        self.assignment = assignment
+        self.inner = root.get_submodule(parts.inner_name) if parts.inner_name else root
+        self.pp_group = mesh["pp"].get_group()
+        self.num_stages = len(assignment)
+        self.stage_modules = [
+            StageModule(self, s, self.num_stages, [str(b) for b in assignment[s]]) for s in my_stages
+        ]
+        self.run_modules: list[nn.Module] = list(self.stage_modules)  # what PipelineStage runs (DDP wraps)
+        self._first_stubs = {n: stub_for(root.get_submodule(n)) for n in parts.first} if 0 in my_stages else {}
+        pp = mesh["pp"].size()
+        # The rank holding the last stage: pp-1 with loop placement, 0 with the V placement of zbv.
+        self.last_stage_rank = next(r for r in range(pp) if self.num_stages - 1 in stage_ids(r, pp, options))
+        self.calls: list[tuple[tuple, dict]] = []
+        self._out_meta: dict[int, tuple[Any, list[Any]]] = {}
+        self._ctx: _StepContext | None = None
+        self._schedules: dict[tuple, Any] = {}
+        self._warned = False
+        self.meter = BubbleMeter()
+        self.device = torch.device("cpu")
+        self._pending_grads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ stage forward support
+    @property
+    def holds_last_stage(self) -> bool:
+        return any(sm.is_last for sm in self.stage_modules)
+
+    @contextmanager
+    def stage_view(self, stage: StageModule, hidden: torch.Tensor | None) -> Iterator[None]:
+        """Make the model look like ``stage`` alone for one forward call."""
+        container = self.parts.container
+        saved = container._modules
+        view: OrderedDict[str, nn.Module] = OrderedDict()
+        for pos, key in enumerate(stage.block_keys):
+            block = saved[key]
+            feed = hidden if pos == 0 else None
+            end = pos == len(stage.block_keys) - 1 and not stage.is_last
+            view[key] = _BlockView(block, feed, end) if feed is not None or end else block
+        container._modules = view
+        swapped = []
+        if not stage.is_first:
+            swapped = [(n, replace_submodule(self.root, n, stub)) for n, stub in self._first_stubs.items()]
+        try:
+            yield
+        finally:
+            container._modules = saved
+            for name, module in swapped:
+                replace_submodule(self.root, name, module)
+
+    def pack_output(self, out: Any, index: int) -> Any:
+        """The last stage's model output as tensors for the schedule; the rest is kept for the loss."""
+        leaves, spec = tree_flatten(out)
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        self._out_meta[index] = (spec, [None if isinstance(x, torch.Tensor) else x for x in leaves])
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+    def unpack_output(self, output: Any, index: int) -> Any:
+        spec, leaves = self._out_meta[index]
+        tensors = iter((output,) if isinstance(output, torch.Tensor) else output)
+        return tree_unflatten([next(tensors) if x is None else x for x in leaves], spec)
+
+    # ------------------------------------------------------------------ data parallelism per stage
+    def apply_data_parallel(self, mesh: DeviceMesh, layout: ParallelLayout, config: DataParallelConfig,
+                            device: torch.device, local_processes: int) -> tuple[nn.Module, str]:
+        """FSDP2 (stage module as root) or DDP over ``dp`` for each stage; returns the root and mode."""
+        from picotron_lightning.parallel.data import _mp_policy, resolve_mode
+
+        self.device = device
+        for sm in self.stage_modules:
+            sm.attach()
+        mode = resolve_mode(config.mode, self.root, device, local_processes, tensor_parallel=layout.tp > 1)
+        if layout.dp == 1:
+            return self.root, "none"
+        if mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            group = mesh["dp"].get_group()
+            self.run_modules = [DistributedDataParallel(sm, process_group=group, device_ids=ids)
+                                for sm in self.stage_modules]
+            return self.root, mode
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["dp_replicate", "dp_shard"] if mode == "hsdp" else mesh["dp"]
+        kwargs = {"mesh": dp_mesh, "mp_policy": _mp_policy(config)}
+        for sm in self.stage_modules:
+            for unit in [*sm.blocks.values(), *sm.first.values(), *sm.last.values()]:
+                fully_shard(unit, reshard_after_forward=config.reshard_after_forward, **kwargs)
+            fully_shard(sm, reshard_after_forward=False, **kwargs)
+        return self.root, mode
+
+    # ------------------------------------------------------------------ schedules
+    def _schedule(self, training: bool, microbatches: int, signature: tuple) -> tuple[Any, bool]:
+        """A schedule for this input shape (built on first use: stages fix their buffer shapes)."""
+        from torch.distributed.pipelining import PipelineStage
+
+        key = (training, microbatches, signature)
+        if key in self._schedules:
+            return self._schedules[key], False
+        stages = [PipelineStage(m, sm.index, self.num_stages, self.device, group=self.pp_group)
+                  for m, sm in zip(self.run_modules, self.stage_modules, strict=True)]
+        for stage in stages:
+            self.meter.instrument(stage)
+        cls = schedule_class(self.options.schedule, training)
+        loss_fn = self.meter.timed(self._loss_fn)
+        target = stages if self.options.is_multi else stages[0]
+        schedule = cls(target, microbatches, loss_fn=loss_fn, scale_grads=False)
+        self._schedules[key] = schedule
+        return schedule, True
+
+    def _loss_fn(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        ctx = self._ctx
+        assert ctx is not None
+        index = int(target.reshape(-1)[0])
+        result = pp_step.run_with_output(
+            self.root, self.inner, ctx.step, ctx.microbatches[index], ctx.rest, ctx.kwargs,
+            self.unpack_output(output, index), ctx.logs.recorder(index),
+        )
+        ctx.results[index] = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
+        if ctx.kind == "training_step":
+            # Mean over microbatches and accumulation steps, as one process's loss.backward() would see.
+            return pp_step.loss_of(result, ctx.kind) / ctx.scale
+        loss = result.get("loss") if isinstance(result, dict) else result
+        return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else torch.zeros((), device=self.device)
+
+    def _microbatches(self, local_batch: int, training: bool) -> int:
+        pp = self.mesh["pp"].size()
+        if training:
+            warn, self._warned = not self._warned, True
+            return choose_microbatches(local_batch, pp, self.options, warn=warn)
+        # Evaluation: at most the training count, dividing the batch (the last batch may be short).
+        wanted = self.options.num_microbatches or TARGET_MICROBATCHES_PER_STAGE * pp
+        name = self.options.schedule if self.options.is_multi else "gpipe"
+        return next(d for d in range(min(wanted, local_batch), 0, -1)
+                    if local_batch % d == 0 and valid_microbatches(name, d, pp))
+
+    # ------------------------------------------------------------------ one Lightning step
+    def run_step(self, pl_module: nn.Module, kind: str, args: tuple, kwargs: dict) -> Any:
+        """Run ``pl_module.<kind>`` for one batch through the pipeline; return its (replica-mean) output."""
+        training = kind == "training_step"
+        if training and not getattr(pl_module, "automatic_optimization", True):
+            raise RuntimeError(
+                "Pipeline parallelism drives backward itself, so manual optimization (calling "
+                "`self.manual_backward` in `training_step`) is not supported with pipeline_parallel_size > 1."
+            )
+        batch, rest = args[0], args[1:]
+        step = getattr(pl_module, kind)
+        m = self._microbatches(pp_step.batch_size_of(batch), training)
+        microbatches = pp_step.split_batch(batch, m)
+        self.calls = [
+            pp_step.capture_inputs(pl_module, self.inner, step, mb, rest, kwargs, kind, self.parts.inner_name)
+            for mb in microbatches
+        ]
+        accumulate = getattr(getattr(pl_module, "_trainer", None), "accumulate_grad_batches", 1) or 1
+        self._ctx = _StepContext(kind, step, microbatches, rest, kwargs, scale=float(m * accumulate))
+        schedule, fresh = self._schedule(training, m, _signature(self.calls[0], microbatches[0]))
+        index = torch.arange(m, device=self.device)
+        try:
+            if training:
+                held = self._hold_gradients()
+                # The first step of a schedule also infers shapes (an extra pass); not a bubble sample.
+                self.meter.run(lambda: schedule.step(index, mb_index=index, target=index, return_outputs=False),
+                               record=not fresh)
+                self._pending_grads = self._release_gradients(held)
+            else:
+                schedule.eval(index, mb_index=index, target=index, return_outputs=False)
+            payload = None
+            if self.holds_last_stage:
+                results = [self._ctx.results[i] for i in range(m)]
+                merged = pp_step.merge_outputs(results) if kind == "predict_step" else pp_step.mean_outputs(results)
+                payload = (merged, self._ctx.logs.averaged())
+            out, logs = pp_step.broadcast_from_last(payload, self.pp_group, self.last_stage_rank, self.device)
+        finally:
+            self._ctx = None
+            self._out_meta.clear()
+        for name, value, log_args, log_kwargs in logs:
+            pl_module.log(name, value, *log_args, **log_kwargs)
+        return out
+
+    # Lightning zeroes gradients between a step's forward (``training_step``) and its ``backward``. The
+    # schedule computes both inside ``training_step``, so the step's gradients are set aside there and
+    # added in the strategy's ``backward`` (:meth:`finish_backward`), as if backward had run then.
+    def _hold_gradients(self) -> list[tuple[nn.Parameter, torch.Tensor | None]]:
+        held = [(p, p.grad) for p in self.root.parameters()]
+        for p, _ in held:
+            p.grad = None
+        return held
+
+    def _release_gradients(self, held: list[tuple[nn.Parameter, torch.Tensor | None]]) -> list:
+        new = [(p, p.grad) for p, _ in held if p.grad is not None]
+        for p, grad in held:
+            p.grad = grad
+        return new
+
+    def finish_backward(self) -> None:
+        """Add the gradients of the latest training step's schedule (called by the strategy's ``backward``)."""
+        pending, self._pending_grads = self._pending_grads or [], None
+        for p, grad in pending:
+            if p.grad is None:
+                p.grad = grad
+            else:
+                p.grad.add_(grad)
+
+    @property
+    def bubble(self) -> float | None:
+        """Idle fraction of this rank in the latest measured training step (None before one)."""
+        return self.meter.last
+
+
+def _signature(call: tuple[tuple, dict], microbatch: Any) -> tuple:
+    leaves = tree_flatten((call, microbatch))[0]
+    return tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__ for x in leaves)
+
+
+def plan_pipeline(root: nn.Module, pp: int, options: PipelineOptions) -> tuple[PipelineParts, list[range]]:
+    """Find the parts and balance the stages; raises before anything is changed or communicated."""
+    parts = find_pipeline_parts(root)
+    check_stage_count(parts, pp, options.stages_per_rank)
+    check_tied_across_stages(root, parts)
+    blocks, first, last = stage_costs(root, parts)
+    return parts, balance_stages(blocks, pp * options.stages_per_rank, first, last)
+
+
+def apply_pipeline_split(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout,
+                         options: PipelineOptions) -> PipelineRuntime:
+    """Keep this rank's stages of ``root`` in place and return the runtime that runs them."""
+    parts, assignment = plan_pipeline(root, layout.pp, options)
+    mine = stage_ids(mesh["pp"].get_local_rank(), layout.pp, options)
+    runtime = PipelineRuntime(root, parts, options, mesh, assignment, mine)
+    keep_blocks(parts.container, {b for s in mine for b in assignment[s]})
+    if 0 not in mine:
+        for name in parts.first:
+            replace_submodule(root, name, stub_for(root.get_submodule(name)))
+    if len(assignment) - 1 not in mine:
+        for name in parts.last:
+            replace_submodule(root, name, AbsentStub(name))
+    return runtime
+
+
+def check_pipeline_model(root: nn.Module, pp: int, options: PipelineOptions) -> None:
+    """Early check, before any process group: too many stages for the blocks, or tied stage weights.
+
+    A model whose blocks are not there yet (built later in ``configure_model``) passes here; the
+    split in ``setup`` checks it again.
+    """
+    from picotron_lightning.parallel.pp_split import PipelineSplitError
+
+    try:
+        parts = find_pipeline_parts(root)
+    except PipelineSplitError:
+        builds_later = callable(getattr(root, "configure_model", None))
+        if getattr(root, "configure_pipeline_stages", None) is None and builds_later:
+            return
+        raise
+    check_stage_count(parts, pp, options.stages_per_rank)
+    check_tied_across_stages(root, parts)

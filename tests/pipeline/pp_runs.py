@@ -1,0 +1,109 @@
+"""Trainer runs of the reference Llama under pipeline parallelism, and their one-process references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+CFG = {"num_layers": 4}  # d=64, 4 heads, seq 16: the tiny preset with four blocks
+
+
+def run(
+    world: int,
+    data: torch.Tensor,
+    micro: int,
+    steps: int,
+    strategy_kwargs: dict[str, Any],
+    accumulate: int = 1,
+    clip: float | None = None,
+    val_data: torch.Tensor | None = None,
+    ckpt_dir: str | None = None,
+    resume_from: str | None = None,
+) -> dict[str, Any]:
+    """``Trainer.fit`` of the reference LightningModule; this rank's losses, val loss and bubble."""
+    from dist import COLLECTIVE_TIMEOUT
+    from parity import TokenDataset, make_module
+
+    from picotron_lightning import Picotron3DStrategy
+
+    losses: list[float] = []
+    grads_seen: list[bool] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
+
+        def on_after_backward(self, trainer, pl_module):  # noqa: ANN001
+            grads_seen.append(all(p.grad is not None for p in pl_module.parameters()))
+
+    callbacks: list[Any] = [Record()]
+    if ckpt_dir:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1))
+    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs)
+    trainer = L.Trainer(
+        strategy=strategy, accelerator="cpu", devices=world, max_steps=steps, accumulate_grad_batches=accumulate,
+        gradient_clip_val=clip, logger=False, enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False,
+        enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=1,
+        val_check_interval=steps * accumulate if val_data is not None else None,
+    )
+    module = make_module(config=CFG)
+    val = DataLoader(TokenDataset(val_data), batch_size=micro) if val_data is not None else None
+    trainer.fit(module, DataLoader(TokenDataset(data), batch_size=micro), val, ckpt_path=resume_from)
+    metrics = trainer.callback_metrics
+    return {
+        "losses": losses,
+        "grads_seen": grads_seen,
+        "val_loss": float(metrics["val_loss"]) if "val_loss" in metrics else None,
+        "logged_train_loss": float(metrics["train_loss"]),
+        "bubble": strategy.pipeline_bubble,
+        "params": sorted(n for n, _ in module.named_parameters()),
+        "pp_rank": strategy.layout.coordinates(trainer.global_rank).pp,
+    }
+
+
+def predict(world: int, data: torch.Tensor, micro: int, strategy_kwargs: dict[str, Any]) -> torch.Tensor:
+    """``Trainer.predict`` with the module's default ``predict_step`` (its forward: logits)."""
+    from dist import COLLECTIVE_TIMEOUT
+    from parity import TokenDataset, make_module
+
+    from picotron_lightning import Picotron3DStrategy
+
+    trainer = L.Trainer(
+        strategy=Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs), accelerator="cpu",
+        devices=world, logger=False, enable_progress_bar=False, enable_model_summary=False,
+    )
+    out = trainer.predict(make_module(config=CFG), DataLoader(TokenDataset(data[:, :-1]), batch_size=micro))
+    return torch.cat(out)
+
+
+def reference_model(data: torch.Tensor, steps: int, global_batch: int, **kwargs: Any):  # noqa: ANN201
+    """The one-process model after ``steps`` steps (Trainer's shuffled order) and its step losses."""
+    from parity import make_module
+
+    module = make_module(config=CFG)
+    optimizer = module.configure_optimizers()
+    per_epoch = len(data) // global_batch
+    losses = []
+    for step in range(steps):
+        epoch, start = divmod(step, per_epoch)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
+        loss = module._loss(data[order[start * global_batch:(start + 1) * global_batch]])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return module, losses
+
+
+@torch.no_grad()
+def reference_val_loss(module: torch.nn.Module, val_data: torch.Tensor, batch: int) -> float:
+    """Lightning's epoch value of ``val_loss``: the batch-size-weighted mean of the batch losses."""
+    total, count = 0.0, 0
+    for start in range(0, len(val_data), batch):
+        chunk = val_data[start:start + batch]
+        total += module._loss(chunk).item() * len(chunk)
+        count += len(chunk)
+    return total / count
