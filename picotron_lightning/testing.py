@@ -32,18 +32,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, results: Any) -> None:
+def _launcher_env(launcher: str, rank: int, world_size: int) -> dict[str, str]:
+    """What torchrun or srun would set for one rank on a single node."""
+    if launcher == "torchrun":
+        return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                "LOCAL_WORLD_SIZE": str(world_size), "GROUP_RANK": "0", "TORCHELASTIC_RUN_ID": "picotron-test"}
+    if launcher == "slurm":
+        return {"SLURM_NTASKS": str(world_size), "SLURM_NTASKS_PER_NODE": str(world_size), "SLURM_NNODES": "1",
+                "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0",
+                "SLURM_JOB_NAME": "picotron-test", "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "127.0.0.1"}
+    raise ValueError(f"`launcher={launcher!r}` must be 'torchrun' or 'slurm'.")
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, results: Any,
+            launcher: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        GROUP_RANK="0",
-        TORCHELASTIC_RUN_ID="picotron-test",
         OMP_NUM_THREADS="1",
         PL_DISABLE_FORK="1",
+        **_launcher_env(launcher, rank, world_size),
     )
     import torch
 
@@ -60,13 +68,18 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0, **kwargs: Any) -> list[Any]:
-    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return results by rank."""
+def run_ranks(
+    fn: Callable, world_size: int, *args: Any, timeout: float = 300.0, launcher: str = "torchrun", **kwargs: Any
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` processes; return results by rank.
+
+    ``launcher`` chooses the environment each rank sees: ``"torchrun"`` or ``"slurm"`` (srun's variables).
+    """
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results), daemon=True)
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results, launcher), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

@@ -154,3 +154,17 @@ def test_accumulation_skips_gradient_sync_until_the_last_micro_step(world2):
 def test_activation_checkpointing_wraps_every_block(world2):
     assert world2[0]["trainer_fsdp_ac"]["checkpointed_blocks"] == 2  # the tiny model's two blocks
     assert world2[0]["trainer_fsdp"]["checkpointed_blocks"] == 0
+
+
+def _slurm_run(rank: int, world: int) -> dict:
+    import lightning as L
+
+    env = type(L.Trainer(strategy="picotron3d", accelerator="cpu", devices=world).strategy.cluster_environment).__name__
+    return {"env": env, "run": trainer_run(world, make_data(64), MICRO, 4, {"data_parallel_mode": "fsdp"})}
+
+
+def test_launched_by_slurm_matches_one_process():
+    results = run_ranks(_slurm_run, 2, launcher="slurm", timeout=300)
+    assert {r["env"] for r in results} == {"SLURMEnvironment"}
+    ref = reference_losses(make_data(64), 4, global_batch=2 * MICRO)["losses"]
+    assert max_relative_diff(_step_losses(results, "run"), ref) <= RTOL
