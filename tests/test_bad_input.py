@@ -140,3 +140,28 @@ def test_failed_save_keeps_the_previous_checkpoint(checkpoint):
     module, optimizer = _trained({"init_std": 0.1})
     load_sharded(path, module, [optimizer])
     assert _same_weights(module, saved)
+
+
+@pytest.mark.parametrize("bad_rank", [0, 1])
+def test_a_failing_rank_brings_the_launched_run_down_with_its_error(tmp_path, bad_rank):
+    """Lightning's own launcher (popen), a rank raising mid-training: no rank is left waiting."""
+    script = tmp_path / "fail.py"
+    script.write_text(textwrap.dedent(f"""
+        import lightning as L, torch
+        import picotron_lightning
+        from picotron_lightning.models import CausalLMModule
+        from torch.utils.data import DataLoader
+
+        class Failing(CausalLMModule):
+            def training_step(self, batch, i):
+                if i == 2 and self.global_rank == {bad_rank}:
+                    raise ValueError("boom on rank {bad_rank}")
+                return super().training_step(batch, i)
+
+        trainer = L.Trainer(strategy="picotron3d", accelerator="cpu", devices=2, max_steps=10, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(Failing(), DataLoader(torch.randint(0, 256, (64, 17)), batch_size=2))
+    """))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert f"boom on rank {bad_rank}" in proc.stdout + proc.stderr
