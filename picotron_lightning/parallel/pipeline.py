@@ -229,12 +229,27 @@ class PipelineRuntime:
         return tree_unflatten([next(tensors) if x is None else x for x in leaves], spec)
 
     # ------------------------------------------------------------------ data parallelism per stage
+    def _drop_other_stages_modules(self) -> None:
+        """Replace the first/last-stage modules this rank does not run by parameter-free stubs.
+
+        Done here, after tensor parallelism, rather than at the split: a tensor-parallel plan names
+        modules (``embed_tokens``: embedding, ``output``: head) and expects to find them.
+        """
+        held = {sm.index for sm in self.stage_modules}
+        if 0 not in held:
+            for name in self.parts.first:
+                replace_submodule(self.root, name, stub_for(self.root.get_submodule(name)))
+        if self.num_stages - 1 not in held:
+            for name in self.parts.last:
+                replace_submodule(self.root, name, AbsentStub(name))
+
     def apply_data_parallel(self, mesh: DeviceMesh, layout: ParallelLayout, config: DataParallelConfig,
                             device: torch.device, local_processes: int) -> tuple[nn.Module, str]:
         """FSDP2 (stage module as root) or DDP over ``dp`` for each stage; returns the root and mode."""
         from picotron_lightning.parallel.data import _mp_policy, resolve_mode
 
         self.device = device
+        self._drop_other_stages_modules()
         for sm in self.stage_modules:
             sm.attach()
         mode = resolve_mode(config.mode, self.root, device, local_processes, tensor_parallel=layout.tp > 1)
@@ -397,12 +412,6 @@ def apply_pipeline_split(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayo
     mine = stage_ids(mesh["pp"].get_local_rank(), layout.pp, options)
     runtime = PipelineRuntime(root, parts, options, mesh, assignment, mine)
     keep_blocks(parts.container, {b for s in mine for b in assignment[s]})
-    if 0 not in mine:
-        for name in parts.first:
-            replace_submodule(root, name, stub_for(root.get_submodule(name)))
-    if len(assignment) - 1 not in mine:
-        for name in parts.last:
-            replace_submodule(root, name, AbsentStub(name))
     return runtime
 
 

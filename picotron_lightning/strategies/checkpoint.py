@@ -60,9 +60,11 @@ def _model_state(module: nn.Module) -> dict[str, Any]:
 
 
 def _optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(module, optimizer)
+    # Flattened: hyper-parameters keyed per parameter name. A nested `param_groups` list is one object
+    # that DCP keeps from a single rank, which loses the groups of the other pipeline stages' parameters.
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(flatten_optimizer_state_dict=True))
 
 
 def collect_state(
@@ -201,8 +203,9 @@ def load_sharded(
                               "The model and optimizer were left unchanged.") from err
     options = StateDictOptions(strict=strict)
     set_model_state_dict(module, scratch[MODEL_KEY], options=options)
+    optim_options = StateDictOptions(strict=strict, flatten_optimizer_state_dict=True)  # as saved
     for key, optimizer in zip(keys, optimizers, strict=True):
-        set_optimizer_state_dict(module, optimizer, scratch[key], options=options)
+        set_optimizer_state_dict(module, optimizer, scratch[key], options=optim_options)
     return metadata
 
 

@@ -17,11 +17,14 @@ from torch import nn
 
 from picotron_lightning.parallel.data import DATA_PARALLEL_MODES, DataParallelConfig, set_gradient_sync
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
+from picotron_lightning.parallel.pp_schedule import PipelineOptions
 from picotron_lightning.strategies.parallelize import ParallelConfig, ParallelModel, parallelize
 from picotron_lightning.topology import MESH_DIM_NAMES, LayoutError, ParallelLayout, SizeArg
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
+
+    from picotron_lightning.parallel.pipeline import PipelineRuntime
 
 _DTYPES = {
     "fp32": torch.float32, "float32": torch.float32, "32": torch.float32,
@@ -65,6 +68,13 @@ class Picotron3DCore:
         loss_parallel: keep the logits sharded over the vocabulary and compute ``F.cross_entropy`` on the
             shards (no gathered logits). Opt-in: the step must pass the logits straight to
             ``F.cross_entropy``/``F.nll_loss`` (see docs/tensor_parallel.md).
+        pipeline_schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved_1f1b"``, ``"zero_bubble"`` or
+            ``"zbv"`` (see docs/pipeline_parallel.md).
+        num_microbatches: microbatches each step's local batch is cut into under pipeline parallelism;
+            ``None`` derives it from the batch (aiming at 4 x pipeline_parallel_size).
+        virtual_stages: model chunks per pipeline rank (interleaved schedules; default 2 there, else 1).
+        pipeline_split: ``"structural"`` (default and only choice so far: keeps parameter names, so
+            checkpoints move between pipeline sizes).
     """
 
     def _init_core(
@@ -84,6 +94,10 @@ class Picotron3DCore:
         tp_plan: dict[str, Any] | None = None,
         sequence_parallel: bool | Literal["auto"] = "auto",
         loss_parallel: bool = False,
+        pipeline_schedule: str = "1f1b",
+        num_microbatches: int | None = None,
+        virtual_stages: int | None = None,
+        pipeline_split: str = "structural",
     ) -> None:
         # Validate argument types now, at construction: the user sees the error before any launch.
         self._requested_layout = ParallelLayout(
@@ -111,6 +125,11 @@ class Picotron3DCore:
         self._parallel_config.tensor_parallel.update(
             plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=bool(loss_parallel)
         )
+        pipeline = PipelineOptions(pipeline_schedule, num_microbatches, virtual_stages, pipeline_split)  # validates
+        self._parallel_config.pipeline.update(
+            schedule=pipeline.schedule, num_microbatches=pipeline.num_microbatches,
+            virtual_stages=pipeline.virtual_stages, split=pipeline.split,
+        )
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._layout: ParallelLayout | None = None
@@ -134,6 +153,24 @@ class Picotron3DCore:
     def data_parallel_mode(self) -> str | None:
         """The mode actually applied (``"auto"`` resolved), or None before setup."""
         return self._parallel_model.data_parallel_mode if self._parallel_model else None
+
+    @property
+    def _pipeline(self) -> PipelineRuntime | None:
+        """This rank's pipeline stages and their schedules (None unless pipeline_parallel_size > 1)."""
+        return self._parallel_model.extras.get("pipeline") if self._parallel_model else None
+
+    @property
+    def pipeline_bubble(self) -> float | None:
+        """Idle fraction of this rank in the latest training step's pipeline schedule; None without pp."""
+        return self._pipeline.bubble if self._pipeline is not None else None
+
+    def _check_pipeline_model(self, module: nn.Module | None) -> None:
+        """Refuse a model that cannot be split into the pipeline stages asked for; no collective involved."""
+        if module is None or self.layout.pp == 1:
+            return
+        from picotron_lightning.parallel.pipeline import check_pipeline_model
+
+        check_pipeline_model(module, self.layout.pp, PipelineOptions(**self._parallel_config.pipeline))
 
     def _resolve_layout(self, world_size: int) -> ParallelLayout:
         """Check the sizes against the world size; raises before any process group exists."""

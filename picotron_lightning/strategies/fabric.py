@@ -85,6 +85,10 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         tp_plan: Optional[dict[str, Any]] = None,
         sequence_parallel: Union[bool, Literal["auto"]] = "auto",
         loss_parallel: bool = False,
+        pipeline_schedule: str = "1f1b",
+        num_microbatches: int | None = None,
+        virtual_stages: int | None = None,
+        pipeline_split: str = "structural",
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: Optional[Accelerator] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -104,7 +108,17 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             data_parallel_mode, hsdp_shard_size, reshard_after_forward, reduce_dtype, param_dtype,
             process_group_backend, timeout,
             tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
+            pipeline_schedule=pipeline_schedule, num_microbatches=num_microbatches,
+            virtual_stages=virtual_stages, pipeline_split=pipeline_split,
         )
+        if pipeline_parallel_size != 1:
+            # A Fabric script calls the model and `fabric.backward` itself, one batch at a time, so no
+            # pipeline schedule can interleave its microbatches across stages.
+            raise ValueError(
+                f"`pipeline_parallel_size={pipeline_parallel_size}` is not supported with Fabric: the script runs "
+                "forward and backward itself. Use the Trainer (`Picotron3DStrategy`) for pipeline parallelism, "
+                "or pipeline_parallel_size=1."
+            )
         if start_method not in ("popen", "spawn"):
             raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
         self._start_method = start_method

@@ -24,6 +24,8 @@ from picotron_lightning.topology import LayoutError, ParallelLayout
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from picotron_lightning.parallel.pipeline import PipelineRuntime
+
 
 @dataclass
 class ParallelConfig:
@@ -45,13 +47,16 @@ class ParallelModel:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-def apply_pipeline_split(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout, config: ParallelConfig) -> None:
-    """Keep only this rank's pipeline stage of ``root`` (identity when pp == 1)."""
+def apply_pipeline_split(
+    root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout, config: ParallelConfig
+) -> PipelineRuntime | None:
+    """Keep only this rank's pipeline stages of ``root``; the runtime that runs them (None when pp == 1)."""
     if layout.pp == 1:
-        return
-    raise LayoutError(
-        f"pipeline_parallel_size={layout.pp}: pipeline parallelism is not available in this version; use 1."
-    )
+        return None
+    from picotron_lightning.parallel.pipeline import apply_pipeline_split as split_into_stages
+    from picotron_lightning.parallel.pp_schedule import PipelineOptions
+
+    return split_into_stages(root, mesh, layout, PipelineOptions(**config.pipeline))
 
 
 def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout, config: ParallelConfig) -> None:
@@ -87,9 +92,17 @@ def apply_data_parallel(
     config: ParallelConfig,
     device: torch.device,
     local_processes: int,
+    pipeline: PipelineRuntime | None = None,
 ) -> tuple[nn.Module, str]:
     """FSDP2, DDP or HSDP over the ``dp`` ranks; returns the module to run and the mode used."""
     dp_config = config.data_parallel
+    if pipeline is not None:  # one FSDP root (or DDP wrapper) per pipeline stage
+        if layout.tp > 1 and dp_config.mode == "ddp" and layout.dp > 1:
+            raise LayoutError(
+                "data_parallel_mode='ddp' cannot reduce tensor-parallel (DTensor) parameters; "
+                "use data_parallel_mode='fsdp' or 'hsdp' with tensor_parallel_size > 1."
+            )
+        return pipeline.apply_data_parallel(mesh, layout, dp_config, device, local_processes)
     mode = resolve_mode(dp_config.mode, root, device, local_processes, tensor_parallel=layout.tp > 1)
     if layout.dp == 1:
         return root, "none"
@@ -114,9 +127,10 @@ def parallelize(
     local_processes: int = 1,
 ) -> ParallelModel:
     """Apply every step, in the order of this module's docstring, to ``root`` in place."""
-    apply_pipeline_split(root, mesh, layout, config)
+    pipeline = apply_pipeline_split(root, mesh, layout, config)
     apply_tensor_parallel(root, mesh, layout, config)
     expert_mesh = apply_expert_parallel(root, layout, config, device)
     apply_memory_policies(root, config)
-    module, mode = apply_data_parallel(root, mesh, layout, config, device, local_processes)
-    return ParallelModel(module=module, data_parallel_mode=mode, expert_mesh=expert_mesh)
+    module, mode = apply_data_parallel(root, mesh, layout, config, device, local_processes, pipeline=pipeline)
+    extras = {"pipeline": pipeline} if pipeline is not None else {}
+    return ParallelModel(module=module, data_parallel_mode=mode, expert_mesh=expert_mesh, extras=extras)

@@ -32,6 +32,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from picotron_lightning.strategies.checkpoint import (
+    _optimizer_state,
     load_sharded,
     optimizer_list,
     remove_checkpoint,
@@ -72,6 +73,10 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         tp_plan: Optional[dict[str, Any]] = None,
         sequence_parallel: Union[bool, Literal["auto"]] = "auto",
         loss_parallel: bool = False,
+        pipeline_schedule: str = "1f1b",
+        num_microbatches: int | None = None,
+        virtual_stages: int | None = None,
+        pipeline_split: str = "structural",
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: Optional["pl.accelerators.Accelerator"] = None,
         parallel_devices: Optional[list[torch.device]] = None,
@@ -91,6 +96,8 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             data_parallel_mode, hsdp_shard_size, reshard_after_forward, reduce_dtype, param_dtype,
             process_group_backend, timeout,
             tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
+            pipeline_schedule=pipeline_schedule, num_microbatches=num_microbatches,
+            virtual_stages=virtual_stages, pipeline_split=pipeline_split,
         )
         if start_method not in ("popen", "spawn"):
             raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
@@ -166,6 +173,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         kwargs: dict[str, Any] = {"timeout": self._timeout}
         if self.root_device.type != "cpu":
             kwargs["device_id"] = self.root_device
+        self._check_pipeline_model(self.lightning_module)  # more stages than blocks fails here, not in a collective
         _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
         self._build_mesh(self.root_device, self.num_processes)
         assert self.lightning_module is not None
@@ -222,9 +230,20 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         # even when the root is the LightningModule itself.
         assert self.model is not None and self.lightning_module is not None
         with self.loss_parallel():  # no-op unless loss_parallel=True with tp > 1
+            if self._pipeline is not None:  # pp > 1: the stages run under a pipeline schedule instead
+                return self._pipeline.run_step(self.lightning_module, method, args, kwargs)
             return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
 
     def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+        if self._pipeline is not None:
+            # The pipeline schedule already ran every microbatch's backward; only Lightning's hooks remain.
+            assert self.lightning_module is not None
+            self.pre_backward(closure_loss)
+            closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+            self._pipeline.finish_backward()  # the gradients the schedule set aside
+            closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+            self.post_backward(closure_loss)
+            return closure_loss
         # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
         with self.loss_parallel():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
@@ -284,10 +303,9 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         return get_model_state_dict(self.lightning_module)
 
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
         assert self.lightning_module is not None
-        return get_optimizer_state_dict(self.lightning_module, optimizer_list([optimizer])[0])
+        # The checkpoint module's format (flattened per parameter name, so every pipeline stage keeps its own).
+        return _optimizer_state(self.lightning_module, optimizer_list([optimizer])[0])
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # done in load_checkpoint, shard by shard
