@@ -5,6 +5,7 @@ Fabric, so ``Trainer(strategy="picotron3d")`` and ``Fabric(strategy="picotron3d"
 """
 
 from picotron_lightning.monitoring import AlertManager, AnomalyDetector, MetricsCollector
+from picotron_lightning.precision import AdaptivePrecision, FabricAdaptivePrecision
 from picotron_lightning.strategies import CheckpointError, Picotron3DFabricStrategy, Picotron3DStrategy
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
@@ -24,9 +25,11 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "AdaptivePrecision",
     "AlertManager",
     "AnomalyDetector",
     "CheckpointError",
+    "FabricAdaptivePrecision",
     "MetricsCollector",
     "LayoutError",
     "ParallelLayout",

@@ -79,6 +79,8 @@ def apply_fsdp(root: nn.Module, dp_mesh, config: DataParallelConfig, ignored_par
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": dp_mesh, "mp_policy": _mp_policy(config)}
+    # Expert-parallel weights differ across ranks; they are reduced over ep_replicate instead.
+    ignored_params = set(ignored_params or ()) | set(_expert_parameters(root))
     if ignored_params:
         kwargs["ignored_params"] = ignored_params
     covered: set[int] = set()
@@ -101,8 +103,17 @@ def apply_ddp(root: nn.Module, dp_group, device: torch.device) -> nn.Module:  # 
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
+    expert_names = [name for name, p in root.named_parameters() if p in set(_expert_parameters(root))]
+    if expert_names:  # expert-parallel weights are reduced over ep_replicate, not by DDP
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, expert_names)
     # Gradients as bucket views skip one copy per step; buckets are the DDP default size.
     return DistributedDataParallel(root, process_group=dp_group, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def _expert_parameters(root: nn.Module) -> list[nn.Parameter]:
+    from picotron_lightning.parallel.expert import expert_parameters
+
+    return expert_parameters(root)
 
 
 def set_gradient_sync(module: nn.Module, enabled: bool) -> None:

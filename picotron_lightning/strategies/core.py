@@ -7,6 +7,7 @@ the two strategy classes only adapt it to their framework's hooks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from contextlib import contextmanager
 from datetime import timedelta
@@ -19,7 +20,7 @@ from picotron_lightning.parallel.data import DATA_PARALLEL_MODES, DataParallelCo
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
 from picotron_lightning.parallel.pp_schedule import PipelineOptions
 from picotron_lightning.strategies.parallelize import ParallelConfig, ParallelModel, parallelize
-from picotron_lightning.topology import MESH_DIM_NAMES, LayoutError, ParallelLayout, SizeArg
+from picotron_lightning.topology import LayoutError, ParallelLayout, SizeArg
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -59,6 +60,8 @@ class Picotron3DCore:
         param_dtype: dtype FSDP gathers parameters in for compute (``None`` keeps the stored dtype).
         process_group_backend: ``"gloo"`` or ``"nccl"``; default by device.
         timeout: timeout of every collective; a stuck rank fails the run after this long.
+        activation_checkpointing: recompute each transformer block's activations in backward
+            (less activation memory for about one more forward pass of compute).
         tp_plan: tensor-parallel plan, ``{"module.name.pattern": style}`` with styles ``"colwise"``,
             ``"rowwise"``, ``"embedding"``, ``"head"``, ``"norm"`` or a ``ParallelStyle``; ``*`` matches one
             name part. Default: the LightningModule's ``tensor_parallel_plan()`` hook, the Hugging Face
@@ -98,6 +101,7 @@ class Picotron3DCore:
         num_microbatches: int | None = None,
         virtual_stages: int | None = None,
         pipeline_split: str = "structural",
+        activation_checkpointing: bool = False,
     ) -> None:
         # Validate argument types now, at construction: the user sees the error before any launch.
         self._requested_layout = ParallelLayout(
@@ -130,6 +134,10 @@ class Picotron3DCore:
             schedule=pipeline.schedule, num_microbatches=pipeline.num_microbatches,
             virtual_stages=pipeline.virtual_stages, split=pipeline.split,
         )
+        if not isinstance(activation_checkpointing, bool):
+            raise ValueError(f"`activation_checkpointing` must be True or False, got {activation_checkpointing!r}.")
+        self._parallel_config.memory["activation_checkpointing"] = activation_checkpointing
+        self._gradient_sync_blocked = False
         self._process_group_backend = process_group_backend
         self._timeout = timeout
         self._layout: ParallelLayout | None = None
@@ -209,7 +217,9 @@ class Picotron3DCore:
         return {"num_replicas": mesh["dp"].size(), "rank": mesh["dp"].get_local_rank()}
 
     # ------------------------------------------------------------------ parallelization
-    def _parallelize(self, module: nn.Module, device: torch.device, local_processes: int) -> nn.Module:
+    def _parallelize(
+        self, module: nn.Module, device: torch.device, local_processes: int, precision: Any = None
+    ) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
@@ -217,10 +227,30 @@ class Picotron3DCore:
                 "The model already contains FSDP1 (`FullyShardedDataParallel`) wrappers; picotron3d applies "
                 "data parallelism itself. Remove the wrapping from the model."
             )
+        self._adopt_precision_policy(precision, device)
         self._parallel_model = parallelize(
             module, self.device_mesh, self.layout, self._parallel_config, device, local_processes
         )
         return self._parallel_model.module
+
+    def _adopt_precision_policy(self, precision: Any, device: torch.device) -> None:
+        """Take FSDP2's param/reduce dtypes from a precision plugin that states them (AdaptivePrecision).
+
+        The precision plugin owns dtypes; the strategy only passes them on to ``fully_shard``, so the
+        two never disagree. Dtypes given to the strategy explicitly win.
+        """
+        policy_fn = getattr(precision, "fsdp_mixed_precision_policy", None)
+        if policy_fn is None:
+            return
+        policy = policy_fn(device)
+        if policy is None:
+            return
+        dp = self._parallel_config.data_parallel
+        self._parallel_config.data_parallel = dataclasses.replace(
+            dp,
+            param_dtype=dp.param_dtype if dp.param_dtype is not None else policy.param_dtype,
+            reduce_dtype=dp.reduce_dtype if dp.reduce_dtype is not None else policy.reduce_dtype,
+        )
 
     @contextmanager
     def loss_parallel(self):  # noqa: ANN201
@@ -243,15 +273,28 @@ class Picotron3DCore:
         """Accumulate gradients locally: no reduction until the context exits."""
         from torch.nn.parallel import DistributedDataParallel
 
-        if isinstance(module, DistributedDataParallel):
-            with module.no_sync():
-                yield
-            return
-        set_gradient_sync(module, False)
+        self._gradient_sync_blocked = True
         try:
-            yield
+            if isinstance(module, DistributedDataParallel):
+                with module.no_sync():
+                    yield
+                return
+            set_gradient_sync(module, False)
+            try:
+                yield
+            finally:
+                set_gradient_sync(module, True)
         finally:
-            set_gradient_sync(module, True)
+            self._gradient_sync_blocked = False
+
+    def _reduce_expert_gradients(self, module: nn.Module) -> None:
+        """After the last backward of a step: average expert gradients over their replicas."""
+        expert_mesh = self._parallel_model.expert_mesh if self._parallel_model else None
+        if expert_mesh is None or self._gradient_sync_blocked:
+            return
+        from picotron_lightning.parallel.expert import reduce_expert_gradients
+
+        reduce_expert_gradients(module, expert_mesh)
 
     def _ranks_per_stage(self) -> int:
         return self.layout.world_size // self.layout.pp

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.accelerators import Accelerator
@@ -33,6 +35,9 @@ from torch.optim import Optimizer
 from picotron_lightning.strategies.checkpoint import collect_state, load_sharded, save_sharded
 from picotron_lightning.strategies.core import Picotron3DCore
 from picotron_lightning.topology import SizeArg
+
+# Lightning 2.6 added the scheduler to `setup_module_and_optimizers` (and to its return value).
+_FABRIC_PASSES_SCHEDULER = "scheduler" in inspect.signature(ParallelStrategy.setup_module_and_optimizers).parameters
 
 
 class _Picotron3DBackwardSyncControl(_BackwardSyncControl):
@@ -78,23 +83,24 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
         hsdp_shard_size: SizeArg = "auto",
         reshard_after_forward: bool = True,
-        reduce_dtype: Optional[str] = None,
-        param_dtype: Optional[str] = None,
-        process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
-        tp_plan: Optional[dict[str, Any]] = None,
-        sequence_parallel: Union[bool, Literal["auto"]] = "auto",
+        reduce_dtype: str | None = None,
+        param_dtype: str | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        tp_plan: dict[str, Any] | None = None,
+        sequence_parallel: bool | Literal["auto"] = "auto",
         loss_parallel: bool = False,
         pipeline_schedule: str = "1f1b",
         num_microbatches: int | None = None,
         virtual_stages: int | None = None,
         pipeline_split: str = "structural",
+        activation_checkpointing: bool = False,
         start_method: Literal["popen", "spawn"] = "popen",
-        accelerator: Optional[Accelerator] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision: Optional[Precision] = None,
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -110,6 +116,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
             pipeline_schedule=pipeline_schedule, num_microbatches=num_microbatches,
             virtual_stages=virtual_stages, pipeline_split=pipeline_split,
+            activation_checkpointing=activation_checkpointing,
         )
         if pipeline_parallel_size != 1:
             # A Fabric script calls the model and `fabric.backward` itself, one batch at a time, so no
@@ -124,7 +131,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         self._start_method = start_method
         self._num_nodes = 1
         self._backward_sync_control = _Picotron3DBackwardSyncControl(self)
-        self._module: Optional[Module] = None
+        self._module: Module | None = None
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -163,7 +170,8 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def _configure_launcher(self) -> None:
         assert self.cluster_environment is not None
         env = self.cluster_environment
-        self._resolve_layout(env.world_size() if env.creates_processes_externally else self.num_nodes * self.num_processes)
+        external = env.creates_processes_externally
+        self._resolve_layout(env.world_size() if external else self.num_nodes * self.num_processes)
         if env.creates_processes_externally:
             return
         if self._start_method == "spawn":
@@ -177,7 +185,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
         self._resolve_layout(self.world_size)
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             self.root_device
@@ -191,19 +199,21 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
 
     # ------------------------------------------------------------------ module and optimizers
     def setup_module_and_optimizers(
-        self, module: Module, optimizers: list[Optimizer], scheduler: Optional[Any] = None
-    ) -> tuple[Module, list[Optimizer], Optional[Any]]:
+        self, module: Module, optimizers: list[Optimizer], scheduler: Any | None = None
+    ) -> tuple[Module, list[Optimizer], Any | None]:
         before = {id(p): name for name, p in module.named_parameters()}
         wrapped = self.setup_module(module)
         after = dict(module.named_parameters())
         for optimizer in optimizers:
             _rebind_optimizer(optimizer, before, after)
+        if not _FABRIC_PASSES_SCHEDULER:
+            return wrapped, optimizers  # type: ignore[return-value]  # Lightning 2.5 expects a pair
         return wrapped, optimizers, scheduler
 
     def setup_module(self, module: Module) -> Module:
         if not any(p.is_meta for p in module.parameters()):
             module.to(self.root_device)
-        wrapped = self._parallelize(module, self.root_device, self.num_processes)
+        wrapped = self._parallelize(module, self.root_device, self.num_processes, self.precision)
         _materialize_distributed_module(module, self.root_device)
         self._module = module
         return wrapped
@@ -212,7 +222,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         if not any(p.is_meta for p in module.parameters()):
             module.to(self.root_device)
 
-    def module_init_context(self, empty_init: Optional[bool] = None) -> AbstractContextManager:
+    def module_init_context(self, empty_init: bool | None = None) -> AbstractContextManager:
         stack = ExitStack()
         if empty_init:
             stack.enter_context(torch.device("meta"))  # materialized after sharding, in setup_module
@@ -223,8 +233,8 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         self,
         module: Module,
         optimizer: Optimizer,
-        max_norm: Union[float, int],
-        norm_type: Union[float, int] = 2.0,
+        max_norm: float | int,
+        norm_type: float | int = 2.0,
         error_if_nonfinite: bool = True,
     ) -> Tensor:
         self.precision.unscale_gradients(optimizer)
@@ -233,10 +243,12 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             raise RuntimeError(f"The total norm of gradients is non-finite ({norm.item()}); not clipping.")
         return norm
 
-    def backward(self, tensor: Tensor, module: Optional[Module], *args: Any, **kwargs: Any) -> None:
+    def backward(self, tensor: Tensor, module: Module | None, *args: Any, **kwargs: Any) -> None:
         # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
         with self.loss_parallel():
             super().backward(tensor, module, *args, **kwargs)
+        if self._module is not None:
+            self._reduce_expert_gradients(self._module)  # skipped inside no_backward_sync
 
     def _norm_module(self) -> Module:
         if self._module is None:
@@ -245,7 +257,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
 
     # ------------------------------------------------------------------ collectives
     def all_reduce(
-        self, tensor: Tensor, group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
+        self, tensor: Tensor, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
     ) -> Tensor:
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
@@ -270,9 +282,9 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def save_checkpoint(
         self,
         path: Any,
-        state: dict[str, Union[Module, Optimizer, Any]],
-        storage_options: Optional[Any] = None,
-        filter: Optional[dict[str, Callable[[str, Any], bool]]] = None,
+        state: dict[str, Module | Optimizer | Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,
     ) -> None:
         if storage_options is not None or filter is not None:
             raise TypeError("picotron3d writes sharded checkpoints; `storage_options` and `filter` are not supported.")
@@ -289,9 +301,9 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def load_checkpoint(
         self,
         path: Any,
-        state: Optional[Union[Module, Optimizer, dict[str, Union[Module, Optimizer, Any]]]] = None,
+        state: Module | Optimizer | dict[str, Module | Optimizer | Any] | None = None,
         strict: bool = True,
-        weights_only: Optional[bool] = None,
+        weights_only: bool | None = None,
     ) -> dict[str, Any]:
         if isinstance(state, Module):
             state = {"model": state}

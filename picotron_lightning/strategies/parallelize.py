@@ -63,26 +63,54 @@ def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, layout: ParallelLay
     """Shard the blocks Megatron-style over the ``tp`` mesh dimension (identity when tp == 1)."""
     if layout.tp == 1:
         return
+    from picotron_lightning.parallel.expert import find_moe_layers
     from picotron_lightning.parallel.tensor import apply_tensor_parallel as shard_tensor_parallel
 
+    options = dict(config.tensor_parallel)
+    if find_moe_layers(root):
+        # Under sequence parallelism each tp rank would route only its slice of the sequence, and
+        # nothing reduces the MoE gradients and routing statistics over tp: keep sequences whole.
+        if options.get("sequence_parallel") is True:
+            raise LayoutError(
+                "sequence_parallel=True is not supported for models with MoE layers; use sequence_parallel=False "
+                "or 'auto' (which turns it off for them)."
+            )
+        options["sequence_parallel"] = False
     # Options: plan (user plan), sequence_parallel, loss_parallel; see parallel/tensor.py.
-    config.tensor_parallel["applied_plan"] = shard_tensor_parallel(root, mesh["tp"], config.tensor_parallel)
+    config.tensor_parallel["applied_plan"] = shard_tensor_parallel(root, mesh["tp"], options)
 
 
 def apply_expert_parallel(
     root: nn.Module, layout: ParallelLayout, config: ParallelConfig, device: torch.device
 ) -> DeviceMesh | None:
-    """Spread the experts of MoE layers over the ``ep`` ranks (identity when ep == 1)."""
-    if layout.ep == 1:
+    """Spread the experts of MoE layers over the ``ep`` ranks; returns the expert mesh, or None.
+
+    Runs whenever the model has MoE layers, also at ep == 1: routing statistics (auxiliary-loss
+    fractions, balancing counts) must be reduced over the data-parallel ranks to equal those of
+    one process on the global batch.
+    """
+    from picotron_lightning.parallel.expert import apply_expert_parallel as convert_moe_layers
+    from picotron_lightning.parallel.expert import find_moe_layers, validate_expert_parallel
+
+    if not find_moe_layers(root):
+        if layout.ep > 1:
+            raise LayoutError(
+                f"expert_parallel_size={layout.ep}, but the model has no MoE layers (picotron_lightning.moe.MoELayer"
+                " or a router + experts block); use expert_parallel_size=1."
+            )
         return None
-    raise LayoutError(
-        f"expert_parallel_size={layout.ep}: expert parallelism is not available in this version; use 1."
-    )
+    validate_expert_parallel(root, layout.ep)  # the same on every rank: all fail together, none waits
+    expert_mesh = layout.build_expert_mesh(device.type)
+    convert_moe_layers(root, expert_mesh, layout)
+    return expert_mesh
 
 
 def apply_memory_policies(root: nn.Module, config: ParallelConfig) -> None:
-    """Activation checkpointing and offload chosen by the memory settings (identity by default)."""
-    return
+    """Activation checkpointing per block when asked for (identity by default)."""
+    if config.memory.get("activation_checkpointing"):
+        from picotron_lightning.memory import apply_activation_checkpointing
+
+        apply_activation_checkpointing(root)
 
 
 def apply_data_parallel(

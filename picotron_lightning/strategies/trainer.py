@@ -6,7 +6,7 @@ from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -66,23 +66,24 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
         hsdp_shard_size: SizeArg = "auto",
         reshard_after_forward: bool = True,
-        reduce_dtype: Optional[str] = None,
-        param_dtype: Optional[str] = None,
-        process_group_backend: Optional[str] = None,
-        timeout: Optional[timedelta] = default_pg_timeout,
-        tp_plan: Optional[dict[str, Any]] = None,
-        sequence_parallel: Union[bool, Literal["auto"]] = "auto",
+        reduce_dtype: str | None = None,
+        param_dtype: str | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        tp_plan: dict[str, Any] | None = None,
+        sequence_parallel: bool | Literal["auto"] = "auto",
         loss_parallel: bool = False,
         pipeline_schedule: str = "1f1b",
         num_microbatches: int | None = None,
         virtual_stages: int | None = None,
         pipeline_split: str = "structural",
+        activation_checkpointing: bool = False,
         start_method: Literal["popen", "spawn"] = "popen",
-        accelerator: Optional["pl.accelerators.Accelerator"] = None,
-        parallel_devices: Optional[list[torch.device]] = None,
-        cluster_environment: Optional[ClusterEnvironment] = None,
-        checkpoint_io: Optional[CheckpointIO] = None,
-        precision_plugin: Optional[Precision] = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
     ) -> None:
         super().__init__(
             accelerator=accelerator,
@@ -98,6 +99,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
             pipeline_schedule=pipeline_schedule, num_microbatches=num_microbatches,
             virtual_stages=virtual_stages, pipeline_split=pipeline_split,
+            activation_checkpointing=activation_checkpointing,
         )
         if start_method not in ("popen", "spawn"):
             raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
@@ -133,7 +135,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         return self._data_parallel_coordinates()
 
     @property
-    def process_group_backend(self) -> Optional[str]:
+    def process_group_backend(self) -> str | None:
         return self._process_group_backend
 
     @property
@@ -183,7 +185,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         if self.cluster_environment is not None:
             self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
             self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ model setup
     def setup(self, trainer: pl.Trainer) -> None:
@@ -192,8 +194,15 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         module = self.precision_plugin.convert_module(self.model)
         if not any(p.is_meta for p in module.parameters()):
             module.to(self.root_device)
-        self.model = self._parallelize(module, self.root_device, self.num_processes)
+        self.model = self._parallelize(module, self.root_device, self.num_processes, self.precision_plugin)
+        assert self.lightning_module is not None
         _materialize_distributed_module(self.lightning_module, self.root_device)
+        if trainer.accumulate_grad_batches > 1:
+            from picotron_lightning.parallel.expert import set_aux_loss_scale
+
+            # Lightning divides the loss by the accumulation factor; the injected MoE auxiliary
+            # gradients must be scaled the same way.
+            set_aux_loss_scale(self.lightning_module, 1.0 / trainer.accumulate_grad_batches)
         self._install_gradient_clipping()
         self.barrier("picotron3d.setup")
         if trainer.state.fn == TrainerFn.FITTING:
@@ -215,7 +224,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         """
         precision = self.precision_plugin
 
-        def clip_grad_by_norm(optimizer: Optimizer, clip_val: Union[int, float]) -> None:
+        def clip_grad_by_norm(optimizer: Optimizer, clip_val: int | float) -> None:
             self._clip_grad_norm(list(precision.main_params(optimizer)), float(clip_val))
 
         precision.clip_grad_by_norm = clip_grad_by_norm  # type: ignore[method-assign]
@@ -234,7 +243,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
                 return self._pipeline.run_step(self.lightning_module, method, args, kwargs)
             return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
 
-    def backward(self, closure_loss: Tensor, optimizer: Optional[Optimizer], *args: Any, **kwargs: Any) -> Tensor:
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         if self._pipeline is not None:
             # The pipeline schedule already ran every microbatch's backward; only Lightning's hooks remain.
             assert self.lightning_module is not None
@@ -264,6 +273,11 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         with self.precision_plugin.predict_step_context():
             return self._redirect("predict_step", *args, **kwargs)
 
+    def post_backward(self, closure_loss: Tensor) -> None:
+        super().post_backward(closure_loss)
+        assert self.lightning_module is not None
+        self._reduce_expert_gradients(self.lightning_module)
+
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
         """Skip gradient reduction on non-final accumulation steps (FSDP2 and DDP alike)."""
@@ -272,7 +286,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             yield
 
     # ------------------------------------------------------------------ collectives
-    def barrier(self, name: Optional[str] = None) -> None:
+    def barrier(self, name: str | None = None) -> None:
         if not _distributed_is_initialized():
             return
         if torch.distributed.get_backend() == "nccl":
@@ -288,8 +302,8 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         return box[0]
 
     def reduce(
-        self, tensor: Union[Tensor, Any], group: Optional[Any] = None, reduce_op: Optional[Union[ReduceOp, str]] = "mean"
-    ) -> Union[Tensor, Any]:
+        self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
+    ) -> Tensor | Any:
         # Over the world: tensor-parallel ranks hold equal copies, so the mean is the data-parallel mean.
         if isinstance(tensor, Tensor):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
@@ -313,7 +327,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         pass  # done in load_checkpoint, shard by shard
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("picotron3d writes sharded checkpoints itself; `storage_options` is not supported.")
         path = Path(self.broadcast(str(filepath)))
@@ -322,7 +336,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             state[f"optimizer_{i}"] = optim_state
         save_sharded(path, state, metadata=checkpoint)
 
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
         return load_sharded(

@@ -1,12 +1,11 @@
-"""The tiny-moe LightningModule under ``Picotron3DStrategy(expert_parallel_size=...)`` trains like one process.
+"""The tiny-moe LightningModule under ``Picotron3DStrategy`` trains like one process.
 
 Unchanged user code (``CausalLMModule``, AdamW, the aux losses injected by the MoE layers), the
-Trainer's own sampler, and the plain one-process reference loop of ``tests/parity.py``.
+Trainer's own sampler, and the plain one-process reference loop of ``tests/parity.py``. One spawn
+per world size runs its layouts in sequence.
 """
 
 from __future__ import annotations
-
-import inspect
 
 import pytest
 from dist import run_ranks
@@ -14,32 +13,35 @@ from parity import RTOL, make_data, max_relative_diff, mean_over_ranks, referenc
 
 STEPS = 8
 MICRO = 2
-NOT_WIRED = "expert parallelism is not available in this version"
+
+LAYOUTS = {
+    2: {"dp2-ep1": {}, "dp2-ep2": {"expert_parallel_size": 2}},
+    4: {"dp4-ep2": {"expert_parallel_size": 2},
+        "dp2-ep2-tp2": {"expert_parallel_size": 2, "tensor_parallel_size": 2}},
+}
 
 
-def _run(rank: int, world: int, ep: int) -> dict:
-    data = make_data(STEPS * MICRO * world)
-    try:
-        out = trainer_run(world, data, MICRO, STEPS, {"expert_parallel_size": ep}, preset="tiny-moe")
-    except Exception as err:  # noqa: BLE001 - reported to the parent, which decides
-        if NOT_WIRED in str(err):
-            return {"not_wired": True}
-        raise
+def _run(rank: int, world: int) -> dict:
+    out = {}
+    for name, kwargs in LAYOUTS[world].items():
+        dp = world // kwargs.get("tensor_parallel_size", 1)
+        result = trainer_run(world, make_data(STEPS * MICRO * dp), MICRO, STEPS, kwargs, preset="tiny-moe")
+        out[name] = result
     return out
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world,ep", [(2, 2), (4, 2)], ids=["ep2-dp2", "ep2-dp4"])
-def test_trainer_expert_parallel_matches_one_process(world: int, ep: int) -> None:
-    from picotron_lightning.strategies import parallelize
+@pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])
+def world_results(request) -> tuple[int, list[dict]]:
+    return request.param, run_ranks(_run, request.param, timeout=600)
 
-    if NOT_WIRED in inspect.getsource(parallelize):  # saves starting a Trainer only to be refused
-        pytest.skip("Picotron3DStrategy does not call parallel.expert.apply_expert_parallel yet")
-    results = run_ranks(_run, world, ep, timeout=300)
-    if any(r.get("not_wired") for r in results):
-        pytest.skip("Picotron3DStrategy does not call parallel.expert.apply_expert_parallel yet")
-    data = make_data(STEPS * MICRO * world)
-    ref = reference_losses(data, STEPS, MICRO * world, preset="tiny-moe")["losses"]
-    by_dp: dict[int, list[float]] = {r["dp_rank"]: r["losses"] for r in results}
-    got = mean_over_ranks(list(by_dp.values()))
-    assert max_relative_diff(got, ref) <= RTOL, (got, ref)
+
+def test_moe_layouts_match_one_process(world_results) -> None:
+    world, results = world_results
+    for name, kwargs in LAYOUTS[world].items():
+        dp = world // kwargs.get("tensor_parallel_size", 1)
+        data = make_data(STEPS * MICRO * dp)
+        ref = reference_losses(data, STEPS, MICRO * dp, preset="tiny-moe")["losses"]
+        by_dp: dict[int, list[float]] = {r[name]["dp_rank"]: r[name]["losses"] for r in results}
+        assert len(by_dp) == dp
+        got = mean_over_ranks(list(by_dp.values()))
+        assert max_relative_diff(got, ref) <= RTOL, (name, got, ref)

@@ -24,7 +24,7 @@ def _strategy(world: int) -> object:
         return "auto"
     from picotron_lightning.strategies import Picotron3DStrategy
 
-    return Picotron3DStrategy()
+    return Picotron3DStrategy(data_parallel_mode="fsdp")
 
 
 def _trainer(steps: int, world: int, plugin: AdaptivePrecision, recorder: LossRecorder) -> object:
@@ -42,7 +42,9 @@ def _scenarios(rank: int, world: int) -> dict:
     t = _trainer(LM_STEPS, world, plugin, recorder)
     t.fit(CausalLMModule("tiny", learning_rate=3e-3), byte_loader(LM_BATCH // world, rank=rank, world=world))
     out["lm"] = {"losses": recorder.losses, "mode": plugin.plan.mode, "metrics": plugin.metrics(),
-                 "policy": plugin.fsdp_mixed_precision_policy()}
+                 "policy": plugin.fsdp_mixed_precision_policy(),
+                 "strategy_reduce_dtype": getattr(t.strategy, "_parallel_config", None)
+                 and t.strategy._parallel_config.data_parallel.reduce_dtype}
     # fp16 on the overflowing model: every rank must promote the same module on the same step.
     # A moderate fixed-start scale: at 2**16 the per-rank backward (half the batch, so twice the
     # per-sample gradient) overflows on other steps than one process does, which is fp16 scaling
@@ -75,7 +77,9 @@ def test_dp2_with_plugin_matches_one_process_with_plugin():
 
     lm_dp = _mean([r["lm"]["losses"] for r in dp])
     assert len(lm_dp) == LM_STEPS and all(r["lm"]["mode"] == "bf16" for r in dp)
-    assert dp[0]["lm"]["policy"].reduce_dtype is not None  # the FSDP2 policy the strategy applies
+    assert dp[0]["lm"]["policy"].reduce_dtype is not None
+    # ... and the strategy took it over for fully_shard
+    assert dp[0]["lm"]["strategy_reduce_dtype"] == dp[0]["lm"]["policy"].reduce_dtype
     # Measured: 4e-5 (bf16) and 1.3e-4 (fp16); per-rank matmul shapes round differently than one process.
     assert all(_close(a, b, 1e-3) for a, b in zip(lm_dp, one["lm"]["losses"], strict=True)), \
         (lm_dp, one["lm"]["losses"])
