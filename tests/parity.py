@@ -49,13 +49,19 @@ def reference_losses(
     lr: float = 1e-2,
     clip: float | None = None,
     shuffle: bool = True,
+    chunks: int = 1,
 ) -> dict[str, list[float]]:
     """Losses (and pre-clip grad norms) of one process training on ``global_batch`` samples per step.
 
     ``shuffle`` follows the order of the ``DistributedSampler`` that Lightning's Trainer inserts
     for training (shuffled with seed 0 + epoch; the ranks' shares of one step together are the
     next ``global_batch`` of that permutation). Fabric keeps the loader's own (sequential) order.
+
+    ``chunks`` > 1 accumulates gradients over that many contiguous chunks of the global batch, as a
+    pipeline's microbatches do; it matters only for MoE models, whose auxiliary loss is per chunk.
     """
+    from picotron_lightning.parallel.expert import set_aux_loss_scale
+
     module = make_module(preset, config, lr)
     optimizer = module.configure_optimizers()
     losses, norms = [], []
@@ -64,7 +70,9 @@ def reference_losses(
         epoch, start = divmod(step, per_epoch)
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch)) if shuffle else None
         index = torch.arange(len(data)) if order is None else order
-        loss = module._loss(data[index[start * global_batch : (start + 1) * global_batch]])
+        batch = data[index[start * global_batch : (start + 1) * global_batch]]
+        set_aux_loss_scale(module, 1.0 / chunks)
+        loss = sum(module._loss(chunk) / chunks for chunk in batch.chunk(chunks))
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(module.parameters(), clip or float("inf")).item())
         optimizer.step()

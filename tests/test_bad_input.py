@@ -53,7 +53,8 @@ def test_wrong_size_exits_within_seconds_from_a_script(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"data_parallel_mode": "zero3"}, "data_parallel_mode"), ({"hsdp_shard_size": 0}, "hsdp_shard_size"),
-     ({"reduce_dtype": "fp12"}, "reduce_dtype"), ({"start_method": "fork"}, "start_method")],
+     ({"reduce_dtype": "fp12"}, "reduce_dtype"), ({"start_method": "fork"}, "start_method"),
+     ({"data_parallel_mode": "ddp", "pipeline_parallel_size": 2}, "not supported with pipeline")],
 )
 def test_bad_options_are_named(kwargs, match):
     with pytest.raises(ValueError, match=match):

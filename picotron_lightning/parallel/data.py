@@ -10,6 +10,7 @@ callback finishes the gradient reduction.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -74,28 +75,38 @@ def _mp_policy(config: DataParallelConfig):  # noqa: ANN202 - torch type importe
     return MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype)
 
 
-def apply_fsdp(root: nn.Module, dp_mesh, config: DataParallelConfig, ignored_params: set | None = None) -> nn.Module:  # noqa: ANN001
-    """Shard ``root`` over ``dp_mesh`` (1-D for FSDP, 2-D replicate x shard for HSDP) in place."""
+def fully_shard_units(root: nn.Module, units: Iterable[nn.Module], dp_mesh, config: DataParallelConfig) -> nn.Module:  # noqa: ANN001
+    """Make each of ``units`` an FSDP2 unit, then ``root`` the root unit, over ``dp_mesh``, in place.
+
+    ``dp_mesh`` is 1-D for FSDP or 2-D (replicate x shard) for HSDP. Expert-parallel weights are
+    left out: they differ across ranks and are reduced over ``ep_replicate`` instead.
+    """
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": dp_mesh, "mp_policy": _mp_policy(config)}
-    # Expert-parallel weights differ across ranks; they are reduced over ep_replicate instead.
-    ignored_params = set(ignored_params or ()) | set(_expert_parameters(root))
+    ignored_params = set(_expert_parameters(root))
     if ignored_params:
         kwargs["ignored_params"] = ignored_params
-    covered: set[int] = set()
-    for stack in find_block_stacks(root):
-        for block in stack.blocks:
-            fully_shard(block, reshard_after_forward=config.reshard_after_forward, **kwargs)
-            covered.update(id(p) for p in block.parameters())
-    for child in root.children():
-        # One unit for the rest of each top-level child (embedding, final norm, head...).
-        if any(id(p) not in covered for p in child.parameters()):
-            fully_shard(child, reshard_after_forward=config.reshard_after_forward, **kwargs)
-            covered.update(id(p) for p in child.parameters())
+    for unit in units:
+        fully_shard(unit, reshard_after_forward=config.reshard_after_forward, **kwargs)
     # The root's parameters are needed again at the start of backward: keep them gathered.
     fully_shard(root, reshard_after_forward=False, **kwargs)
     return root
+
+
+def apply_fsdp(root: nn.Module, dp_mesh, config: DataParallelConfig) -> nn.Module:  # noqa: ANN001
+    """Shard ``root``: one unit per repeated block, one per other top-level child with parameters."""
+    units: list[nn.Module] = []
+    covered: set[int] = set()
+    for stack in find_block_stacks(root):
+        units.extend(stack.blocks)
+        covered.update(id(p) for block in stack.blocks for p in block.parameters())
+    for child in root.children():
+        # One unit for the rest of each top-level child (embedding, final norm, head...).
+        if any(id(p) not in covered for p in child.parameters()):
+            units.append(child)
+            covered.update(id(p) for p in child.parameters())
+    return fully_shard_units(root, units, dp_mesh, config)
 
 
 def apply_ddp(root: nn.Module, dp_group, device: torch.device) -> nn.Module:  # noqa: ANN001

@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from picotron_lightning.parallel import pp_step
+from picotron_lightning.parallel.expert import set_aux_loss_scale
 from picotron_lightning.parallel.pp_schedule import (
     TARGET_MICROBATCHES_PER_STAGE,
     BubbleMeter,
@@ -246,31 +247,20 @@ class PipelineRuntime:
     def apply_data_parallel(self, mesh: DeviceMesh, layout: ParallelLayout, config: DataParallelConfig,
                             device: torch.device, local_processes: int) -> tuple[nn.Module, str]:
         """FSDP2 (stage module as root) or DDP over ``dp`` for each stage; returns the root and mode."""
-        from picotron_lightning.parallel.data import _mp_policy, resolve_mode
+        from picotron_lightning.parallel.data import fully_shard_units
 
         self.device = device
         self._drop_other_stages_modules()
         for sm in self.stage_modules:
             sm.attach()
-        mode = resolve_mode(config.mode, self.root, device, local_processes, tensor_parallel=layout.tp > 1)
+        # "auto" shards: DDP cannot follow a schedule's microbatches (refused in the strategy's arguments).
+        mode = "fsdp" if config.mode == "auto" else config.mode
         if layout.dp == 1:
             return self.root, "none"
-        if mode == "ddp":
-            from torch.nn.parallel import DistributedDataParallel
-
-            ids = [device.index] if device.type == "cuda" else None
-            group = mesh["dp"].get_group()
-            self.run_modules = [DistributedDataParallel(sm, process_group=group, device_ids=ids)
-                                for sm in self.stage_modules]
-            return self.root, mode
-        from torch.distributed.fsdp import fully_shard
-
         dp_mesh = mesh["dp_replicate", "dp_shard"] if mode == "hsdp" else mesh["dp"]
-        kwargs = {"mesh": dp_mesh, "mp_policy": _mp_policy(config)}
         for sm in self.stage_modules:
-            for unit in [*sm.blocks.values(), *sm.first.values(), *sm.last.values()]:
-                fully_shard(unit, reshard_after_forward=config.reshard_after_forward, **kwargs)
-            fully_shard(sm, reshard_after_forward=False, **kwargs)
+            units = [*sm.blocks.values(), *sm.first.values(), *sm.last.values()]
+            fully_shard_units(sm, units, dp_mesh, config)
         return self.root, mode
 
     # ------------------------------------------------------------------ schedules
@@ -337,6 +327,9 @@ class PipelineRuntime:
         ]
         accumulate = getattr(getattr(pl_module, "_trainer", None), "accumulate_grad_batches", 1) or 1
         self._ctx = _StepContext(kind, step, microbatches, rest, kwargs, scale=float(m * accumulate))
+        if training:
+            # MoE auxiliary gradients are injected per microbatch: scale them as the loss is scaled.
+            set_aux_loss_scale(self.root, 1.0 / (m * accumulate))
         schedule, fresh = self._schedule(training, m, _signature(self.calls[0], microbatches[0]))
         index = torch.arange(m, device=self.device)
         try:

@@ -111,6 +111,13 @@ class Picotron3DCore:
             raise ValueError(
                 f"`data_parallel_mode={data_parallel_mode!r}` is not supported; use one of {DATA_PARALLEL_MODES}."
             )
+        if data_parallel_mode == "ddp" and pipeline_parallel_size != 1:
+            # DDP's reducer expects one backward per forward; a pipeline schedule runs several
+            # microbatches per step and DDP's bucket rebuild fails on them. FSDP2 handles this.
+            raise ValueError(
+                "data_parallel_mode='ddp' is not supported with pipeline_parallel_size > 1; use 'fsdp' or 'hsdp' "
+                "('auto' picks fsdp under pipeline parallelism)."
+            )
         if hsdp_shard_size != "auto" and (not isinstance(hsdp_shard_size, int) or hsdp_shard_size < 1):
             raise ValueError(f"`hsdp_shard_size` must be a positive integer or 'auto', got {hsdp_shard_size!r}.")
         self._hsdp_shard_size = hsdp_shard_size
