@@ -14,6 +14,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from picotron_lightning.parallel.data import DATA_PARALLEL_MODES, DataParallelConfig, set_gradient_sync
@@ -150,6 +151,102 @@ class Picotron3DCore:
         self._layout: ParallelLayout | None = None
         self._device_mesh: DeviceMesh | None = None
         self._parallel_model: ParallelModel | None = None
+
+    # ------------------------------------------------------------------ devices, launch, processes
+    # Provided by Lightning's ParallelStrategy (Trainer or Fabric flavour) that each strategy also derives from.
+    if TYPE_CHECKING:
+        parallel_devices: list[torch.device] | None
+        cluster_environment: Any
+        local_rank: int
+        node_rank: int
+        global_rank: int
+        world_size: int
+        num_nodes: int
+        _launcher: Any
+        _start_method: str
+        _subprocess_launcher: Any
+        _spawn_launcher: Any
+
+    @property
+    def root_device(self) -> torch.device:
+        assert self.parallel_devices is not None
+        return self.parallel_devices[self.local_rank]
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+    @property
+    def is_distributed(self) -> bool:
+        # Tells Lightning to insert its DistributedSampler (with the kwargs below).
+        return True
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        # By data-parallel rank: every tensor/pipeline rank of one replica sees the same samples.
+        return self._data_parallel_coordinates()
+
+    @property
+    def process_group_backend(self) -> str | None:
+        return self._process_group_backend
+
+    def _configure_launcher(self) -> None:
+        env = self.cluster_environment
+        assert env is not None
+        # Check the sizes now, in the launching process, before any rank or process group exists.
+        external = env.creates_processes_externally
+        self._resolve_layout(env.world_size() if external else self.num_nodes * self.num_processes)
+        if external:
+            return
+        if self._start_method == "spawn":
+            self._launcher = self._spawn_launcher(self, start_method="spawn")
+        else:
+            self._launcher = self._subprocess_launcher(env, self.num_processes, self.num_nodes)
+
+    def _setup_processes(self, module: nn.Module | None) -> None:
+        """Ranks, layout check, process group (with the collective timeout) and mesh, in that order."""
+        from lightning.fabric.utilities.distributed import (
+            _get_default_process_group_backend_for_device,
+            _init_dist_connection,
+        )
+        from lightning.fabric.utilities.rank_zero import rank_zero_only
+        from lightning.fabric.utilities.seed import reset_seed
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only as pl_rank_zero_only
+        from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
+
+        reset_seed()
+        env = self.cluster_environment
+        assert env is not None
+        env.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+        env.set_world_size(self.num_nodes * self.num_processes)
+        rank = self.global_rank
+        rank_zero_only.rank = pl_rank_zero_only.rank = utils_rank_zero_only.rank = rank  # type: ignore[attr-defined]
+        self._resolve_layout(self.world_size)
+        self._check_pipeline_model(module)  # more stages than blocks fails here, not in a collective
+        device = self.root_device
+        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
+            device
+        )
+        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        if device.type != "cpu":
+            kwargs["device_id"] = device
+        _init_dist_connection(env, self._process_group_backend, **kwargs)
+        self._build_mesh(device, self.num_processes)
+
+    def _barrier(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[self.root_device.index])
+        else:
+            dist.barrier()
+
+    def _broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not (dist.is_available() and dist.is_initialized()):
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src)
+        return box[0]
 
     # ------------------------------------------------------------------ layout and mesh
     @property

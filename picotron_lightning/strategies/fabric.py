@@ -18,16 +18,10 @@ from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessS
 from lightning.fabric.strategies.parallel import ParallelStrategy
 from lightning.fabric.strategies.strategy import _BackwardSyncControl
 from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.init import _materialize_distributed_module
-from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
@@ -141,10 +135,9 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         )
 
     # ------------------------------------------------------------------ devices and launch
-    @property
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
+    # (root_device, num_processes, sampler kwargs and the launcher choice live in Picotron3DCore)
+    _subprocess_launcher = _SubprocessScriptLauncher
+    _spawn_launcher = _MultiProcessingLauncher
 
     @property
     def num_nodes(self) -> int:
@@ -154,48 +147,9 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def num_nodes(self, num_nodes: int) -> None:
         self._num_nodes = num_nodes
 
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def is_distributed(self) -> bool:
-        # Tells Lightning to insert its DistributedSampler (with the kwargs below).
-        return True
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return self._data_parallel_coordinates()
-
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        env = self.cluster_environment
-        external = env.creates_processes_externally
-        self._resolve_layout(env.world_size() if external else self.num_nodes * self.num_processes)
-        if env.creates_processes_externally:
-            return
-        if self._start_method == "spawn":
-            self._launcher = _MultiProcessingLauncher(self, start_method="spawn")
-        else:
-            self._launcher = _SubprocessScriptLauncher(env, self.num_processes, self.num_nodes)
-
     def setup_environment(self) -> None:
         super().setup_environment()
-        reset_seed()
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
-        self._resolve_layout(self.world_size)
-        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
-            self.root_device
-        )
-        assert self.cluster_environment is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-        self._build_mesh(self.root_device, self.num_processes)
+        self._setup_processes(None)
 
     # ------------------------------------------------------------------ module and optimizers
     def setup_module_and_optimizers(
@@ -264,19 +218,10 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         return tensor
 
     def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if not _distributed_is_initialized():
-            return
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[self.root_device.index])
-        else:
-            torch.distributed.barrier()
+        self._barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src)
-        return box[0]
+        return self._broadcast(obj, src)
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(

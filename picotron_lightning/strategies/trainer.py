@@ -13,21 +13,15 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.utilities.distributed import (
-    _distributed_is_initialized,
-    _get_default_process_group_backend_for_device,
-    _init_dist_connection,
     _sync_ddp_if_available,
 )
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import ReduceOp
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -115,28 +109,9 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         )
 
     # ------------------------------------------------------------------ devices and launch
-    @property
-    def root_device(self) -> torch.device:
-        assert self.parallel_devices is not None
-        return self.parallel_devices[self.local_rank]
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices is not None else 0
-
-    @property
-    def is_distributed(self) -> bool:
-        # Tells Lightning to insert its DistributedSampler (with the kwargs below).
-        return True
-
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        # Every tensor/pipeline rank of one replica must see the same samples.
-        return self._data_parallel_coordinates()
-
-    @property
-    def process_group_backend(self) -> str | None:
-        return self._process_group_backend
+    # (root_device, num_processes, sampler kwargs and the launcher choice live in Picotron3DCore)
+    _subprocess_launcher = _SubprocessScriptLauncher
+    _spawn_launcher = _MultiProcessingLauncher
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -146,46 +121,11 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     def lightning_restore_optimizer(self) -> bool:
         return False
 
-    def _expected_world_size(self) -> int:
-        assert self.cluster_environment is not None
-        if self.cluster_environment.creates_processes_externally:
-            return self.cluster_environment.world_size()
-        return self.num_nodes * self.num_processes
-
-    def _configure_launcher(self) -> None:
-        assert self.cluster_environment is not None
-        # Check the sizes now, in the launching process, before any rank or process group exists.
-        self._resolve_layout(self._expected_world_size())
-        if self.cluster_environment.creates_processes_externally:
-            return
-        if self._start_method == "spawn":
-            self._launcher = _MultiProcessingLauncher(self, start_method="spawn")
-        else:
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-
     def setup_environment(self) -> None:
         super().setup_environment()
-        reset_seed()
-        self.set_world_ranks()
-        self._resolve_layout(self.world_size)
-        self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
-            self.root_device
-        )
-        assert self.cluster_environment is not None
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
-        if self.root_device.type != "cpu":
-            kwargs["device_id"] = self.root_device
-        self._check_pipeline_model(self.lightning_module)  # more stages than blocks fails here, not in a collective
-        _init_dist_connection(self.cluster_environment, self._process_group_backend, **kwargs)
-        self._build_mesh(self.root_device, self.num_processes)
+        self._setup_processes(self.lightning_module)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self.device_mesh  # `pl_module.device_mesh`, as Lightning does
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank  # type: ignore[attr-defined]
 
     # ------------------------------------------------------------------ model setup
     def setup(self, trainer: pl.Trainer) -> None:
@@ -287,19 +227,10 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
 
     # ------------------------------------------------------------------ collectives
     def barrier(self, name: str | None = None) -> None:
-        if not _distributed_is_initialized():
-            return
-        if torch.distributed.get_backend() == "nccl":
-            torch.distributed.barrier(device_ids=[self.root_device.index])
-        else:
-            torch.distributed.barrier()
+        self._barrier()
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src)
-        return box[0]
+        return self._broadcast(obj, src)
 
     def reduce(
         self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
