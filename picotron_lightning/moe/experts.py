@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +89,7 @@ class ExpertLayer(nn.Module):
 
     def _forward_custom(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         params = {name: getattr(self, "custom__" + name.replace(".", "__")) for name in self._custom_names}
-        template = self._template
+        template = cast(nn.Module, self._template)  # only called from forward when a template is set
 
         def one_expert(p: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
             return torch.func.functional_call(template, p, (rows,))

@@ -59,6 +59,8 @@ class Router(nn.Module):
     tensor-parallel planners that look for linears must leave the router whole.
     """
 
+    expert_bias: torch.Tensor  # a registered buffer (declared for type checkers)
+
     def __init__(self, hidden_size: int, num_experts: int, top_k: int = 2, score_func: ScoreFunc = "softmax",
                  renormalize: bool | None = None, route_scale: float = 1.0, jitter_eps: float = 0.0,
                  init_std: float = 0.02) -> None:

@@ -366,7 +366,8 @@ class AnomalyDetector(Callback):
         """Accumulate each MoE layer's token counts; every ``collapse_window`` steps, check them."""
         if self.module is None or self.collapse_window <= 0:
             return
-        counts = [m.moe_metrics().get("tokens_per_expert") for _, m in moe_layers(self.module)]
+        counts = [m.moe_metrics().get("tokens_per_expert")  # type: ignore[operator]  # duck-typed method
+                  for _, m in moe_layers(self.module)]
         counts = [torch.as_tensor(c).detach() for c in counts if c is not None]
         if not counts or len({c.numel() for c in counts}) != 1:
             return

@@ -25,7 +25,7 @@ def collect_moe(module: nn.Module, prefix: str = "moe") -> tuple[dict[str, float
     sums: dict[str, list[float]] = {}
     counts: list[torch.Tensor] = []
     for i, (_, layer) in enumerate(moe_layers(module)):
-        metrics = layer.moe_metrics() or {}
+        metrics = layer.moe_metrics() or {}  # type: ignore[operator]  # duck-typed; torch types attrs as Tensor | Module
         for key, value in metrics.items():
             if key == "tokens_per_expert":
                 counts.append(torch.as_tensor(value).detach().float().reshape(-1).cpu())

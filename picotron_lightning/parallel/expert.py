@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.distributed as dist
@@ -129,7 +129,7 @@ def _hf_moe_parts(block: nn.Module) -> tuple[str, str, int, int] | None:
         if e is not None:
             experts[name] = e
         elif _expert_list(child) is not None:
-            experts[name] = -len(child)  # old-style list of expert modules
+            experts[name] = -len(cast(nn.ModuleList, child))  # old-style list of expert modules
     for ename, count in experts.items():
         for rname, (num, hidden) in routers.items():
             if rname != ename and abs(count) == num and num > 1:

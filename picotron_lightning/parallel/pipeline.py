@@ -109,6 +109,8 @@ class StageModule(nn.Module):
     so FSDP can use it as the stage's root and the schedule sees exactly the stage's parameters.
     """
 
+    _runtime: PipelineRuntime  # set with object.__setattr__ in __init__ (declared for type checkers)
+
     def __init__(self, runtime: PipelineRuntime, index: int, num_stages: int, block_keys: list[str]) -> None:
         super().__init__()
         object.__setattr__(self, "_runtime", runtime)  # not a child: the runtime is not a module
@@ -351,7 +353,7 @@ class PipelineRuntime:
             self._ctx = None
             self._out_meta.clear()
         for name, value, log_args, log_kwargs in logs:
-            pl_module.log(name, value, *log_args, **log_kwargs)
+            pl_module.log(name, value, *log_args, **log_kwargs)  # type: ignore[operator]  # a LightningModule
         return out
 
     # Lightning zeroes gradients between a step's forward (``training_step``) and its ``backward``. The

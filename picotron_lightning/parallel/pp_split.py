@@ -18,6 +18,7 @@ LightningModule returning :class:`PipelinePlan` (or a dict with the same fields)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -249,7 +250,7 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     """Put ``new`` at qualified ``name`` in ``root``; return what was there."""
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
-    old = parent._modules[attr]
+    old = cast(nn.Module, parent._modules[attr])  # _modules is typed Module | None
     parent._modules[attr] = new
     return old
 

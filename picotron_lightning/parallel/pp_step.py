@@ -63,7 +63,7 @@ def merge_outputs(outputs: list[Any]) -> Any:
     """Concatenate per-microbatch predictions along dim 0 (lists for anything else)."""
     flat = [tree_flatten(o) for o in outputs]
     spec = flat[0][1]
-    merged = []
+    merged: list[Any] = []
     for parts in zip(*(f[0] for f in flat), strict=True):
         if all(isinstance(p, torch.Tensor) and p.dim() > 0 for p in parts):
             merged.append(torch.cat(parts))
@@ -123,7 +123,7 @@ def patched_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[
         yield
     finally:
         if had:
-            module.forward = previous  # type: ignore[method-assign]
+            module.forward = previous  # type: ignore[method-assign,assignment]
         else:
             del module.forward
 
@@ -131,7 +131,7 @@ def patched_forward(module: nn.Module, forward: Callable[..., Any]) -> Iterator[
 @contextmanager
 def patched_log(pl_module: nn.Module, log: Callable[..., None]) -> Iterator[None]:
     """Route ``pl_module.log`` (and so ``log_dict``) to ``log``."""
-    pl_module.log = log  # type: ignore[method-assign]
+    pl_module.log = log  # type: ignore[assignment]  # nn.Module.__getattr__ types attrs as Tensor | Module
     try:
         yield
     finally:

@@ -117,7 +117,7 @@ def dry_run_on_meta(block: nn.Module, styles: dict[str, str], tp: int, args: tup
         if not mod_name:
             continue
         # Hooks must return None, or they would replace the module's inputs / outputs.
-        handles.append(module.register_forward_pre_hook(lambda m, a, n=mod_name: stack.append(n) and None))
+        handles.append(module.register_forward_pre_hook(lambda m, a, n=mod_name: stack.append(n) and None))  # type: ignore[func-returns-value]  # explicit None
         handles.append(module.register_forward_hook(lambda m, a, o: stack.pop() and None))
     try:
         with torch.no_grad():

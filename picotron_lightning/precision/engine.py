@@ -110,10 +110,11 @@ class AdaptiveEngine:
         names = set(self.plan.fp8_modules()) if self.plan is not None else set()
         if not names or getattr(self.model, "_picotron_fp8_applied", False):
             return
+        assert self.model is not None  # the only caller, ensure_planned, checks it
         from torchao.float8 import convert_to_float8_training  # optional extra, planned only if importable
 
         convert_to_float8_training(self.model, module_filter_fn=lambda mod, fqn: fqn in names)
-        self.model._picotron_fp8_applied = True
+        self.model._picotron_fp8_applied = True  # type: ignore[assignment]  # torch types attrs as Tensor | Module
 
     @property
     def device_type(self) -> str:
@@ -168,6 +169,7 @@ class AdaptiveEngine:
         return self._checked
 
     def _trace(self) -> tuple[str, bool]:
+        assert self.scaler is not None  # the only caller, after_backward, asserts it
         culprit = self.analyzer.first_culprit()
         if culprit is None and self.model is not None:
             params = self.analyzer.parameter_culprits(self.model)
@@ -193,6 +195,7 @@ class AdaptiveEngine:
         return f"gradient overflow at scale {self.scaler.scale:g} (traced to {', '.join(names)})", True
 
     def _promote_near_overflow(self) -> None:
+        assert self.near_overflow is not None  # the only caller, after_backward, checks it
         limit = self.near_overflow * FP16_MAX
         local = [(name, f"{stats.act_absmax:.3g}") for name, stats in self.analyzer.step_stats.items()
                  if name and stats.output_dtype == "float16" and stats.act_absmax > limit]

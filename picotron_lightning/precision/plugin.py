@@ -31,7 +31,8 @@ from picotron_lightning.precision.policy import AdaptivePolicy, Mode, PrecisionP
 from picotron_lightning.precision.promotion import PromotionManager
 from picotron_lightning.precision.scaler import AdaptiveLossScaler
 
-_LIGHTNING_NAME = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
+_LightningName = Literal["bf16-mixed", "16-mixed", "32-true"]  # a subset of Lightning's precision strings
+_LIGHTNING_NAME: dict[str, _LightningName] = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}
 
 
 class _AdaptiveBase(FabricPrecision):

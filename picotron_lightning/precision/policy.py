@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import nn
@@ -125,7 +125,7 @@ class AdaptivePolicy:
             native = hw.supports(_DTYPE[self.mode] or torch.float32)
             return self.mode, "requested" + ("" if native else f" (not native on this {hw.device_type})")
         for name in ("bf16", "fp16"):
-            if not hw.supports(_DTYPE[name]):
+            if not hw.supports(cast(torch.dtype, _DTYPE[name])):  # bf16/fp16 map to a dtype
                 continue
             speedup = hw.speedup(name)
             if speedup is not None and speedup < self.min_speedup:
