@@ -114,8 +114,9 @@ def apply_ddp(root: nn.Module, dp_group, device: torch.device) -> nn.Module:  # 
     from torch.nn.parallel import DistributedDataParallel
 
     device_ids = [device.index] if device.type == "cuda" else None
-    experts = {id(p) for p in _expert_parameters(root)}
-    expert_names = [name for name, p in root.named_parameters() if id(p) in experts]
+    from picotron_lightning.parallel.expert import expert_parameter_names
+
+    expert_names = expert_parameter_names(root)
     if expert_names:  # expert-parallel weights are reduced over ep_replicate, not by DDP
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, expert_names)
     # Gradients as bucket views skip one copy per step; buckets are the DDP default size.
