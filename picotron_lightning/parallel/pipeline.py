@@ -191,6 +191,12 @@ class PipelineRuntime:
         self.meter = BubbleMeter()
         self.device = torch.device("cpu")
         self._pending_grads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        # pipeline_split="trace": the unpruned model's modules (to trace again per input shape) and the
+        # traced stages per input signature.
+        self._full_blocks: OrderedDict[str, nn.Module] | None = None
+        self._full_class: type = type(parts.container)
+        self._full_parts: dict[str, nn.Module] = {}
+        self._traced: dict[tuple, list[nn.Module]] = {}
 
     # ------------------------------------------------------------------ stage forward support
     @property
@@ -239,12 +245,51 @@ class PipelineRuntime:
         modules (``embed_tokens``: embedding, ``output``: head) and expects to find them.
         """
         held = {sm.index for sm in self.stage_modules}
+        tracing = self._full_blocks is not None
         if 0 not in held:
             for name in self.parts.first:
-                replace_submodule(self.root, name, stub_for(self.root.get_submodule(name)))
+                old = replace_submodule(self.root, name, stub_for(self.root.get_submodule(name)))
+                if tracing:
+                    self._full_parts[name] = old
         if self.num_stages - 1 not in held:
             for name in self.parts.last:
-                replace_submodule(self.root, name, AbsentStub(name))
+                old = replace_submodule(self.root, name, AbsentStub(name))
+                if tracing:
+                    self._full_parts[name] = old
+
+    # ------------------------------------------------------------------ pipeline_split="trace"
+    @contextmanager
+    def full_model(self) -> Iterator[None]:
+        """Put the other stages' modules back into the model for the duration of a trace."""
+        assert self._full_blocks is not None
+        container = self.parts.container
+        saved_modules, saved_class = container._modules, container.__class__
+        container._modules = OrderedDict(self._full_blocks)
+        container.__class__ = self._full_class
+        swapped = [(n, replace_submodule(self.root, n, m)) for n, m in self._full_parts.items()]
+        try:
+            yield
+        finally:
+            container._modules, container.__class__ = saved_modules, saved_class
+            for name, module in swapped:
+                replace_submodule(self.root, name, module)
+
+    def traced_modules(self, signature: tuple) -> list[nn.Module]:
+        """This rank's stages traced by ``torch.distributed.pipelining.pipeline`` for this input signature."""
+        from picotron_lightning.parallel.pp_trace import TracedStage, trace_pipe
+
+        if signature not in self._traced:
+            keys = list(self._full_blocks or {})
+            prefix = self.parts.blocks_name[len(self.parts.inner_name) + 1:] if self.parts.inner_name \
+                else self.parts.blocks_name
+            points = [f"{prefix}.{keys[r.start]}" for r in self.assignment[1:]]
+            with self.full_model():
+                pipe = trace_pipe(self.inner, points, self.calls[0], self.num_stages)
+            self._traced[signature] = [
+                TracedStage(self, sm.index, self.num_stages, pipe.get_stage_module(sm.index))
+                for sm in self.stage_modules
+            ]
+        return self._traced[signature]
 
     def apply_data_parallel(self, mesh: DeviceMesh, layout: ParallelLayout, config: DataParallelConfig,
                             device: torch.device, local_processes: int) -> tuple[nn.Module, str]:
@@ -273,8 +318,9 @@ class PipelineRuntime:
         key = (training, microbatches, signature)
         if key in self._schedules:
             return self._schedules[key], False
+        modules = self.traced_modules(signature) if self.options.split == "trace" else self.run_modules
         stages = [PipelineStage(m, sm.index, self.num_stages, self.device, group=self.pp_group)
-                  for m, sm in zip(self.run_modules, self.stage_modules, strict=True)]
+                  for m, sm in zip(modules, self.stage_modules, strict=True)]
         for stage in stages:
             self.meter.instrument(stage)
         cls = schedule_class(self.options.schedule, training)
@@ -406,8 +452,26 @@ def apply_pipeline_split(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayo
     parts, assignment = plan_pipeline(root, layout.pp, options)
     mine = stage_ids(mesh["pp"].get_local_rank(), layout.pp, options)
     runtime = PipelineRuntime(root, parts, options, mesh, assignment, mine)
+    if options.split == "trace":
+        check_traceable_layout(root, layout)
+        runtime._full_blocks = OrderedDict(parts.container._modules)
     keep_blocks(parts.container, {b for s in mine for b in assignment[s]})
     return runtime
+
+
+def check_traceable_layout(root: nn.Module, layout: ParallelLayout) -> None:
+    """pipeline_split="trace" runs the traced graphs directly: no FSDP/DDP, tensor or expert parallelism in them."""
+    from picotron_lightning.parallel.expert import find_moe_layers
+    from picotron_lightning.parallel.pp_split import PipelineSplitError
+
+    others = {"data_parallel_size": layout.dp, "tensor_parallel_size": layout.tp, "expert_parallel_size": layout.ep}
+    used = {k: v for k, v in others.items() if v > 1}
+    if used or find_moe_layers(root):
+        what = ", ".join(f"{k}={v}" for k, v in used.items()) or "a model with MoE layers"
+        raise PipelineSplitError(
+            f"pipeline_split='trace' supports pipeline parallelism alone in this version; got {what}. Use "
+            "pipeline_split=\"structural\" (the default), which composes with FSDP2, tensor and expert parallelism."
+        )
 
 
 def check_pipeline_model(root: nn.Module, pp: int, options: PipelineOptions) -> None:

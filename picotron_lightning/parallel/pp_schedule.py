@@ -24,6 +24,7 @@ from picotron_lightning.topology import LayoutError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
 _MULTI = ("interleaved_1f1b", "zero_bubble", "zbv")
+SPLITS = ("structural", "trace")
 # A bubble above this share of the step gets a warning when the microbatch count was chosen for the user.
 LARGE_BUBBLE = 0.25
 # Microbatches per stage the default aims for: (P-1)/(4P+P-1) is about 20%.
@@ -38,8 +39,9 @@ class PipelineOptions:
         schedule: one of :data:`SCHEDULES`.
         num_microbatches: microbatches per step and rank; ``None`` derives it from the local batch.
         virtual_stages: model chunks per rank; ``None`` means 1, or 2 for the interleaved schedules.
-        split: ``"structural"``, the only one so far (keeps parameter names, so checkpoints move between
-            pipeline sizes); ``"trace"`` (``torch.export`` data flow between stages) is reserved.
+        split: ``"structural"`` (default: the model's own forward per stage, composes with FSDP2/TP/EP) or
+            ``"trace"`` (``torch.export`` graph split by ``torch.distributed.pipelining.pipeline``, pp alone);
+            both keep parameter names, so checkpoints move between pipeline sizes and splitters.
     """
 
     schedule: str = "1f1b"
@@ -54,10 +56,10 @@ class PipelineOptions:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise LayoutError(f"`{name}` must be a positive integer or None, got {value!r}.")
-        if self.split != "structural":
+        if self.split not in SPLITS:
             raise LayoutError(
-                f"`pipeline_split={self.split!r}` is not supported in this version; use 'structural' (a model it "
-                "cannot read can declare its stages with `configure_pipeline_stages()`)."
+                f"`pipeline_split={self.split!r}` is not supported; use one of {SPLITS} (a model neither can read "
+                "can declare its stages with `configure_pipeline_stages()` and 'structural')."
             )
         v = self.stages_per_rank
         if self.schedule in ("gpipe", "1f1b") and v != 1:

@@ -77,8 +77,8 @@ class Picotron3DCore:
         num_microbatches: microbatches each step's local batch is cut into under pipeline parallelism;
             ``None`` derives it from the batch (aiming at 4 x pipeline_parallel_size).
         virtual_stages: model chunks per pipeline rank (interleaved schedules; default 2 there, else 1).
-        pipeline_split: ``"structural"`` (default and only choice so far: keeps parameter names, so
-            checkpoints move between pipeline sizes).
+        pipeline_split: ``"structural"`` (default) or ``"trace"`` (``torch.export`` split with
+            ``torch.distributed.pipelining``; pipeline parallelism alone). Both keep parameter names.
     """
 
     def _init_core(

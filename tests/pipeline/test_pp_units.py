@@ -155,6 +155,7 @@ def test_microbatch_split_is_exact():
     assert torch.equal(merge_outputs([p["x"] for p in parts]), batch["x"])
 
 
-def test_unimplemented_split_is_refused():
-    with pytest.raises(LayoutError, match="pipeline_split='trace'"):
-        PipelineOptions(split="trace")
+def test_unknown_split_is_refused():
+    assert PipelineOptions(split="trace").split == "trace"
+    with pytest.raises(LayoutError, match="pipeline_split='graph'.*'structural', 'trace'"):
+        PipelineOptions(split="graph")

@@ -1,0 +1,132 @@
+"""``pipeline_split="trace"``: stages cut by ``torch.distributed.pipelining.pipeline`` (torch.export).
+
+Same runs and one-process references as the structural parity tests (fp32, relative 1e-4 per step),
+plus: the traced stages train the LightningModule's own parameters under their original names (so
+a checkpoint written with the traced split resumes with the structural one), and a model
+``torch.export`` cannot trace is refused with a message naming the structural split and the hook.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from dist import run_ranks  # noqa: E402
+from parity import RTOL, make_data, max_relative_diff  # noqa: E402
+from pp_models import BUILDERS, TinyGPT, fit, reference  # noqa: E402
+from pp_runs import reference_model, reference_val_loss, run  # noqa: E402
+
+STEPS = 8
+MICRO = 4
+CKPT = "epoch=3-step=4.ckpt"
+TRACE = {"pipeline_parallel_size": 2, "pipeline_split": "trace"}
+
+
+class BranchyGPT(TinyGPT):
+    """Control flow on a tensor's value: torch.export cannot trace it."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        out = super().forward(idx)
+        return out if out.sum() > 0 else -out
+
+
+def _world2(rank: int, world: int, ckpt_dir: str) -> dict:
+    data, val = make_data(64), make_data(14, seed=7)
+    small = make_data(MICRO)
+    out = {
+        "1f1b": run(world, data, MICRO, STEPS, TRACE, val_data=val),
+        "interleaved": run(world, data, MICRO, STEPS, {**TRACE, "pipeline_schedule": "interleaved_1f1b"}),
+        "zbv": run(world, data, MICRO, STEPS, {**TRACE, "pipeline_schedule": "zbv"}),
+        "gpt": fit(world, "gpt", data, MICRO, STEPS, TRACE),
+        "hf_llama": fit(world, "hf_llama", data, MICRO, STEPS, TRACE),
+        "ckpt": run(world, small, MICRO, 6, TRACE, ckpt_dir=ckpt_dir),
+    }
+    # The traced pp=2 checkpoint continued with the structural split at pp=2.
+    out["resume_structural"] = run(world, small, MICRO, 6, {"pipeline_parallel_size": 2},
+                                   resume_from=f"{ckpt_dir}/{CKPT}")
+    BUILDERS["branchy"] = BranchyGPT
+    try:
+        fit(world, "branchy", data, MICRO, 1, TRACE)
+        out["untraceable"] = None
+    except Exception as err:  # noqa: BLE001 - the message is the result
+        out["untraceable"] = f"{type(err).__name__}: {err}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory) -> list[dict]:
+    return run_ranks(_world2, 2, str(tmp_path_factory.mktemp("pp_trace_ckpt")), timeout=900)
+
+
+def test_traced_llama_1f1b_matches_one_process(world2):
+    ref = reference_model(make_data(64), STEPS, MICRO)[1]
+    for rank in world2:
+        assert len(rank["1f1b"]["losses"]) == STEPS
+        diff = max_relative_diff(rank["1f1b"]["losses"], ref)
+        print(f"trace llama pp=2 1f1b: max relative diff {diff:.2e}")
+        assert diff <= RTOL, (rank["1f1b"]["losses"], ref)
+        assert abs(rank["1f1b"]["logged_train_loss"] - ref[-1]) / ref[-1] <= RTOL
+
+
+@pytest.mark.parametrize("name", ["interleaved", "zbv"])
+def test_traced_multi_stage_schedules_match_one_process(world2, name):
+    ref = reference_model(make_data(64), STEPS, MICRO)[1]
+    for rank in world2:
+        assert max_relative_diff(rank[name]["losses"], ref) <= RTOL, (rank[name]["losses"], ref)
+
+
+def test_traced_validation_loss_equals_one_process(world2):
+    module, _ = reference_model(make_data(64), STEPS, MICRO)
+    ref = reference_val_loss(module, make_data(14, seed=7), MICRO)
+    for rank in world2:
+        assert abs(rank["1f1b"]["val_loss"] - ref) / ref <= RTOL, (rank["1f1b"]["val_loss"], ref)
+
+
+def test_traced_stages_hold_the_original_parameters(world2):
+    first, last = (r["1f1b"]["params"] for r in world2)
+    assert not set(first) & set(last)
+    assert "model.embed_tokens.weight" in first and "model.layers.1.mlp.up_proj.weight" in first
+    assert "model.layers.2.mlp.up_proj.weight" in last and "model.output.weight" in last
+    assert all(all(r["1f1b"]["grads_seen"]) for r in world2)
+
+
+@pytest.mark.parametrize("build", ["gpt", "hf_llama"])
+def test_traced_other_models_match_one_process(world2, build):
+    ref = reference(build, make_data(64), STEPS, MICRO)
+    for rank in world2:
+        diff = max_relative_diff(rank[build]["losses"], ref)
+        print(f"trace {build} pp=2 1f1b: max relative diff {diff:.2e}")
+        assert diff <= RTOL, (rank[build]["losses"], ref)
+        assert abs(rank[build]["logged"] - ref[-1]) / ref[-1] <= RTOL
+
+
+def test_traced_checkpoint_resumes_with_structural_split(world2):
+    ref = reference_model(make_data(MICRO), 6, MICRO)[1]
+    assert max_relative_diff(world2[0]["ckpt"]["losses"], ref) <= RTOL
+    for rank in world2:
+        assert max_relative_diff(rank["resume_structural"]["losses"], ref[4:]) <= RTOL, (
+            rank["resume_structural"]["losses"], ref[4:])
+
+
+def test_untraceable_model_names_the_structural_split(world2):
+    for rank in world2:
+        message = rank["untraceable"]
+        assert message is not None, "the untraceable model trained"
+        assert "pipeline_split='trace' could not split BranchyGPT" in message
+        assert 'pipeline_split="structural"' in message and "configure_pipeline_stages()" in message
+
+
+def test_trace_refuses_data_parallelism():
+    from picotron_lightning.parallel.pipeline import check_traceable_layout
+    from picotron_lightning.parallel.pp_split import PipelineSplitError
+    from picotron_lightning.topology import ParallelLayout
+
+    layout = ParallelLayout(pipeline_parallel_size=2).resolve(4)
+    with pytest.raises(PipelineSplitError, match='data_parallel_size=2.*pipeline_split="structural"'):
+        check_traceable_layout(nn.Linear(2, 2), layout)
