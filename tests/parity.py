@@ -78,7 +78,7 @@ def reference_losses(
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "norms": norms}
+    return {"losses": losses, "norms": norms, "state": {k: v.detach().clone() for k, v in module.state_dict().items()}}
 
 
 def max_relative_diff(a: list[float], b: list[float]) -> float:

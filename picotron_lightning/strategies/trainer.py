@@ -22,6 +22,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -34,6 +35,28 @@ from picotron_lightning.strategies.checkpoint import (
 )
 from picotron_lightning.strategies.core import Picotron3DCore
 from picotron_lightning.topology import SizeArg
+
+
+class _SpawnLauncher(_MultiProcessingLauncher):
+    """Lightning's spawn launcher; the weights it hands back to the main process are whole tensors.
+
+    After ``fit``, rank 0 sends the model's ``state_dict`` to the launching process. Sharded
+    (DTensor) entries cannot be rebuilt there, so every rank first joins in gathering full tensors.
+    """
+
+    def _collect_rank_zero_results(self, trainer: pl.Trainer, results: Any) -> Any:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        module = trainer.lightning_module
+        if trainer.strategy.layout.pp > 1:
+            rank_zero_warn("With pipeline_parallel_size > 1 the launching process receives only the first stage's "
+                           "weights after `fit`; use the checkpoint to get the whole model.")
+        full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        module.state_dict = lambda *args, **kwargs: full  # type: ignore[method-assign]  # read once by the base
+        try:
+            return super()._collect_rank_zero_results(trainer, results)
+        finally:
+            del module.state_dict
 
 
 class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
@@ -111,7 +134,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     # ------------------------------------------------------------------ devices and launch
     # (root_device, num_processes, sampler kwargs and the launcher choice live in Picotron3DCore)
     _subprocess_launcher = _SubprocessScriptLauncher
-    _spawn_launcher = _MultiProcessingLauncher
+    _spawn_launcher = _SpawnLauncher
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
