@@ -1,0 +1,114 @@
+"""A pipeline stage as a module: the model's own forward with only one stage's part active.
+
+:class:`StageModule` is what the ``torch.distributed.pipelining`` schedule runs and what FSDP
+shards per stage; :class:`BlockView` is how a block looks to that stage while it runs (fed the
+previous stage's activation, or ending the stage's forward).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from picotron_lightning.parallel.pipeline import PipelineRuntime
+
+
+class _StageExit(Exception):  # noqa: N818 - control flow, not an error
+    """Raised after a non-last stage's last block: the rest of the forward belongs to later stages."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__("stage done")
+        self.output = output
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    """The block's call with its hidden-state input replaced by ``hidden``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return (hidden, *args[1:]), kwargs
+    name = "hidden_states" if "hidden_states" in kwargs else next(
+        (k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.shape == hidden.shape), None)
+    if name is None:
+        raise RuntimeError("Pipeline stage: cannot find the hidden-state input of the stage's first block.")
+    return args, {**kwargs, name: hidden}
+
+
+class BlockView(nn.Module):
+    """A block as one stage sees it: input from the previous stage, and/or the end of the stage.
+
+    Lives in the block container only during that stage's forward. The block is held without
+    registering it, and attribute reads fall through to it (models read e.g. ``layer.attention_type``).
+    """
+
+    def __init__(self, block: nn.Module, hidden: torch.Tensor | None, last: bool) -> None:
+        super().__init__()
+        object.__setattr__(self, "_block", block)
+        object.__setattr__(self, "_hidden", hidden)
+        object.__setattr__(self, "_last", last)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._hidden is not None:
+            args, kwargs = _with_hidden(args, kwargs, self._hidden)
+        out = self._block(*args, **kwargs)
+        if self._last:
+            raise _StageExit(out[0] if isinstance(out, (tuple, list)) else out)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_block"), name)
+
+
+class StageModule(nn.Module):
+    """One pipeline stage: runs the model's forward with only this stage's part active.
+
+    Its children are the stage's blocks and first/last modules (the same objects the model holds),
+    so FSDP can use it as the stage's root and the schedule sees exactly the stage's parameters.
+    """
+
+    _runtime: PipelineRuntime  # set with object.__setattr__ in __init__ (declared for type checkers)
+
+    def __init__(self, runtime: PipelineRuntime, index: int, num_stages: int, block_keys: list[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_runtime", runtime)  # not a child: the runtime is not a module
+        self.index, self.num_stages, self.block_keys = index, num_stages, block_keys
+        self.blocks = nn.ModuleDict()
+        self.first = nn.ModuleDict()
+        self.last = nn.ModuleDict()
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.num_stages - 1
+
+    def attach(self) -> None:
+        """(Re)collect this stage's modules from the model, after earlier steps may have wrapped them."""
+        rt = self._runtime
+        container = rt.parts.container._modules
+        self.blocks = nn.ModuleDict({k: container[k] for k in self.block_keys})
+        key = lambda name: name.replace(".", "__")  # noqa: E731 - ModuleDict keys cannot hold dots
+        if self.is_first:
+            self.first = nn.ModuleDict({key(n): rt.root.get_submodule(n) for n in rt.parts.first})
+        if self.is_last:
+            self.last = nn.ModuleDict({key(n): rt.root.get_submodule(n) for n in rt.parts.last})
+
+    def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
+        rt = self._runtime
+        index = int(mb_index.reshape(-1)[0])
+        args, kwargs = rt.calls[index]
+        received = None if self.is_first else activations
+        if received is not None and len(received) != 1:
+            raise RuntimeError(f"Stage {self.index} received {len(received)} tensors; the structural split passes one.")
+        with rt.stage_view(self, None if received is None else received[0]):
+            try:
+                out = rt.inner(*args, **kwargs)
+            except _StageExit as done:
+                return done.output
+        return rt.pack_output(out, index)
