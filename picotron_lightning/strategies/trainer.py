@@ -54,9 +54,14 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         module.state_dict = lambda *args, **kwargs: full  # type: ignore[method-assign]  # read once by the base
         try:
-            return super()._collect_rank_zero_results(trainer, results)
+            output = super()._collect_rank_zero_results(trainer, results)
         finally:
             del module.state_dict
+        # The worker process ends right after this. Leave no collective in flight and no gloo
+        # threads running at exit, which can abort a rank ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+        return output
 
 
 class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
