@@ -40,18 +40,17 @@ def make_module(preset: str = "tiny", config: dict | None = None, lr: float = 1e
     return CausalLMModule(preset=preset, config=config, learning_rate=lr, seed=0)
 
 
-def reference_losses(
+def train_reference(
+    module: Any,
     data: torch.Tensor,
     steps: int,
     global_batch: int,
-    preset: str = "tiny",
-    config: dict | None = None,
-    lr: float = 1e-2,
+    loss_fn: Any = None,
     clip: float | None = None,
     shuffle: bool = True,
     chunks: int = 1,
-) -> dict[str, list[float]]:
-    """Losses (and pre-clip grad norms) of one process training on ``global_batch`` samples per step.
+) -> dict[str, Any]:
+    """Train ``module`` in one process on ``global_batch`` samples per step; losses, pre-clip norms, module.
 
     ``shuffle`` follows the order of the ``DistributedSampler`` that Lightning's Trainer inserts
     for training (shuffled with seed 0 + epoch; the ranks' shares of one step together are the
@@ -62,7 +61,7 @@ def reference_losses(
     """
     from picotron_lightning.parallel.expert import set_aux_loss_scale
 
-    module = make_module(preset, config, lr)
+    loss_fn = loss_fn or module._loss
     optimizer = module.configure_optimizers()
     losses, norms = [], []
     per_epoch = len(data) // global_batch
@@ -72,13 +71,31 @@ def reference_losses(
         index = torch.arange(len(data)) if order is None else order
         batch = data[index[start * global_batch : (start + 1) * global_batch]]
         set_aux_loss_scale(module, 1.0 / chunks)
-        loss = sum(module._loss(chunk) / chunks for chunk in batch.chunk(chunks))
+        loss = sum(loss_fn(chunk) / chunks for chunk in batch.chunk(chunks))
         loss.backward()
         norms.append(torch.nn.utils.clip_grad_norm_(module.parameters(), clip or float("inf")).item())
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
-    return {"losses": losses, "norms": norms, "state": {k: v.detach().clone() for k, v in module.state_dict().items()}}
+    return {"losses": losses, "norms": norms, "module": module}
+
+
+def reference_losses(
+    data: torch.Tensor,
+    steps: int,
+    global_batch: int,
+    preset: str = "tiny",
+    config: dict | None = None,
+    lr: float = 1e-2,
+    clip: float | None = None,
+    shuffle: bool = True,
+    chunks: int = 1,
+) -> dict[str, Any]:
+    """:func:`train_reference` of the reference ``CausalLMModule``, plus its final state dict."""
+    out = train_reference(make_module(preset, config, lr), data, steps, global_batch, clip=clip, shuffle=shuffle,
+                          chunks=chunks)
+    out["state"] = {k: v.detach().clone() for k, v in out.pop("module").state_dict().items()}
+    return out
 
 
 def max_relative_diff(a: list[float], b: list[float]) -> float:

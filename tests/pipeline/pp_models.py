@@ -100,19 +100,10 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {"gpt": TinyGPT, "hf_llama": tiny
 
 def reference(build: str, data: torch.Tensor, steps: int, global_batch: int) -> list[float]:
     """One process, plain loop, the Trainer's shuffled order (seed 0 + epoch)."""
+    from parity import train_reference
+
     module = LMModule(BUILDERS[build])
-    optimizer = module.configure_optimizers()
-    per_epoch = len(data) // global_batch
-    losses = []
-    for step in range(steps):
-        epoch, start = divmod(step, per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
-        loss = module.loss(data[order[start * global_batch:(start + 1) * global_batch]])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return train_reference(module, data, steps, global_batch, loss_fn=module.loss)["losses"]
 
 
 def fit(world: int, build: str, data: torch.Tensor, micro: int, steps: int, strategy_kwargs: dict) -> dict:

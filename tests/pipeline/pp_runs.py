@@ -81,21 +81,10 @@ def predict(world: int, data: torch.Tensor, micro: int, strategy_kwargs: dict[st
 
 def reference_model(data: torch.Tensor, steps: int, global_batch: int, **kwargs: Any):  # noqa: ANN201
     """The one-process model after ``steps`` steps (Trainer's shuffled order) and its step losses."""
-    from parity import make_module
+    from parity import make_module, train_reference
 
-    module = make_module(config=CFG)
-    optimizer = module.configure_optimizers()
-    per_epoch = len(data) // global_batch
-    losses = []
-    for step in range(steps):
-        epoch, start = divmod(step, per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
-        loss = module._loss(data[order[start * global_batch:(start + 1) * global_batch]])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return module, losses
+    out = train_reference(make_module(config=CFG), data, steps, global_batch)
+    return out["module"], out["losses"]
 
 
 @torch.no_grad()

@@ -25,20 +25,10 @@ def make(kind: str) -> Any:
 def reference(kind: str, data: torch.Tensor, steps: int, global_batch: int, clip: float | None = None
               ) -> dict[str, list[float]]:
     """One process, plain loop, the Trainer's DistributedSampler order (seed 0 + epoch)."""
-    module = make(kind)
-    optimizer = module.configure_optimizers()
-    losses, norms = [], []
-    per_epoch = len(data) // global_batch
-    for step in range(steps):
-        epoch, start = divmod(step, per_epoch)
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(epoch))
-        loss = module._loss(data[order[start * global_batch:(start + 1) * global_batch]])
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(module.parameters(), clip or float("inf")).item())
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return {"losses": losses, "norms": norms}
+    from parity import train_reference
+
+    out = train_reference(make(kind), data, steps, global_batch, clip=clip)
+    return {"losses": out["losses"], "norms": out["norms"]}
 
 
 def fit(world: int, kind: str, data: torch.Tensor, micro_batch: int, steps: int, strategy_kwargs: dict,
