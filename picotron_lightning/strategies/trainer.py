@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
@@ -48,20 +50,27 @@ class _SpawnLauncher(_MultiProcessingLauncher):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         module = trainer.lightning_module
-        if trainer.strategy.layout.pp > 1:
+        if cast(Picotron3DCore, self._strategy).layout.pp > 1:
             rank_zero_warn("With pipeline_parallel_size > 1 the launching process receives only the first stage's "
                            "weights after `fit`; use the checkpoint to get the whole model.")
         full = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        module.state_dict = lambda *args, **kwargs: full  # type: ignore[method-assign]  # read once by the base
+        module.state_dict = lambda *args, **kwargs: full  # type: ignore[method-assign,assignment]  # read once by the base
         try:
             output = super()._collect_rank_zero_results(trainer, results)
         finally:
             del module.state_dict
-        # The worker process ends right after this. Leave no collective in flight and no gloo
-        # threads running at exit, which can abort a rank ("terminate called without an active exception").
-        torch.distributed.barrier()
+        torch.distributed.barrier()  # every rank is past its last collective
         torch.distributed.destroy_process_group()
         return output
+
+    def _wrapping_function(self, process_idx: int, *args: Any, **kwargs: Any) -> None:
+        super()._wrapping_function(process_idx, *args, **kwargs)
+        # The results are in the launching process already (the return queue writes synchronously).
+        # Skip interpreter teardown: destroying the meshes' gloo groups there can abort a rank
+        # ("terminate called without an active exception") after a run that succeeded.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
