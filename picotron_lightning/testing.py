@@ -1,6 +1,11 @@
-"""Run a function on N real processes with gloo, the way torchrun would start them.
+"""Run code on N real processes with gloo: as torchrun would start them, or as a user starts a script.
 
 Used by the test suite and the benchmarks; useful for testing your own multi-rank code too.
+
+:func:`run_script` is the user's path: ``python script.py`` with no launcher variables in the
+environment, so Lightning's own launcher (or ``fabric.launch()``) starts the ranks.
+:func:`run_ranks` proves numerics: it starts the ranks itself and gives them torchrun's (or srun's)
+variables, which a user running ``python train.py`` does not have.
 
 Each worker gets the torchrun environment (RANK, WORLD_SIZE, LOCAL_RANK, GROUP_RANK, ...), so
 Lightning's TorchElasticEnvironment sees externally created processes and a Trainer or Fabric
@@ -14,7 +19,10 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -118,3 +126,61 @@ def init_gloo(rank: int, world_size: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=COLLECTIVE_TIMEOUT)
 
 
+
+
+# Variables a launcher (torchrun, srun, mpirun, Lightning's own) sets for the ranks it starts; a user
+# who types `python train.py` has none of them.
+_LAUNCHER_VARIABLES = (
+    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
+    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS", "PL_DISABLE_FORK",
+)
+_LAUNCHER_PREFIXES = ("TORCHELASTIC_", "SLURM_", "OMPI_", "PMI_", "PMIX_", "LSB_", "JSM_", "KUBEFLOW_")
+
+
+def user_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without any launcher's variables (what ``python train.py`` sees), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in _LAUNCHER_VARIABLES and not k.startswith(_LAUNCHER_PREFIXES)}
+    env.setdefault("OMP_NUM_THREADS", "1")  # many ranks on few cores
+    env.update(extra)
+    return env
+
+
+def run_script(
+    script: str | os.PathLike, *args: str, timeout: float = 600.0, cwd: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None, module: bool = False,
+) -> subprocess.CompletedProcess:
+    """Run ``python script *args`` as a user would and return it; raise with its output if it fails.
+
+    The script gets :func:`user_environment` (or ``env``), so whatever it starts (Lightning's launcher,
+    ``fabric.launch()``) starts the ranks. ``module=True`` runs ``python -m script`` (e.g. torchrun).
+    The script and every rank it started run in a new process group that is killed at ``timeout``:
+    a hang fails the test with the output so far instead of blocking CI.
+    """
+    command = [sys.executable, *(["-m", str(script)] if module else [str(script)]), *map(str, args)]
+    proc = subprocess.Popen(command, cwd=cwd, env=env if env is not None else user_environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise TimeoutError(f"`{' '.join(command)}` did not finish within {timeout:.0f}s (hang?); output:\n"
+                           f"{output[-6000:]}") from None
+    finally:
+        try:  # ranks left behind by a failed launcher
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    result = subprocess.CompletedProcess(command, proc.returncode, output, "")
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(command)}` exited with {proc.returncode}; output:\n{output[-8000:]}")
+    return result
+
+
+def token_data(num_samples: int, seq_len: int = 16, vocab_size: int = 256, seed: int = 1234):  # noqa: ANN201
+    """``num_samples`` random token rows of ``seq_len + 1`` (inputs and shifted targets), reproducible by seed."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (num_samples, seq_len + 1), generator=g)

@@ -24,6 +24,15 @@ class BlockStack:
     def blocks(self) -> list[nn.Module]:
         return list(self.container)
 
+    @property
+    def keys(self) -> list[str]:
+        """The blocks' keys in the container: ``"0"``... for a whole model, the original ones in a pipeline stage."""
+        return list(self.container._modules)
+
+    def block_name(self, position: int) -> str:
+        """Qualified name of the block at ``position`` (counted among the blocks held)."""
+        return f"{self.name}.{self.keys[position]}"
+
     def __len__(self) -> int:
         return len(self.container)
 

@@ -150,12 +150,18 @@ def _untie(root: nn.Module, plan: TensorParallelPlan) -> None:
 
 def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, sequence_parallel: bool,
                loss_parallel: bool) -> None:
-    """Shard ``root`` in place according to ``plan`` over the 1-D ``mesh``."""
+    """Shard ``root`` in place according to ``plan`` over the 1-D ``mesh``.
+
+    ``root`` may be one pipeline stage of the model the plan was made for: entries naming modules
+    the stage does not hold are skipped, and the sequence-parallel region spans the blocks it holds.
+    """
     from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
     modules = dict(root.named_modules())
     for name, kind in plan.styles.items():
-        module = modules[name]
+        module = modules.get(name)
+        if module is None:  # held by another pipeline stage
+            continue
         if kind == "norm":
             if sequence_parallel:
                 parallelize_module(module, mesh, SequenceParallel(sequence_dim=SEQUENCE_DIM))
@@ -163,26 +169,41 @@ def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, sequ
             continue
         parallelize_module(module, mesh, _style(kind, module, sequence_parallel, loss_parallel))
     if sequence_parallel:
-        stack = find_main_block_stack(root)
-        assert stack is not None
-        _install_sequence_region(stack.blocks[0], stack.blocks[-1], mesh)
+        assert plan.block_stack is not None  # resolve_sequence_parallel turns SP off without one
+        blocks = list(root.get_submodule(plan.block_stack))
+        if blocks:
+            _install_sequence_region(blocks[0], blocks[-1], mesh)
 
 
-def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, options: dict[str, Any]) -> TensorParallelPlan:
-    """Find, validate and apply the plan for ``root`` over the ``tp`` ``mesh``; returns the plan used.
+def plan_tensor_parallel(root: nn.Module, tp: int, options: dict[str, Any]) -> TensorParallelPlan:
+    """Find and validate the plan for the whole ``root`` at ``tp``; changes nothing and communicates nothing.
+
+    Runs before the pipeline split, on the whole model, so every plan source (``tp_plan=``, the module
+    hook, Hugging Face, the reference model, the detector) sees every block; each stage then applies
+    the entries it holds (:func:`apply_plan`). Raises identically on every rank.
 
     ``options``: ``plan`` (user plan or None), ``sequence_parallel`` (bool or "auto"), ``loss_parallel`` (bool).
     """
-    tp = mesh.size()
     plan = resolve_plan(root, options.get("plan"))
     _untie(root, plan)
     if options.get("loss_parallel") and not plan.modules_with("head"):
         raise LayoutError(f"loss_parallel=True needs a vocabulary-parallel output head; the {plan.source} plan "
                           "has none. Mark it 'head' in tp_plan= or use loss_parallel=False.")
-    validate_plan(root, plan, tp)  # raises identically on every rank, before any collective
-    sequence_parallel = resolve_sequence_parallel(plan, options.get("sequence_parallel", "auto"))
-    apply_plan(root, mesh, plan, sequence_parallel, bool(options.get("loss_parallel")))
-    plan.sequence_parallel = sequence_parallel  # type: ignore[attr-defined]
+    validate_plan(root, plan, tp)
+    plan.sequence_parallel = resolve_sequence_parallel(plan, options.get("sequence_parallel", "auto"))
+    return plan
+
+
+def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, options: dict[str, Any],
+                          plan: TensorParallelPlan | None = None) -> TensorParallelPlan:
+    """Shard ``root`` (the whole model or one pipeline stage) over the ``tp`` ``mesh``; returns the plan used.
+
+    ``plan`` comes from :func:`plan_tensor_parallel` on the whole model; without it the plan is made
+    from ``root`` itself (which must then be the whole model).
+    """
+    if plan is None:
+        plan = plan_tensor_parallel(root, mesh.size(), options)
+    apply_plan(root, mesh, plan, plan.sequence_parallel, bool(options.get("loss_parallel")))
     return plan
 
 

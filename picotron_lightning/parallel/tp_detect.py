@@ -263,7 +263,7 @@ def norms_feeding(root: nn.Module, colwise: list[str]) -> list[str]:
         return []
     args, kwargs = example_block_call(root, stack)
     trace = trace_block(stack.blocks[0], args, kwargs)
-    prefix0 = f"{stack.name}.0."
+    prefix0 = stack.block_name(0) + "."
     modules = dict(stack.blocks[0].named_modules())
     local_colwise = {n[len(prefix0):] for n in colwise if n.startswith(prefix0)}
     norms = set()
@@ -271,7 +271,7 @@ def norms_feeding(root: nn.Module, colwise: list[str]) -> list[str]:
         norm = trace.input_producer.get(r)
         if norm and _is_norm_like(modules[norm]) and INPUT_TAG in trace.producer_inputs.get(norm, frozenset()):
             norms.add(norm)
-    return [f"{stack.name}.{i}.{n}" for i in range(len(stack)) for n in sorted(norms)]
+    return [f"{stack.name}.{key}.{n}" for key in stack.keys for n in sorted(norms)]
 
 
 def detect_plan(root: nn.Module):  # noqa: ANN201 - TensorParallelPlan, imported lazily (cycle)
@@ -280,12 +280,12 @@ def detect_plan(root: nn.Module):  # noqa: ANN201 - TensorParallelPlan, imported
 
     stack = _main_stack(root)
     args, kwargs = example_block_call(root, stack)
-    block_name = f"{stack.name}.0 ({stack.block_class.__name__})"
+    block_name = f"{stack.block_name(0)} ({stack.block_class.__name__})"
     styles_local = classify_block(stack.blocks[0], trace_block(stack.blocks[0], args, kwargs), block_name)
     if not any(s == "colwise" for s in styles_local.values()):
         raise LayoutError(f"{block_name}: no linear reads the block input; nothing to shard. Pass `tp_plan=`.")
     styles: dict[str, Any] = {
-        f"{stack.name}.{i}.{n}": s for i in range(len(stack)) for n, s in styles_local.items()
+        f"{stack.name}.{key}.{n}": s for key in stack.keys for n, s in styles_local.items()
     }
     head = _find_head(root, stack)
     if head is not None:

@@ -53,6 +53,7 @@ class TensorParallelPlan:
     source: str
     block_stack: str | None = None  # name of the repeated-block container, if known
     head_counts: dict[str, int] = field(default_factory=dict)  # e.g. {"num_attention_heads": 4}
+    sequence_parallel: bool = False  # resolved from the strategy's option when the plan is validated
 
     def modules_with(self, style: str) -> list[str]:
         """Names of the modules given ``style``."""

@@ -207,14 +207,14 @@ def _first(out: Any) -> torch.Tensor:
 def validate_plan(root: nn.Module, plan: TensorParallelPlan, tp: int) -> None:
     """All checks of the module docstring; raises `LayoutError` on every rank alike, before any collective."""
     stack = find_main_block_stack(root)
-    if stack is None or not any(n.startswith(stack.name + ".0.") for n in plan.styles):
+    if stack is None or not any(n.startswith(stack.block_name(0) + ".") for n in plan.styles):
         check_divisibility(root, plan, tp)
         return
     from picotron_lightning.parallel.tp_detect import example_block_call
 
     block = stack.blocks[0]
-    styles = _block_styles(plan, stack.name + ".0.")
-    name = f"{stack.name}.0"
+    name = stack.block_name(0)
+    styles = _block_styles(plan, name + ".")
     args, kwargs = example_block_call(root, stack)
 
     def works(size: int) -> bool:

@@ -193,15 +193,29 @@ class Picotron3DCore:
     def _configure_launcher(self) -> None:
         env = self.cluster_environment
         assert env is not None
-        # Check the sizes now, in the launching process, before any rank or process group exists.
-        external = env.creates_processes_externally
-        self._resolve_layout(env.world_size() if external else self.num_nodes * self.num_processes)
-        if external:
+        # Check the sizes now, before any rank or process group exists: in the launching process and,
+        # identically, in every rank Lightning's launcher (or torchrun, srun, ...) started.
+        self._resolve_layout(self._world_size_from_environment())
+        if env.creates_processes_externally:
             return
         if self._start_method == "spawn":
             self._launcher = self._spawn_launcher(self, start_method="spawn")
         else:
             self._launcher = self._subprocess_launcher(env, self.num_processes, self.num_nodes)
+
+    def _world_size_from_environment(self) -> int:
+        """The world size this process belongs to, the same before launch and in every started rank.
+
+        Lightning's strategies *assign* the world size (``num_nodes x devices``) to environments that
+        take it (Lightning's own launcher; its ranks report 1 until told) and *read* it from those that
+        know it (torchrun, SLURM, MPI, ...), whose ``set_world_size`` is ignored. Doing the same here,
+        at the first moment the layout is checked, makes the launching process and each started rank
+        resolve the same layout from what they really are.
+        """
+        env = self.cluster_environment
+        assert env is not None
+        env.set_world_size(self.num_nodes * self.num_processes)
+        return env.world_size()
 
     def _setup_processes(self, module: nn.Module | None) -> None:
         """Ranks, layout check, process group (with the collective timeout) and mesh, in that order."""
@@ -218,10 +232,9 @@ class Picotron3DCore:
         env = self.cluster_environment
         assert env is not None
         env.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-        env.set_world_size(self.num_nodes * self.num_processes)
         rank = self.global_rank
         rank_zero_only.rank = pl_rank_zero_only.rank = utils_rank_zero_only.rank = rank  # type: ignore[attr-defined]
-        self._resolve_layout(self.world_size)
+        self._resolve_layout(self._world_size_from_environment())
         self._check_pipeline_model(module)  # more stages than blocks fails here, not in a collective
         device = self.root_device
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from picotron_lightning.parallel.pipeline import PipelineRuntime
+    from picotron_lightning.parallel.tp_plans import TensorParallelPlan
 
 
 @dataclass
@@ -59,12 +60,21 @@ def apply_pipeline_split(
     return split_into_stages(root, mesh, layout, PipelineOptions(**config.pipeline))
 
 
-def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout, config: ParallelConfig) -> None:
-    """Shard the blocks Megatron-style over the ``tp`` mesh dimension (identity when tp == 1)."""
+def plan_tensor_parallel(root: nn.Module, layout: ParallelLayout, config: ParallelConfig) -> TensorParallelPlan | None:
+    """The tensor-parallel plan for the whole model, validated; None when tp == 1.
+
+    Made before the pipeline split so that every plan source sees every block; each stage then
+    applies the entries for the blocks it holds. Changes nothing, communicates nothing.
+    """
     if layout.tp == 1:
-        return
+        return None
+    from picotron_lightning.parallel.tensor import plan_tensor_parallel as make_plan
+
+    return make_plan(root, layout.tp, _tensor_parallel_options(root, config))
+
+
+def _tensor_parallel_options(root: nn.Module, config: ParallelConfig) -> dict[str, Any]:
     from picotron_lightning.parallel.expert import find_moe_layers
-    from picotron_lightning.parallel.tensor import apply_tensor_parallel as shard_tensor_parallel
 
     options = dict(config.tensor_parallel)
     if find_moe_layers(root):
@@ -76,8 +86,21 @@ def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, layout: ParallelLay
                 "or 'auto' (which turns it off for them)."
             )
         options["sequence_parallel"] = False
+    return options
+
+
+def apply_tensor_parallel(
+    root: nn.Module, mesh: DeviceMesh, config: ParallelConfig, plan: TensorParallelPlan | None
+) -> None:
+    """Shard the blocks this rank holds Megatron-style over the ``tp`` mesh dimension (identity without a plan)."""
+    if plan is None:
+        return
+    from picotron_lightning.parallel.tensor import apply_tensor_parallel as shard_tensor_parallel
+
     # Options: plan (user plan), sequence_parallel, loss_parallel; see parallel/tensor.py.
-    config.tensor_parallel["applied_plan"] = shard_tensor_parallel(root, mesh["tp"], options)
+    config.tensor_parallel["applied_plan"] = shard_tensor_parallel(
+        root, mesh["tp"], _tensor_parallel_options(root, config), plan
+    )
 
 
 def apply_expert_parallel(
@@ -155,8 +178,9 @@ def parallelize(
     local_processes: int = 1,
 ) -> ParallelModel:
     """Apply every step, in the order of this module's docstring, to ``root`` in place."""
+    tensor_plan = plan_tensor_parallel(root, layout, config)  # on the whole model: every block visible
     pipeline = apply_pipeline_split(root, mesh, layout, config)
-    apply_tensor_parallel(root, mesh, layout, config)
+    apply_tensor_parallel(root, mesh, config, tensor_plan)
     expert_mesh = apply_expert_parallel(root, layout, config, device)
     apply_memory_policies(root, config)
     module, mode = apply_data_parallel(root, mesh, layout, config, device, local_processes, pipeline=pipeline)

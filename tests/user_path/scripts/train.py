@@ -1,0 +1,150 @@
+"""A user's training script: ``python train.py SPEC.json OUT.json``; Lightning starts the ranks.
+
+SPEC is ``{"devices": N, "num_nodes": 1, "api": "trainer" | "fabric", "start_method": "popen" | "spawn",
+"runs": [RUN, ...]}``; each RUN trains one layout on the same fixed tokens and global rank 0 writes
+the per-step global-batch losses (``strategy.reduce(loss, "mean")``, the data-parallel mean) to OUT:
+
+    {"name": ..., "strategy": {Picotron3DStrategy arguments}, "model": {"kind": "llama" | "moe" | "gpt"},
+     "steps": 6, "micro_batch": 2, "samples": 48, "precision": {AdaptivePrecision arguments} (optional),
+     "monitoring": true (optional), "checkpoint_every": n (optional), "resume": "<run name>@<step>" (optional)}
+
+Nothing here sets up processes or environment variables: it is the script a user would write.
+Several runs share one launch, as several ``Trainer.fit`` calls in one script do under Lightning's ``ddp``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+from user_models import VOCAB, build_module
+
+import picotron_lightning  # noqa: F401 - registers "picotron3d"
+from picotron_lightning import Picotron3DFabricStrategy, Picotron3DStrategy
+from picotron_lightning.testing import token_data
+
+TIMEOUT = timedelta(seconds=120)  # a collective that waits longer than this fails the run instead of hanging
+
+
+class Tokens(Dataset):
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def write_result(out: Path, name: str, result: dict) -> None:
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results[name] = result
+    out.write_text(json.dumps(results))
+
+
+class RecordLoss(L.Callback):
+    """The global-batch mean loss of every step (a collective on every rank); global rank 0 writes them.
+
+    Written from the rank itself, so it works however the ranks were started (spawned ranks do not
+    run the rest of the script).
+    """
+
+    def __init__(self, out: Path, name: str) -> None:
+        self.out, self.name = out, name
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+        strategy = trainer.strategy
+        if trainer.is_global_zero:
+            write_result(self.out, self.name, {
+                "losses": self.losses, "layout": str(strategy.layout), "world_size": trainer.world_size,
+                "data_parallel_mode": strategy.data_parallel_mode,
+                "precision_mode": getattr(getattr(trainer.precision_plugin, "plan", None), "mode", None)})
+
+
+def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
+    strategy = Picotron3DStrategy(timeout=TIMEOUT, start_method=spec.get("start_method", "popen"),
+                                  **run.get("strategy", {}))
+    out_dir = out.parent
+    callbacks: list[Any] = [RecordLoss(out, run["name"])]
+    plugins: list[Any] = []
+    logger: Any = False
+    if run.get("precision") is not None:
+        from picotron_lightning import AdaptivePrecision
+
+        plugins.append(AdaptivePrecision(**run["precision"]))
+    if run.get("monitoring"):
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        from picotron_lightning import AlertManager, AnomalyDetector, MetricsCollector
+
+        logger = TensorBoardLogger(str(out_dir / "tb"), name=run["name"])
+        callbacks += [MetricsCollector(log_every_n_steps=1, histogram_every_n_steps=2), AnomalyDetector(),
+                      AlertManager()]
+    ckpt_dir = out_dir / "checkpoints" / run["name"]
+    if run.get("checkpoint_every"):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_train_steps=run["checkpoint_every"],
+                                         filename="{step}"))
+    resume = None
+    if run.get("resume"):
+        name, step = run["resume"].split("@")
+        resume = str(out_dir / "checkpoints" / name / f"step={step}.ckpt")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=spec["devices"], num_nodes=spec.get("num_nodes", 1), strategy=strategy,
+        plugins=plugins, max_steps=run["steps"], logger=logger, log_every_n_steps=1, callbacks=callbacks,
+        enable_checkpointing=bool(run.get("checkpoint_every")), enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = build_module(run.get("model", {}))
+    data = token_data(run["samples"])
+    trainer.fit(module, DataLoader(Tokens(data), batch_size=run["micro_batch"], shuffle=False), ckpt_path=resume)
+
+
+def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
+    fabric = L.Fabric(accelerator="cpu", devices=spec["devices"], num_nodes=spec.get("num_nodes", 1),
+                      strategy=Picotron3DFabricStrategy(timeout=TIMEOUT, **run.get("strategy", {})))
+    fabric.launch()
+    module = build_module(run.get("model", {}))
+    optimizer = module.configure_optimizers()
+    model, optimizer = fabric.setup(module, optimizer)
+    loader = fabric.setup_dataloaders(DataLoader(Tokens(token_data(run["samples"])), batch_size=run["micro_batch"]))
+    losses = []
+    batches = iter(loader)
+    for _ in range(run["steps"]):
+        batch = next(batches)
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(fabric.all_reduce(loss.detach(), reduce_op="mean")))
+    if fabric.is_global_zero:
+        write_result(out, run["name"], {"losses": losses, "layout": str(fabric.strategy.layout),
+                                        "world_size": fabric.world_size})
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    torch.set_num_threads(1)
+    for run in spec["runs"]:
+        if spec.get("api", "trainer") == "fabric":
+            train_with_fabric(spec, run, out)
+        else:
+            train_with_trainer(spec, run, out)
+
+
+if __name__ == "__main__":
+    main()

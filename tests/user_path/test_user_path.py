@@ -1,0 +1,233 @@
+"""The user's path: ``python train.py`` with nothing in the environment, ranks started by Lightning.
+
+Each fixture is one launch of ``scripts/train.py`` (several layouts run one after another inside it,
+as several ``fit`` calls in one script do), started the way users start it:
+
+* Lightning's own launcher (``start_method="popen"``, the default) on 2 and on 8 processes,
+* ``start_method="spawn"``,
+* ``fabric.launch()`` from a plain Fabric script,
+* ``torchrun --standalone`` (the real command, not variables set by hand),
+* two "nodes" of Lightning's launcher (``num_nodes=2``; each node's script started with NODE_RANK,
+  MASTER_ADDR and MASTER_PORT, as a user does on each machine).
+
+Every layout's per-step global-batch loss is compared with the one-process reference loop of
+``tests/parity.py`` (fp32, relative 1e-4 per step).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from parity import RTOL, max_relative_diff, train_reference
+
+from picotron_lightning.testing import free_port, run_script, token_data, user_environment
+
+SCRIPTS = Path(__file__).parent / "scripts"
+sys.path.insert(0, str(SCRIPTS))
+from user_models import build_module  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+MICRO = 2
+
+
+def _run(name: str, dp: int, model: dict[str, Any] | None = None, strategy: dict[str, Any] | None = None,
+         **extra: Any) -> dict[str, Any]:
+    model = model or {"kind": "llama", "config": {"num_layers": 4}}
+    return {"name": name, "model": model, "strategy": strategy or {}, "steps": STEPS, "micro_batch": MICRO,
+            "samples": STEPS * MICRO * dp, **extra}
+
+
+def _launch(tmp: Path, spec: dict[str, Any], timeout: float = 900.0, **kwargs: Any) -> dict[str, Any]:
+    spec_file, out = tmp / "spec.json", tmp / "results.json"
+    spec_file.write_text(json.dumps(spec))
+    run_script(SCRIPTS / "train.py", spec_file, out, timeout=timeout, cwd=tmp, **kwargs)
+    return json.loads(out.read_text())
+
+
+def _reference(run: dict[str, Any], dp: int, shuffle: bool = True) -> list[float]:
+    """One process, the same global batch (micro_batch x dp), the same tokens, the plain loop."""
+    chunks = 1
+    if run["model"].get("kind") == "moe" and run["strategy"].get("pipeline_parallel_size", 1) > 1:
+        chunks = run["micro_batch"]  # the MoE auxiliary loss is per pipeline microbatch
+    data = token_data(run["samples"])
+    return train_reference(build_module(run["model"]), data, run["steps"], run["micro_batch"] * dp,
+                           shuffle=shuffle, chunks=chunks)["losses"]
+
+
+def _assert_parity(results: dict[str, Any], run: dict[str, Any], dp: int, shuffle: bool = True) -> None:
+    got = results[run["name"]]["losses"]
+    ref = _reference(run, dp, shuffle)
+    assert len(got) == run["steps"], (run["name"], got)
+    assert max_relative_diff(got, ref) <= RTOL, (run["name"], results[run["name"]].get("layout"), got, ref)
+
+
+# --------------------------------------------------------------------------- Lightning's launcher, 2 processes
+RUNS_2 = [
+    _run("dp_fsdp", 2, strategy={"data_parallel_mode": "fsdp"}),
+    _run("dp_ddp", 2, strategy={"data_parallel_mode": "ddp"}),
+    _run("tp2", 1, strategy={"tensor_parallel_size": 2}),
+    _run("tp2_gpt", 1, model={"kind": "gpt"}, strategy={"tensor_parallel_size": 2}),
+    _run("pp2", 1, strategy={"pipeline_parallel_size": 2}),
+    _run("ep2", 2, model={"kind": "moe"}, strategy={"expert_parallel_size": 2}),
+]
+
+
+@pytest.fixture(scope="module")
+def lightning2(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("lightning2"), {"devices": 2, "runs": RUNS_2})
+
+
+@pytest.mark.parametrize("run", RUNS_2, ids=[r["name"] for r in RUNS_2])
+def test_lightning_launcher_2_processes(lightning2, run):
+    dp = 2 // run["strategy"].get("tensor_parallel_size", 1) // run["strategy"].get("pipeline_parallel_size", 1)
+    assert lightning2[run["name"]]["world_size"] == 2
+    _assert_parity(lightning2, run, dp)
+
+
+# --------------------------------------------------------------------------- Lightning's launcher, 8 processes
+# Full 3D (pp=2 x dp=2 x tp=2) for the reference Llama and for a GPT only the data-flow detector can
+# plan (each pipeline stage applies the plan's entries for the blocks it holds), experts with tensor
+# parallelism, and a 3D checkpoint resumed by a second fit in the same script.
+THREE_D = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}
+RUNS_8 = [
+    _run("3d_llama", 2, strategy=THREE_D),
+    _run("3d_gpt", 2, model={"kind": "gpt"}, strategy=THREE_D),
+    _run("ep2_tp2", 4, model={"kind": "moe"}, strategy={"expert_parallel_size": 2, "tensor_parallel_size": 2}),
+    # One global batch per epoch (dp=2 x micro 2 = 4 samples), so the resume is at an epoch boundary.
+    {**_run("3d_checkpointed", 2, strategy=THREE_D), "samples": 4, "checkpoint_every": 2},
+    {**_run("3d_resumed", 2, strategy=THREE_D), "samples": 4, "resume": "3d_checkpointed@2"},
+]
+
+
+@pytest.fixture(scope="module")
+def lightning8(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("lightning8"), {"devices": 8, "runs": RUNS_8}, timeout=1200)
+
+
+@pytest.mark.parametrize("run", RUNS_8[:3], ids=[r["name"] for r in RUNS_8[:3]])
+def test_lightning_launcher_8_processes(lightning8, run):
+    s = run["strategy"]
+    dp = 8 // s.get("tensor_parallel_size", 1) // s.get("pipeline_parallel_size", 1)
+    assert lightning8[run["name"]]["world_size"] == 8
+    _assert_parity(lightning8, run, dp)
+
+
+def test_3d_checkpoint_resumes_where_it_stopped(lightning8):
+    full = lightning8["3d_checkpointed"]["losses"]
+    resumed = lightning8["3d_resumed"]["losses"]
+    assert len(full) == STEPS and len(resumed) == STEPS - 2, (full, resumed)
+    assert max_relative_diff(resumed, full[2:]) <= RTOL, (resumed, full)
+    _assert_parity(lightning8, RUNS_8[3], dp=2)
+
+
+# --------------------------------------------------------------------------- precision plugin and monitoring
+BF16_MODEL = {"kind": "llama", "config": {"num_layers": 4}, "lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def with_plugins(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("plugins")
+    # bf16 asked for explicitly: "auto" picks fp32 on CPUs without native bf16 (no avx512_bf16/amx).
+    runs = [_run("adaptive_bf16", 2, model=BF16_MODEL, precision={"mode": "bf16"}), _run("monitored", 2, model={"kind": "moe"}, monitoring=True)]
+    return tmp, _launch(tmp, {"devices": 2, "runs": runs})
+
+
+def _global_order(data: torch.Tensor) -> torch.Tensor:
+    """The samples in the order Lightning's DistributedSampler hands them out (seed 0, first epoch)."""
+    return data[torch.randperm(len(data), generator=torch.Generator().manual_seed(0))]
+
+
+def test_precision_plugin_matches_one_process_with_the_plugin(with_plugins):
+    import lightning as L
+    from torch.utils.data import DataLoader
+
+    from picotron_lightning import AdaptivePrecision
+
+    _, results = with_plugins
+    data = _global_order(token_data(STEPS * MICRO * 2))
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            losses.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, plugins=[AdaptivePrecision(mode="bf16")], max_steps=STEPS, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Record()])
+    trainer.fit(build_module(BF16_MODEL), DataLoader(list(data), batch_size=4))
+    got = results["adaptive_bf16"]
+    assert got["precision_mode"] == "bf16"
+    # bf16 rounds differently on per-rank matmul shapes than in one process: a bf16 tolerance, not fp32's.
+    assert max_relative_diff(got["losses"], losses) <= 1e-3, (got["losses"], losses)
+
+
+def test_monitoring_callbacks_write_their_tensorboard_tags(with_plugins):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tmp, results = with_plugins
+    _assert_parity(results, _run("monitored", 2, model={"kind": "moe"}), dp=2)
+    events = list((tmp / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("train/loss", "throughput/tokens_per_sec", "throughput/mfu", "grad/norm", "memory/host_rss_gb",
+                "moe/load_imbalance"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert any(t.startswith("weights/") for t in acc.Tags()["histograms"])
+
+
+# --------------------------------------------------------------------------- other ways to start the ranks
+def test_fabric_launch_from_a_plain_script(tmp_path):
+    runs = [_run("fabric_dp", 2), _run("fabric_tp2", 1, strategy={"tensor_parallel_size": 2})]
+    results = _launch(tmp_path, {"devices": 2, "api": "fabric", "runs": runs})
+    for run, dp in zip(runs, (2, 1), strict=True):
+        _assert_parity(results, run, dp, shuffle=False)  # Fabric's sampler keeps the loader's order
+
+
+def test_spawn_start_method(tmp_path):
+    run = _run("spawn_tp2", 1, strategy={"tensor_parallel_size": 2})
+    _assert_parity(_launch(tmp_path, {"devices": 2, "start_method": "spawn", "runs": [run]}), run, 1)
+
+
+def test_torchrun(tmp_path):
+    run = _run("torchrun_tp2_dp2", 2, strategy={"tensor_parallel_size": 2})
+    spec_file, out = tmp_path / "spec.json", tmp_path / "results.json"
+    spec_file.write_text(json.dumps({"devices": 4, "runs": [run]}))
+    run_script("torch.distributed.run", "--standalone", "--nproc-per-node=4", SCRIPTS / "train.py", spec_file, out,
+               module=True, timeout=900, cwd=tmp_path)
+    results = json.loads(out.read_text())
+    assert results[run["name"]]["world_size"] == 4
+    _assert_parity(results, run, 2)
+
+
+def test_two_nodes_of_lightning_launcher(tmp_path):
+    """num_nodes=2 x devices=2: the script started once per node, as a user does on each machine."""
+    import subprocess
+
+    run = _run("nodes_tp2_dp2", 2, strategy={"tensor_parallel_size": 2})
+    spec_file, out = tmp_path / "spec.json", tmp_path / "results.json"
+    spec_file.write_text(json.dumps({"devices": 2, "num_nodes": 2, "runs": [run]}))
+    port = str(free_port())
+    node1 = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "train.py"), str(spec_file), str(tmp_path / "node1.json")], cwd=tmp_path,
+        env=user_environment(NODE_RANK="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        run_script(SCRIPTS / "train.py", spec_file, out, timeout=900, cwd=tmp_path,
+                   env=user_environment(NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+        node1_output, _ = node1.communicate(timeout=120)
+        assert node1.returncode == 0, node1_output[-4000:]
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    results = json.loads(out.read_text())
+    assert results[run["name"]]["world_size"] == 4
+    _assert_parity(results, run, 2)
