@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from picotron_lightning.parallel.structure import find_main_block_stack
 from picotron_lightning.parallel.tp_plans import TensorParallelPlan, resolve_plan
 from picotron_lightning.parallel.tp_validate import validate_plan
 from picotron_lightning.topology import LayoutError

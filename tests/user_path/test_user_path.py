@@ -135,7 +135,8 @@ BF16_MODEL = {"kind": "llama", "config": {"num_layers": 4}, "lr": 3e-3}
 def with_plugins(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
     tmp = tmp_path_factory.mktemp("plugins")
     # bf16 asked for explicitly: "auto" picks fp32 on CPUs without native bf16 (no avx512_bf16/amx).
-    runs = [_run("adaptive_bf16", 2, model=BF16_MODEL, precision={"mode": "bf16"}), _run("monitored", 2, model={"kind": "moe"}, monitoring=True)]
+    runs = [_run("adaptive_bf16", 2, model=BF16_MODEL, precision={"mode": "bf16"}),
+            _run("monitored", 2, model={"kind": "moe"}, monitoring=True)]
     return tmp, _launch(tmp, {"devices": 2, "runs": runs})
 
 
@@ -158,8 +159,8 @@ def test_precision_plugin_matches_one_process_with_the_plugin(with_plugins):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
             losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, plugins=[AdaptivePrecision(mode="bf16")], max_steps=STEPS, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(accelerator="cpu", devices=1, plugins=[AdaptivePrecision(mode="bf16")], max_steps=STEPS,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[Record()])
     trainer.fit(build_module(BF16_MODEL), DataLoader(list(data), batch_size=4))
     got = results["adaptive_bf16"]
