@@ -169,7 +169,7 @@ def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, sequ
         parallelize_module(module, mesh, _style(kind, module, sequence_parallel, loss_parallel))
     if sequence_parallel:
         assert plan.block_stack is not None  # resolve_sequence_parallel turns SP off without one
-        blocks = list(root.get_submodule(plan.block_stack))
+        blocks = list(root.get_submodule(plan.block_stack).children())
         if blocks:
             _install_sequence_region(blocks[0], blocks[-1], mesh)
 
