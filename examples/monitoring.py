@@ -83,8 +83,10 @@ def main() -> None:
     )
     # Lightning adds a DistributedSampler (shuffling) under picotron3d; one device reads in order.
     trainer.fit(CausalLMModule(args.preset, learning_rate=3e-3), DataLoader(data, batch_size=args.batch_size))
-    if trainer.is_global_zero:
-        print(f"TensorBoard logs: {trainer.log_dir}")
+    # The logger's own log_dir: Trainer.log_dir is a collective, and the other ranks have finished.
+    if trainer.is_global_zero and trainer.logger is not None:
+        print(f"TensorBoard logs are in {trainer.logger.log_dir}; open them with: "
+              f"tensorboard --logdir {trainer.logger.log_dir}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ def main() -> None:
     # Many CPU ranks on few cores: one thread each avoids oversubscription.
     if os.environ.get("OMP_NUM_THREADS") is None:
         torch.set_num_threads(1)
-    LightningCLI(CausalLMModule, StdlibDataModule, save_config_kwargs={"overwrite": True})
+    cli = LightningCLI(CausalLMModule, StdlibDataModule, save_config_kwargs={"overwrite": True})
+    trainer, logger = cli.trainer, cli.trainer.logger
+    # The logger's own log_dir: Trainer.log_dir is a collective, and the other ranks have finished.
+    if trainer.is_global_zero and logger is not None and logger.log_dir is not None:
+        print(f"TensorBoard logs are in {logger.log_dir}; open them with: tensorboard --logdir {logger.save_dir}")
 
 
 if __name__ == "__main__":

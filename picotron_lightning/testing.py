@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -154,28 +155,32 @@ def run_script(
 
     The script gets :func:`user_environment` (or ``env``), so whatever it starts (Lightning's launcher,
     ``fabric.launch()``) starts the ranks. ``module=True`` runs ``python -m script`` (e.g. torchrun).
-    The script and every rank it started run in a new process group that is killed at ``timeout``:
-    a hang fails the test with the output so far instead of blocking CI.
+    The script and every rank it started run in a new process group, killed when the script ends or at
+    ``timeout``: a hang fails the test with the output so far instead of blocking CI, and no rank outlives it.
     """
     command = [sys.executable, *(["-m", str(script)] if module else [str(script)]), *map(str, args)]
-    proc = subprocess.Popen(command, cwd=cwd, env=env if env is not None else user_environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        output, _ = proc.communicate()
-        raise TimeoutError(f"`{' '.join(command)}` did not finish within {timeout:.0f}s (hang?); output:\n"
-                           f"{output[-6000:]}") from None
-    finally:
-        try:  # ranks left behind by a failed launcher
+    # Output goes to a file, not a pipe: ranks left behind by a launcher that died would hold a pipe open.
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(command, cwd=cwd, env=env if env is not None else user_environment(),
+                                stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        try:  # the launcher is done (or out of time): whatever it started goes with it
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    result = subprocess.CompletedProcess(command, proc.returncode, output, "")
+        proc.wait()
+        log.seek(0)
+        output = log.read()
+    if timed_out:
+        raise TimeoutError(f"`{' '.join(command)}` did not finish within {timeout:.0f}s (hang?); output:\n"
+                           f"{output[-6000:]}")
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(command)}` exited with {proc.returncode}; output:\n{output[-8000:]}")
-    return result
+    return subprocess.CompletedProcess(command, proc.returncode, output, "")
 
 
 def token_data(num_samples: int, seq_len: int = 16, vocab_size: int = 256, seed: int = 1234):  # noqa: ANN201

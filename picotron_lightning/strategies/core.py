@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
+import warnings
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,6 +43,22 @@ def _as_dtype(name: str, value: str | torch.dtype | None) -> torch.dtype | None:
     if value not in _DTYPES:
         raise ValueError(f"`{name}={value!r}` is not a dtype; use one of {sorted(_DTYPES)} or a torch.dtype.")
     return _DTYPES[value]
+
+
+# Libraries whose warnings every rank repeats word for word: the same code on the same configuration.
+_LIBRARY_MODULES = r"(torch|lightning|lightning_fabric|pytorch_lightning|lightning_utilities)(\.|$)"
+
+
+def show_library_warnings_once(rank: int) -> None:
+    """Let only global rank 0 print torch's and Lightning's warnings, so 8 ranks do not print each one 8 times.
+
+    Lightning does the same for its own messages (``rank_zero_warn``). The package's own warnings and
+    everything else stay on every rank. A user who chose warning filters (``python -W ...`` or
+    ``PYTHONWARNINGS``) keeps exactly those.
+    """
+    if rank == 0 or sys.warnoptions:
+        return
+    warnings.filterwarnings("ignore", module=_LIBRARY_MODULES)
 
 
 class Picotron3DCore:
@@ -235,6 +253,7 @@ class Picotron3DCore:
         rank = self.global_rank
         rank_zero_only.rank = pl_rank_zero_only.rank = utils_rank_zero_only.rank = rank  # type: ignore[attr-defined]
         self._resolve_layout(self._world_size_from_environment())
+        show_library_warnings_once(rank)
         self._check_pipeline_model(module)  # more stages than blocks fails here, not in a collective
         device = self.root_device
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
