@@ -52,7 +52,7 @@ def _measure(rank: int, world: int, schedule: str, microbatches: int, virtual: i
     from picotron_lightning.testing import init_gloo
 
     init_gloo(rank, world)
-    options = PipelineOptions(schedule, microbatches, virtual)
+    options = PipelineOptions(schedule=schedule, num_microbatches=microbatches, virtual_stages=virtual)
     ids = stage_ids(rank, world, options)
     num_stages = world * options.stages_per_rank
     meter = BubbleMeter()

@@ -21,13 +21,14 @@ def _measure(rank: int, world: int, preset: str) -> dict:
 
     from picotron_lightning.models.llama import Llama, llama_config
     from picotron_lightning.parallel.tensor import apply_tensor_parallel
+    from picotron_lightning.parallel.tensor_options import TensorParallelOptions
 
     config = llama_config(preset, num_kv_heads=llama_config(preset).num_heads) if world > 2 else llama_config(preset)
     torch.manual_seed(0)
     model = Llama(config)
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-    plan = apply_tensor_parallel(model, mesh["tp"], {"sequence_parallel": "auto"})
+    plan = apply_tensor_parallel(model, mesh["tp"], TensorParallelOptions())
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
                 for p in model.parameters())
     return {"full": full, "local": local, "sequence_parallel": plan.sequence_parallel,

@@ -12,7 +12,8 @@ ranks each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
 SizeArg = int | Literal["auto"]
 
 MESH_DIM_NAMES = ("pp", "dp", "tp")
+HSDP_MESH_DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
 EXPERT_MESH_DIM_NAMES = ("pp", "ep_replicate", "ep", "tp")
 
 
@@ -62,7 +64,8 @@ class ParallelLayout:
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     expert_parallel_size: int = 1
-    context_parallel_size: int = 1  # reserved: context parallelism is not implemented yet
+    # Reserved, not a strategy argument yet: context parallelism is not implemented.
+    context_parallel_size: int = field(default=1, metadata={"flat": None})
 
     def __post_init__(self) -> None:
         _check_positive_int("data_parallel_size", self.data_parallel_size, allow_auto=True)
@@ -154,12 +157,37 @@ class ParallelLayout:
         return (pp * self.dp + dp) * self.tp + tp
 
     # ------------------------------------------------------------------ meshes
-    def build_device_mesh(self, device_type: str) -> DeviceMesh:
-        """The ``(pp, dp, tp)`` DeviceMesh over all ranks. Creates process groups: call on every rank."""
+    def hsdp_shard_size(self, requested: int | Literal["auto"], local_processes: int) -> int:
+        """Ranks per HSDP shard group: ``requested``, or for ``"auto"`` the data-parallel ranks of one node.
+
+        Raises `LayoutError` (before any process group exists) if it does not divide ``dp``.
+        """
+        self._require_resolved()
+        shard = requested
+        if shard == "auto":
+            shard = math.gcd(self.dp, max(1, local_processes // (self.tp * self.pp)))
+        if self.dp % shard:
+            raise LayoutError(
+                f"hsdp_shard_size={shard} must divide data_parallel_size={self.dp}; sizes that would work: "
+                f"{_divisors(self.dp)}."
+            )
+        return shard
+
+    def build_device_mesh(self, device_type: str, hsdp_shard_size: int | None = None) -> DeviceMesh:
+        """The ``(pp, dp, tp)`` DeviceMesh over all ranks. Creates process groups: call on every rank.
+
+        With ``hsdp_shard_size`` the mesh is ``(pp, dp_replicate, dp_shard, tp)`` and ``dp`` is the
+        flattened ``dp_replicate x dp_shard``, so every other step still reads ``mesh["dp"]``.
+        """
         from torch.distributed.device_mesh import init_device_mesh
 
         self._require_resolved()
-        return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIM_NAMES)
+        if hsdp_shard_size is None:
+            return init_device_mesh(device_type, (self.pp, self.dp, self.tp), mesh_dim_names=MESH_DIM_NAMES)
+        shape = (self.pp, self.dp // hsdp_shard_size, hsdp_shard_size, self.tp)
+        mesh = init_device_mesh(device_type, shape, mesh_dim_names=HSDP_MESH_DIM_NAMES)
+        mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        return mesh
 
     def build_expert_mesh(self, device_type: str) -> DeviceMesh:
         """The ``(pp, ep_replicate, ep, tp)`` view used by expert parallelism.

@@ -35,7 +35,7 @@ def test_strategy_by_class_path_with_arguments():
     strategy = cli.trainer.strategy
     assert isinstance(strategy, Picotron3DStrategy)
     assert strategy.layout.pp == 2 and strategy.layout.dp == 1
-    assert strategy._parallel_config.data_parallel.mode == "fsdp"
+    assert strategy.options.data_parallel.mode == "fsdp"
 
 
 def test_cli_reports_bad_size_by_name():

@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -29,18 +29,54 @@ DATA_PARALLEL_MODES = ("auto", "fsdp", "ddp", "hsdp")
 REPLICATE_MEMORY_SHARE = 0.25
 
 
-@dataclass(frozen=True)
-class DataParallelConfig:
+_DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32, "32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16, "16": torch.float16,
+}
+
+
+def as_dtype(name: str, value: str | torch.dtype | None) -> torch.dtype | None:
+    """``"bf16"``, ``"fp32"``... or a ``torch.dtype`` -> ``torch.dtype``; an error naming ``name`` otherwise."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    if value not in _DTYPES:
+        raise ValueError(f"`{name}={value!r}` is not a dtype; use one of {sorted(_DTYPES)} or a torch.dtype.")
+    return _DTYPES[value]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallelOptions:
     """Options of the data-parallel step (the strategy's arguments of the same names)."""
 
-    mode: DataParallelMode = "auto"
+    mode: DataParallelMode = field(default="auto", metadata={"flat": "data_parallel_mode"})
+    """``"fsdp"`` (FSDP2 ``fully_shard``), ``"ddp"``, ``"hsdp"`` (replicate across groups of ``hsdp_shard_size``
+    ranks that shard), or ``"auto"``: replicate while parameters, gradients and optimizer state fit comfortably
+    in one device's memory (and nothing is a DTensor), shard otherwise."""
+
+    hsdp_shard_size: int | Literal["auto"] = "auto"
+    """Ranks that shard within one HSDP replica; ``"auto"``: the data-parallel ranks of one node."""
+
     reshard_after_forward: bool = True
-    param_dtype: torch.dtype | None = None
+    """FSDP frees gathered weights after forward: less memory, one more all-gather in backward."""
+
     reduce_dtype: torch.dtype | None = None
+    """Dtype of gradient reduction (``"fp32"`` reduces bf16 gradients in fp32); a string is converted."""
+
+    param_dtype: torch.dtype | None = None
+    """Dtype FSDP gathers parameters in for compute; ``None`` keeps the stored dtype."""
 
     def __post_init__(self) -> None:
         if self.mode not in DATA_PARALLEL_MODES:
-            raise ValueError(f"`data_parallel_mode={self.mode!r}` is not one of {DATA_PARALLEL_MODES}.")
+            raise ValueError(
+                f"`data_parallel_mode={self.mode!r}` is not supported; use one of {DATA_PARALLEL_MODES}."
+            )
+        shard = self.hsdp_shard_size
+        if shard != "auto" and (isinstance(shard, bool) or not isinstance(shard, int) or shard < 1):
+            raise ValueError(f"`hsdp_shard_size` must be a positive integer or 'auto', got {shard!r}.")
+        # Strings from the command line become dtypes once, here.
+        object.__setattr__(self, "reduce_dtype", as_dtype("reduce_dtype", self.reduce_dtype))
+        object.__setattr__(self, "param_dtype", as_dtype("param_dtype", self.param_dtype))
 
 
 def device_memory_bytes(device: torch.device, local_processes: int = 1) -> int:
@@ -71,13 +107,13 @@ def resolve_mode(
     return "ddp" if training_state_bytes(module) <= budget else "fsdp"
 
 
-def _mp_policy(config: DataParallelConfig):  # noqa: ANN202 - torch type imported lazily
+def _mp_policy(config: DataParallelOptions):  # noqa: ANN202 - torch type imported lazily
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=config.param_dtype, reduce_dtype=config.reduce_dtype)
 
 
-def fully_shard_units(root: nn.Module, units: Iterable[nn.Module], dp_mesh, config: DataParallelConfig) -> nn.Module:  # noqa: ANN001
+def fully_shard_units(root: nn.Module, units: Iterable[nn.Module], dp_mesh, config: DataParallelOptions) -> nn.Module:  # noqa: ANN001
     """Make each of ``units`` an FSDP2 unit, then ``root`` the root unit, over ``dp_mesh``, in place.
 
     ``dp_mesh`` is 1-D for FSDP or 2-D (replicate x shard) for HSDP. Expert-parallel weights are
@@ -118,7 +154,7 @@ def _expect_tensor_parallel_view_output(unit: nn.Module) -> None:
                             category=UserWarning)
 
 
-def apply_fsdp(root: nn.Module, dp_mesh, config: DataParallelConfig) -> nn.Module:  # noqa: ANN001
+def apply_fsdp(root: nn.Module, dp_mesh, config: DataParallelOptions) -> nn.Module:  # noqa: ANN001
     """Shard ``root``: one unit per repeated block, one per other top-level child with parameters."""
     units: list[nn.Module] = []
     covered: set[int] = set()

@@ -52,7 +52,7 @@ from picotron_lightning.parallel.pp_stage import BlockView, StageModule
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from picotron_lightning.parallel.data import DataParallelConfig
+    from picotron_lightning.parallel.data import DataParallelOptions
     from picotron_lightning.topology import ParallelLayout
 
 
@@ -194,7 +194,7 @@ class PipelineRuntime:
             ]
         return self._traced[signature]
 
-    def apply_data_parallel(self, mesh: DeviceMesh, layout: ParallelLayout, config: DataParallelConfig,
+    def apply_data_parallel(self, mesh: DeviceMesh, layout: ParallelLayout, config: DataParallelOptions,
                             device: torch.device, local_processes: int) -> tuple[nn.Module, str]:
         """FSDP2 (stage module as root) or DDP over ``dp`` for each stage; returns the root and mode."""
         from picotron_lightning.parallel.data import fully_shard_units

@@ -17,68 +17,15 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Any
 
+from picotron_lightning.parallel.pipeline_options import PipelineOptions
 from picotron_lightning.topology import LayoutError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
-_MULTI = ("interleaved_1f1b", "zero_bubble", "zbv")
-SPLITS = ("structural", "trace")
 # A bubble above this share of the step gets a warning when the microbatch count was chosen for the user.
 LARGE_BUBBLE = 0.25
 # Microbatches per stage the default aims for: (P-1)/(4P+P-1) is about 20%.
 TARGET_MICROBATCHES_PER_STAGE = 4
-
-
-@dataclass(frozen=True)
-class PipelineOptions:
-    """The strategy's pipeline arguments, checked at construction.
-
-    Args:
-        schedule: one of :data:`SCHEDULES`.
-        num_microbatches: microbatches per step and rank; ``None`` derives it from the local batch.
-        virtual_stages: model chunks per rank; ``None`` means 1, or 2 for the interleaved schedules.
-        split: ``"structural"`` (default: the model's own forward per stage, composes with FSDP2/TP/EP) or
-            ``"trace"`` (``torch.export`` graph split by ``torch.distributed.pipelining.pipeline``, pp alone);
-            both keep parameter names, so checkpoints move between pipeline sizes and splitters.
-    """
-
-    schedule: str = "1f1b"
-    num_microbatches: int | None = None
-    virtual_stages: int | None = None
-    split: str = "structural"
-
-    def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise LayoutError(f"`pipeline_schedule={self.schedule!r}` is not supported; use one of {SCHEDULES}.")
-        for name in ("num_microbatches", "virtual_stages"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise LayoutError(f"`{name}` must be a positive integer or None, got {value!r}.")
-        if self.split not in SPLITS:
-            raise LayoutError(
-                f"`pipeline_split={self.split!r}` is not supported; use one of {SPLITS} (a model neither can read "
-                "can declare its stages with `configure_pipeline_stages()` and 'structural')."
-            )
-        v = self.stages_per_rank
-        if self.schedule in ("gpipe", "1f1b") and v != 1:
-            raise LayoutError(
-                f"`virtual_stages={v}` needs an interleaved schedule; with pipeline_schedule={self.schedule!r} "
-                "use virtual_stages=1, or pipeline_schedule='interleaved_1f1b'."
-            )
-        if self.schedule == "zbv" and v != 2:
-            raise LayoutError(f"pipeline_schedule='zbv' places exactly 2 stages per rank; got virtual_stages={v}.")
-
-    @property
-    def stages_per_rank(self) -> int:
-        if self.virtual_stages is not None:
-            return self.virtual_stages
-        return 2 if self.schedule in _MULTI else 1
-
-    @property
-    def is_multi(self) -> bool:
-        return self.schedule in _MULTI
 
 
 def stage_ids(pp_rank: int, pp: int, options: PipelineOptions) -> list[int]:

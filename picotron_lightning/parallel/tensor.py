@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from picotron_lightning.parallel.tensor_options import TensorParallelOptions
 from picotron_lightning.parallel.tp_plans import TensorParallelPlan, resolve_plan
 from picotron_lightning.parallel.tp_validate import validate_plan
 from picotron_lightning.topology import LayoutError
@@ -147,15 +148,15 @@ def _untie(root: nn.Module, plan: TensorParallelPlan) -> None:
                 plan.styles.pop(e, None)
 
 
-def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, sequence_parallel: bool,
-               loss_parallel: bool) -> None:
-    """Shard ``root`` in place according to ``plan`` over the 1-D ``mesh``.
+def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss_parallel: bool = False) -> None:
+    """Shard ``root`` in place according to ``plan`` (from :func:`plan_tensor_parallel`) over the 1-D ``mesh``.
 
     ``root`` may be one pipeline stage of the model the plan was made for: entries naming modules
     the stage does not hold are skipped, and the sequence-parallel region spans the blocks it holds.
     """
     from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
+    sequence_parallel = plan.sequence_parallel
     modules = dict(root.named_modules())
     for name, kind in plan.styles.items():
         module = modules.get(name)
@@ -174,35 +175,27 @@ def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, sequ
             _install_sequence_region(blocks[0], blocks[-1], mesh)
 
 
-def plan_tensor_parallel(root: nn.Module, tp: int, options: dict[str, Any]) -> TensorParallelPlan:
+def plan_tensor_parallel(root: nn.Module, tp: int, options: TensorParallelOptions) -> TensorParallelPlan:
     """Find and validate the plan for the whole ``root`` at ``tp``; changes nothing and communicates nothing.
 
     Runs before the pipeline split, on the whole model, so every plan source (``tp_plan=``, the module
     hook, Hugging Face, the reference model, the detector) sees every block; each stage then applies
     the entries it holds (:func:`apply_plan`). Raises identically on every rank.
-
-    ``options``: ``plan`` (user plan or None), ``sequence_parallel`` (bool or "auto"), ``loss_parallel`` (bool).
     """
-    plan = resolve_plan(root, options.get("plan"))
+    plan = resolve_plan(root, options.plan)
     _untie(root, plan)
-    if options.get("loss_parallel") and not plan.modules_with("head"):
+    if options.loss_parallel and not plan.modules_with("head"):
         raise LayoutError(f"loss_parallel=True needs a vocabulary-parallel output head; the {plan.source} plan "
                           "has none. Mark it 'head' in tp_plan= or use loss_parallel=False.")
     validate_plan(root, plan, tp)
-    plan.sequence_parallel = resolve_sequence_parallel(plan, options.get("sequence_parallel", "auto"))
+    plan.sequence_parallel = resolve_sequence_parallel(plan, options.sequence_parallel)
     return plan
 
 
-def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, options: dict[str, Any],
-                          plan: TensorParallelPlan | None = None) -> TensorParallelPlan:
-    """Shard ``root`` (the whole model or one pipeline stage) over the ``tp`` ``mesh``; returns the plan used.
-
-    ``plan`` comes from :func:`plan_tensor_parallel` on the whole model; without it the plan is made
-    from ``root`` itself (which must then be the whole model).
-    """
-    if plan is None:
-        plan = plan_tensor_parallel(root, mesh.size(), options)
-    apply_plan(root, mesh, plan, plan.sequence_parallel, bool(options.get("loss_parallel")))
+def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, options: TensorParallelOptions) -> TensorParallelPlan:
+    """Plan and shard a whole model over the ``tp`` ``mesh`` in one call; returns the plan used."""
+    plan = plan_tensor_parallel(root, mesh.size(), options)
+    apply_plan(root, mesh, plan, options.loss_parallel)
     return plan
 
 

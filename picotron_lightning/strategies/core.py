@@ -8,42 +8,25 @@ the two strategy classes only adapt it to their framework's hooks.
 from __future__ import annotations
 
 import dataclasses
-import math
 import sys
 import warnings
 from contextlib import contextmanager
-from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from picotron_lightning.parallel.data import DATA_PARALLEL_MODES, DataParallelConfig, set_gradient_sync
+from picotron_lightning.options import Picotron3DOptions
+from picotron_lightning.parallel.data import DataParallelOptions, set_gradient_sync
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
-from picotron_lightning.parallel.pp_schedule import PipelineOptions
-from picotron_lightning.strategies.parallelize import ParallelConfig, ParallelModel, parallelize
-from picotron_lightning.topology import LayoutError, ParallelLayout, SizeArg
+from picotron_lightning.strategies.parallelize import ParallelModel, parallelize
+from picotron_lightning.topology import ParallelLayout
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from picotron_lightning.parallel.pipeline import PipelineRuntime
-
-_DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32, "32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16, "16": torch.float16,
-}
-
-
-def _as_dtype(name: str, value: str | torch.dtype | None) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
-        return value
-    if value not in _DTYPES:
-        raise ValueError(f"`{name}={value!r}` is not a dtype; use one of {sorted(_DTYPES)} or a torch.dtype.")
-    return _DTYPES[value]
-
 
 # Libraries whose warnings every rank repeats word for word: the same code on the same configuration.
 _LIBRARY_MODULES = r"(torch|lightning|lightning_fabric|pytorch_lightning|lightning_utilities)(\.|$)"
@@ -64,111 +47,26 @@ def show_library_warnings_once(rank: int) -> None:
 class Picotron3DCore:
     """Parallelism shared by :class:`Picotron3DStrategy` and :class:`Picotron3DFabricStrategy`.
 
-    Args:
-        data_parallel_size: ranks that each hold a model replica (or shard of one); ``"auto"`` fills
-            whatever the other sizes leave of the world size.
-        tensor_parallel_size: ranks that split each layer Megatron-style (neighbouring ranks).
-        pipeline_parallel_size: stages the layers are split into.
-        expert_parallel_size: ranks (taken from the data-parallel ones) that split the experts of MoE layers.
-        data_parallel_mode: ``"fsdp"`` (FSDP2 ``fully_shard``), ``"ddp"``, ``"hsdp"`` (replicate across
-            groups of ``hsdp_shard_size`` ranks that shard), or ``"auto"``: replicate while parameters,
-            gradients and optimizer state fit comfortably in one device's memory, shard otherwise.
-        hsdp_shard_size: ranks that shard within one HSDP replica (default: the data-parallel ranks of a node).
-        reshard_after_forward: FSDP frees gathered weights after forward (less memory, one more all-gather).
-        reduce_dtype: dtype of gradient reduction (e.g. ``"fp32"`` to reduce bf16 gradients in fp32).
-        param_dtype: dtype FSDP gathers parameters in for compute (``None`` keeps the stored dtype).
-        process_group_backend: ``"gloo"`` or ``"nccl"``; default by device.
-        timeout: timeout of every collective; a stuck rank fails the run after this long.
-        activation_checkpointing: recompute each transformer block's activations in backward
-            (less activation memory for about one more forward pass of compute).
-        tp_plan: tensor-parallel plan, ``{"module.name.pattern": style}`` with styles ``"colwise"``,
-            ``"rowwise"``, ``"embedding"``, ``"head"``, ``"norm"`` or a ``ParallelStyle``; ``*`` matches one
-            name part. Default: the LightningModule's ``tensor_parallel_plan()`` hook, the Hugging Face
-            model's own plan, the reference Llama's, or one detected from the blocks' data flow.
-        sequence_parallel: split norms (and the residual stream) along the sequence between the tp ranks;
-            ``"auto"`` turns it on for pre-norm blocks. Needs the sequence length divisible by tp.
-        loss_parallel: keep the logits sharded over the vocabulary and compute ``F.cross_entropy`` on the
-            shards (no gathered logits). Opt-in: the step must pass the logits straight to
-            ``F.cross_entropy``/``F.nll_loss`` (see docs/tensor_parallel.md).
-        pipeline_schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved_1f1b"``, ``"zero_bubble"`` or
-            ``"zbv"`` (see docs/pipeline_parallel.md).
-        num_microbatches: microbatches each step's local batch is cut into under pipeline parallelism;
-            ``None`` derives it from the batch (aiming at 4 x pipeline_parallel_size).
-        virtual_stages: model chunks per pipeline rank (interleaved schedules; default 2 there, else 1).
-        pipeline_split: ``"structural"`` (default) or ``"trace"`` (``torch.export`` split with
-            ``torch.distributed.pipelining``; pipeline parallelism alone). Both keep parameter names.
+    The strategies' flat keyword arguments become one :class:`~picotron_lightning.options.Picotron3DOptions`
+    (validated once, at construction); each field's docstring there says what it does.
     """
 
-    def _init_core(
-        self,
-        data_parallel_size: SizeArg,
-        tensor_parallel_size: int,
-        pipeline_parallel_size: int,
-        expert_parallel_size: int,
-        data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"],
-        hsdp_shard_size: SizeArg,
-        reshard_after_forward: bool,
-        reduce_dtype: str | torch.dtype | None,
-        param_dtype: str | torch.dtype | None,
-        process_group_backend: str | None,
-        timeout: timedelta | None,
-        *,
-        tp_plan: dict[str, Any] | None = None,
-        sequence_parallel: bool | Literal["auto"] = "auto",
-        loss_parallel: bool = False,
-        pipeline_schedule: str = "1f1b",
-        num_microbatches: int | None = None,
-        virtual_stages: int | None = None,
-        pipeline_split: str = "structural",
-        activation_checkpointing: bool = False,
-    ) -> None:
-        # Validate argument types now, at construction: the user sees the error before any launch.
-        self._requested_layout = ParallelLayout(
-            data_parallel_size, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size
-        )
-        if data_parallel_mode not in DATA_PARALLEL_MODES:
-            raise ValueError(
-                f"`data_parallel_mode={data_parallel_mode!r}` is not supported; use one of {DATA_PARALLEL_MODES}."
-            )
-        if data_parallel_mode == "ddp" and pipeline_parallel_size != 1:
-            # DDP's reducer expects one backward per forward; a pipeline schedule runs several
-            # microbatches per step and DDP's bucket rebuild fails on them. FSDP2 handles this.
-            raise ValueError(
-                "data_parallel_mode='ddp' is not supported with pipeline_parallel_size > 1; use 'fsdp' or 'hsdp' "
-                "('auto' picks fsdp under pipeline parallelism)."
-            )
-        if hsdp_shard_size != "auto" and (not isinstance(hsdp_shard_size, int) or hsdp_shard_size < 1):
-            raise ValueError(f"`hsdp_shard_size` must be a positive integer or 'auto', got {hsdp_shard_size!r}.")
-        self._hsdp_shard_size = hsdp_shard_size
-        self._parallel_config = ParallelConfig(
-            data_parallel=DataParallelConfig(
-                mode=data_parallel_mode,
-                reshard_after_forward=reshard_after_forward,
-                param_dtype=_as_dtype("param_dtype", param_dtype),
-                reduce_dtype=_as_dtype("reduce_dtype", reduce_dtype),
-            )
-        )
-        if sequence_parallel not in (True, False, "auto"):
-            raise ValueError(f"`sequence_parallel` must be True, False or 'auto', got {sequence_parallel!r}.")
-        if tp_plan is not None and not isinstance(tp_plan, dict):
-            raise ValueError(f"`tp_plan` must be a dict of module-name pattern -> style, got {type(tp_plan).__name__}.")
-        self._parallel_config.tensor_parallel.update(
-            plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=bool(loss_parallel)
-        )
-        pipeline = PipelineOptions(pipeline_schedule, num_microbatches, virtual_stages, pipeline_split)  # validates
-        self._parallel_config.pipeline.update(
-            schedule=pipeline.schedule, num_microbatches=pipeline.num_microbatches,
-            virtual_stages=pipeline.virtual_stages, split=pipeline.split,
-        )
-        if not isinstance(activation_checkpointing, bool):
-            raise ValueError(f"`activation_checkpointing` must be True or False, got {activation_checkpointing!r}.")
-        self._parallel_config.memory["activation_checkpointing"] = activation_checkpointing
+    def _init_core(self, options: Picotron3DOptions) -> None:
+        self._options = options
+        self._process_group_backend = options.process.process_group_backend  # resolved by device at setup
         self._gradient_sync_blocked = False
-        self._process_group_backend = process_group_backend
-        self._timeout = timeout
         self._layout: ParallelLayout | None = None
         self._device_mesh: DeviceMesh | None = None
         self._parallel_model: ParallelModel | None = None
+
+    @property
+    def options(self) -> Picotron3DOptions:
+        """The strategy's options, one section per concern."""
+        return self._options
+
+    @property
+    def _start_method(self) -> str:
+        return self._options.process.start_method
 
     # ------------------------------------------------------------------ devices, launch, processes
     # Provided by Lightning's ParallelStrategy (Trainer or Fabric flavour) that each strategy also derives from.
@@ -181,7 +79,6 @@ class Picotron3DCore:
         world_size: int
         num_nodes: int
         _launcher: Any
-        _start_method: str
         _subprocess_launcher: Any
         _spawn_launcher: Any
 
@@ -259,7 +156,7 @@ class Picotron3DCore:
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             device
         )
-        kwargs: dict[str, Any] = {"timeout": self._timeout}
+        kwargs: dict[str, Any] = {"timeout": self._options.process.timeout}
         if device.type != "cpu":
             kwargs["device_id"] = device
         _init_dist_connection(env, self._process_group_backend, **kwargs)
@@ -284,7 +181,7 @@ class Picotron3DCore:
     @property
     def layout(self) -> ParallelLayout:
         """The resolved layout (all sizes integers); the requested one before launch."""
-        return self._layout or self._requested_layout
+        return self._layout or self._options.layout
 
     @property
     def device_mesh(self) -> DeviceMesh:
@@ -299,9 +196,14 @@ class Picotron3DCore:
         return self._parallel_model.data_parallel_mode if self._parallel_model else None
 
     @property
+    def parallel_model(self) -> ParallelModel | None:
+        """What parallelization produced (pipeline runtime, tensor plan, expert mesh...); None before setup."""
+        return self._parallel_model
+
+    @property
     def _pipeline(self) -> PipelineRuntime | None:
         """This rank's pipeline stages and their schedules (None unless pipeline_parallel_size > 1)."""
-        return self._parallel_model.extras.get("pipeline") if self._parallel_model else None
+        return self._parallel_model.pipeline if self._parallel_model else None
 
     @property
     def pipeline_bubble(self) -> float | None:
@@ -314,39 +216,25 @@ class Picotron3DCore:
             return
         from picotron_lightning.parallel.pipeline import check_pipeline_model
 
-        check_pipeline_model(module, self.layout.pp, PipelineOptions(**self._parallel_config.pipeline))
+        check_pipeline_model(module, self.layout.pp, self._options.pipeline)
 
     def _resolve_layout(self, world_size: int) -> ParallelLayout:
         """Check the sizes against the world size; raises before any process group exists."""
-        self._layout = self._requested_layout.resolve(world_size)
-        if self._parallel_config.data_parallel.mode == "hsdp":
-            self._hsdp_sizes(self._layout, local_processes=getattr(self, "num_processes", world_size))
+        self._layout = self._options.layout.resolve(world_size)
+        self._hsdp_shard_size(self._layout, getattr(self, "num_processes", world_size))
         return self._layout
 
-    def _hsdp_sizes(self, layout: ParallelLayout, local_processes: int) -> tuple[int, int]:
-        shard = self._hsdp_shard_size
-        if shard == "auto":
-            shard = math.gcd(layout.dp, max(1, local_processes // (layout.tp * layout.pp)))
-        if layout.dp % shard:
-            raise LayoutError(
-                f"hsdp_shard_size={shard} must divide data_parallel_size={layout.dp}; sizes that would work: "
-                f"{[d for d in range(1, layout.dp + 1) if layout.dp % d == 0]}."
-            )
-        return layout.dp // shard, shard
+    def _hsdp_shard_size(self, layout: ParallelLayout, local_processes: int) -> int | None:
+        """Ranks per HSDP shard group (checked against the layout), or None unless data_parallel_mode='hsdp'."""
+        if self._options.data_parallel.mode != "hsdp":
+            return None
+        return layout.hsdp_shard_size(self._options.data_parallel.hsdp_shard_size, local_processes)
 
     def _build_mesh(self, device: torch.device, local_processes: int) -> DeviceMesh:
-        from torch.distributed.device_mesh import init_device_mesh
-
-        layout = self.layout
-        if self._parallel_config.data_parallel.mode != "hsdp":
-            mesh = layout.build_device_mesh(device.type)
-        else:
-            replicate, shard = self._hsdp_sizes(layout, local_processes)
-            names = ("pp", "dp_replicate", "dp_shard", "tp")
-            mesh = init_device_mesh(device.type, (layout.pp, replicate, shard, layout.tp), mesh_dim_names=names)
-            mesh["dp_replicate", "dp_shard"]._flatten("dp")
-        self._device_mesh = mesh
-        return mesh
+        self._device_mesh = self.layout.build_device_mesh(
+            device.type, hsdp_shard_size=self._hsdp_shard_size(self.layout, local_processes)
+        )
+        return self._device_mesh
 
     def _data_parallel_coordinates(self) -> dict[str, int]:
         mesh = self.device_mesh
@@ -363,30 +251,32 @@ class Picotron3DCore:
                 "The model already contains FSDP1 (`FullyShardedDataParallel`) wrappers; picotron3d applies "
                 "data parallelism itself. Remove the wrapping from the model."
             )
-        self._adopt_precision_policy(precision, device)
-        self._parallel_model = parallelize(
-            module, self.device_mesh, self.layout, self._parallel_config, device, local_processes
-        )
+        options = dataclasses.replace(self._options, data_parallel=self._data_parallel_options(precision, device))
+        self._parallel_model = parallelize(module, self.device_mesh, self.layout, options, device, local_processes)
         return self._parallel_model.module
 
-    def _adopt_precision_policy(self, precision: Any, device: torch.device) -> None:
-        """Take FSDP2's param/reduce dtypes from a precision plugin that states them (AdaptivePrecision).
+    def _data_parallel_options(self, precision: Any, device: torch.device) -> DataParallelOptions:
+        """The data-parallel options, with FSDP2's param/reduce dtypes from a precision plugin that states them.
 
-        The precision plugin owns dtypes; the strategy only passes them on to ``fully_shard``, so the
-        two never disagree. Dtypes given to the strategy explicitly win.
+        The precision plugin owns dtypes (AdaptivePrecision); the strategy only passes them on to
+        ``fully_shard``, so the two never disagree. Dtypes given to the strategy explicitly win.
         """
+        dp = self._options.data_parallel
         policy_fn = getattr(precision, "fsdp_mixed_precision_policy", None)
-        if policy_fn is None:
-            return
-        policy = policy_fn(device)
+        policy = policy_fn(device) if policy_fn is not None else None
         if policy is None:
-            return
-        dp = self._parallel_config.data_parallel
-        self._parallel_config.data_parallel = dataclasses.replace(
+            return dp
+        return dataclasses.replace(
             dp,
             param_dtype=dp.param_dtype if dp.param_dtype is not None else policy.param_dtype,
             reduce_dtype=dp.reduce_dtype if dp.reduce_dtype is not None else policy.reduce_dtype,
         )
+
+    @contextmanager
+    def _step_context(self):  # noqa: ANN202
+        """Every per-step context, entered around each step and its backward in one place (loss parallel today)."""
+        with self.loss_parallel():
+            yield
 
     @contextmanager
     def loss_parallel(self):  # noqa: ANN201
@@ -395,8 +285,7 @@ class Picotron3DCore:
         The Trainer strategy enters it around every step and backward itself; a Fabric script wraps its
         loss computation in it (``fabric.backward`` enters it on its own). A no-op otherwise.
         """
-        tp_options = self._parallel_config.tensor_parallel
-        if not (tp_options.get("loss_parallel") and self.layout.tp > 1):
+        if not (self._options.tensor_parallel.loss_parallel and self.layout.tp > 1):
             yield
             return
         from picotron_lightning.parallel.tensor import loss_parallel_context

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import collect_state, load_sharded, save_sharded
 from picotron_lightning.strategies.core import Picotron3DCore
 from picotron_lightning.topology import SizeArg
@@ -103,15 +104,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision=precision,
         )
-        self._init_core(
-            data_parallel_size, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
-            data_parallel_mode, hsdp_shard_size, reshard_after_forward, reduce_dtype, param_dtype,
-            process_group_backend, timeout,
-            tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
-            pipeline_schedule=pipeline_schedule, num_microbatches=num_microbatches,
-            virtual_stages=virtual_stages, pipeline_split=pipeline_split,
-            activation_checkpointing=activation_checkpointing,
-        )
+        self._init_core(Picotron3DOptions.from_arguments(locals()))  # validated here, at construction
         if pipeline_parallel_size != 1:
             # A Fabric script calls the model and `fabric.backward` itself, one batch at a time, so no
             # pipeline schedule can interleave its microbatches across stages.
@@ -120,9 +113,6 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
                 "forward and backward itself. Use the Trainer (`Picotron3DStrategy`) for pipeline parallelism, "
                 "or pipeline_parallel_size=1."
             )
-        if start_method not in ("popen", "spawn"):
-            raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
-        self._start_method = start_method
         self._num_nodes = 1
         self._backward_sync_control = _Picotron3DBackwardSyncControl(self)
         self._module: Module | None = None

@@ -12,55 +12,61 @@ DTensor) the model holds by then. A step whose size is 1 leaves the model untouc
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from picotron_lightning.parallel.data import DataParallelConfig, apply_ddp, apply_fsdp, resolve_mode
+from picotron_lightning.parallel.data import DataParallelOptions, apply_ddp, apply_fsdp, resolve_mode
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from picotron_lightning.options import Picotron3DOptions
     from picotron_lightning.parallel.pipeline import PipelineRuntime
     from picotron_lightning.parallel.tp_plans import TensorParallelPlan
 
 
-@dataclass
-class ParallelConfig:
-    """Everything the steps need besides the layout; built from the strategy's arguments."""
-
-    data_parallel: DataParallelConfig = field(default_factory=DataParallelConfig)
-    tensor_parallel: dict[str, Any] = field(default_factory=dict)
-    pipeline: dict[str, Any] = field(default_factory=dict)
-    memory: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ParallelModel:
-    """What the steps produced."""
+    """What the steps produced; the options that asked for it are never written to."""
 
-    module: nn.Module  # what the strategy runs: the root itself, or a DDP wrapper around it
+    module: nn.Module
+    """What the strategy runs: the root itself, or a DDP wrapper around it."""
+
     data_parallel_mode: str
+    """The data-parallel mode applied (``"auto"`` resolved; ``"none"`` at dp=1)."""
+
+    data_parallel: DataParallelOptions
+    """The data-parallel options applied (with the precision plugin's dtypes filled in)."""
+
+    tensor_plan: TensorParallelPlan | None = None
+    """The tensor-parallel plan applied (None at tp=1)."""
+
+    pipeline: PipelineRuntime | None = None
+    """This rank's pipeline stages and their schedules (None at pp=1)."""
+
     expert_mesh: DeviceMesh | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
+    """The ``(pp, ep_replicate, ep, tp)`` mesh of MoE models (None without MoE layers)."""
 
 
 def apply_pipeline_split(
-    root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout, config: ParallelConfig
+    root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout, options: Picotron3DOptions
 ) -> PipelineRuntime | None:
     """Keep only this rank's pipeline stages of ``root``; the runtime that runs them (None when pp == 1)."""
     if layout.pp == 1:
         return None
     from picotron_lightning.parallel.pipeline import apply_pipeline_split as split_into_stages
-    from picotron_lightning.parallel.pp_schedule import PipelineOptions
 
-    return split_into_stages(root, mesh, layout, PipelineOptions(**config.pipeline))
+    return split_into_stages(root, mesh, layout, options.pipeline)
 
 
-def plan_tensor_parallel(root: nn.Module, layout: ParallelLayout, config: ParallelConfig) -> TensorParallelPlan | None:
+def plan_tensor_parallel(
+    root: nn.Module, layout: ParallelLayout, options: Picotron3DOptions
+) -> TensorParallelPlan | None:
     """The tensor-parallel plan for the whole model, validated; None when tp == 1.
 
     Made before the pipeline split so that every plan source sees every block; each stage then
@@ -68,44 +74,34 @@ def plan_tensor_parallel(root: nn.Module, layout: ParallelLayout, config: Parall
     """
     if layout.tp == 1:
         return None
+    from picotron_lightning.parallel.expert import find_moe_layers
     from picotron_lightning.parallel.tensor import plan_tensor_parallel as make_plan
 
-    return make_plan(root, layout.tp, _tensor_parallel_options(root, config))
-
-
-def _tensor_parallel_options(root: nn.Module, config: ParallelConfig) -> dict[str, Any]:
-    from picotron_lightning.parallel.expert import find_moe_layers
-
-    options = dict(config.tensor_parallel)
+    tp_options = options.tensor_parallel
     if find_moe_layers(root):
         # Under sequence parallelism each tp rank would route only its slice of the sequence, and
         # nothing reduces the MoE gradients and routing statistics over tp: keep sequences whole.
-        if options.get("sequence_parallel") is True:
+        if tp_options.sequence_parallel is True:
             raise LayoutError(
                 "sequence_parallel=True is not supported for models with MoE layers; use sequence_parallel=False "
                 "or 'auto' (which turns it off for them)."
             )
-        options["sequence_parallel"] = False
-    return options
+        tp_options = dataclasses.replace(tp_options, sequence_parallel=False)
+    return make_plan(root, layout.tp, tp_options)
 
 
 def apply_tensor_parallel(
-    root: nn.Module, mesh: DeviceMesh, config: ParallelConfig, plan: TensorParallelPlan | None
+    root: nn.Module, mesh: DeviceMesh, options: Picotron3DOptions, plan: TensorParallelPlan | None
 ) -> None:
     """Shard the blocks this rank holds Megatron-style over the ``tp`` mesh dimension (identity without a plan)."""
     if plan is None:
         return
-    from picotron_lightning.parallel.tensor import apply_tensor_parallel as shard_tensor_parallel
+    from picotron_lightning.parallel.tensor import apply_plan
 
-    # Options: plan (user plan), sequence_parallel, loss_parallel; see parallel/tensor.py.
-    config.tensor_parallel["applied_plan"] = shard_tensor_parallel(
-        root, mesh["tp"], _tensor_parallel_options(root, config), plan
-    )
+    apply_plan(root, mesh["tp"], plan, loss_parallel=options.tensor_parallel.loss_parallel)
 
 
-def apply_expert_parallel(
-    root: nn.Module, layout: ParallelLayout, config: ParallelConfig, device: torch.device
-) -> DeviceMesh | None:
+def apply_expert_parallel(root: nn.Module, layout: ParallelLayout, device: torch.device) -> DeviceMesh | None:
     """Spread the experts of MoE layers over the ``ep`` ranks; returns the expert mesh, or None.
 
     Runs whenever the model has MoE layers, also at ep == 1: routing statistics (auxiliary-loss
@@ -128,9 +124,9 @@ def apply_expert_parallel(
     return expert_mesh
 
 
-def apply_memory_policies(root: nn.Module, config: ParallelConfig) -> None:
+def apply_memory_policies(root: nn.Module, options: Picotron3DOptions) -> None:
     """Activation checkpointing per block when asked for (identity by default)."""
-    if config.memory.get("activation_checkpointing"):
+    if options.memory.activation_checkpointing:
         from picotron_lightning.memory import apply_activation_checkpointing
 
         apply_activation_checkpointing(root)
@@ -140,13 +136,12 @@ def apply_data_parallel(
     root: nn.Module,
     mesh: DeviceMesh,
     layout: ParallelLayout,
-    config: ParallelConfig,
+    dp_config: DataParallelOptions,
     device: torch.device,
     local_processes: int,
     pipeline: PipelineRuntime | None = None,
 ) -> tuple[nn.Module, str]:
     """FSDP2, DDP or HSDP over the ``dp`` ranks; returns the module to run and the mode used."""
-    dp_config = config.data_parallel
     if pipeline is not None:  # one FSDP root (or DDP wrapper) per pipeline stage
         if layout.tp > 1 and dp_config.mode == "ddp" and layout.dp > 1:
             raise LayoutError(
@@ -173,16 +168,18 @@ def parallelize(
     root: nn.Module,
     mesh: DeviceMesh,
     layout: ParallelLayout,
-    config: ParallelConfig,
+    options: Picotron3DOptions,
     device: torch.device,
     local_processes: int = 1,
 ) -> ParallelModel:
     """Apply every step, in the order of this module's docstring, to ``root`` in place."""
-    tensor_plan = plan_tensor_parallel(root, layout, config)  # on the whole model: every block visible
-    pipeline = apply_pipeline_split(root, mesh, layout, config)
-    apply_tensor_parallel(root, mesh, config, tensor_plan)
-    expert_mesh = apply_expert_parallel(root, layout, config, device)
-    apply_memory_policies(root, config)
-    module, mode = apply_data_parallel(root, mesh, layout, config, device, local_processes, pipeline=pipeline)
-    extras = {"pipeline": pipeline} if pipeline is not None else {}
-    return ParallelModel(module=module, data_parallel_mode=mode, expert_mesh=expert_mesh, extras=extras)
+    tensor_plan = plan_tensor_parallel(root, layout, options)  # on the whole model: every block visible
+    pipeline = apply_pipeline_split(root, mesh, layout, options)
+    apply_tensor_parallel(root, mesh, options, tensor_plan)
+    expert_mesh = apply_expert_parallel(root, layout, device)
+    apply_memory_policies(root, options)
+    module, mode = apply_data_parallel(
+        root, mesh, layout, options.data_parallel, device, local_processes, pipeline=pipeline
+    )
+    return ParallelModel(module=module, data_parallel_mode=mode, data_parallel=options.data_parallel,
+                         tensor_plan=tensor_plan, pipeline=pipeline, expert_mesh=expert_mesh)

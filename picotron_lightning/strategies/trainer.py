@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import (
     _optimizer_state,
     load_sharded,
@@ -123,18 +124,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             checkpoint_io=checkpoint_io,
             precision_plugin=precision_plugin,
         )
-        self._init_core(
-            data_parallel_size, tensor_parallel_size, pipeline_parallel_size, expert_parallel_size,
-            data_parallel_mode, hsdp_shard_size, reshard_after_forward, reduce_dtype, param_dtype,
-            process_group_backend, timeout,
-            tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
-            pipeline_schedule=pipeline_schedule, num_microbatches=num_microbatches,
-            virtual_stages=virtual_stages, pipeline_split=pipeline_split,
-            activation_checkpointing=activation_checkpointing,
-        )
-        if start_method not in ("popen", "spawn"):
-            raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
-        self._start_method = start_method
+        self._init_core(Picotron3DOptions.from_arguments(locals()))  # validated here, at construction
         self.num_nodes = 1
 
     @classmethod

@@ -70,7 +70,7 @@ def test_more_stages_than_blocks_is_refused_naming_the_block_count():
     with pytest.raises(LayoutError, match="only 2 blocks .*model.layers"):
         plan_pipeline(_llama(layers=2), 4, PipelineOptions())
     with pytest.raises(LayoutError, match="virtual_stages=2 = 4 stages.*only 3 blocks"):
-        plan_pipeline(_llama(layers=3), 2, PipelineOptions("interleaved_1f1b"))
+        plan_pipeline(_llama(layers=3), 2, PipelineOptions(schedule="interleaved_1f1b"))
 
 
 def test_unsplittable_model_names_the_hook():
@@ -127,8 +127,8 @@ def test_microbatch_default_and_bubble_warning():
 
 def test_stage_placement():
     assert stage_ids(1, 4, PipelineOptions()) == [1]
-    assert stage_ids(1, 4, PipelineOptions("interleaved_1f1b")) == [1, 5]
-    assert stage_ids(1, 4, PipelineOptions("zbv")) == [1, 6]
+    assert stage_ids(1, 4, PipelineOptions(schedule="interleaved_1f1b")) == [1, 5]
+    assert stage_ids(1, 4, PipelineOptions(schedule="zbv")) == [1, 6]
 
 
 def _too_many_stages(rank: int, world: int) -> None:

@@ -43,8 +43,8 @@ def _scenarios(rank: int, world: int) -> dict:
     t.fit(CausalLMModule("tiny", learning_rate=3e-3), byte_loader(LM_BATCH // world, rank=rank, world=world))
     out["lm"] = {"losses": recorder.losses, "mode": plugin.plan.mode, "metrics": plugin.metrics(),
                  "policy": plugin.fsdp_mixed_precision_policy(),
-                 "strategy_reduce_dtype": getattr(t.strategy, "_parallel_config", None)
-                 and t.strategy._parallel_config.data_parallel.reduce_dtype}
+                 "strategy_reduce_dtype": getattr(t.strategy, "parallel_model", None)
+                 and t.strategy.parallel_model.data_parallel.reduce_dtype}
     # fp16 on the overflowing model: every rank must promote the same module on the same step.
     # A moderate fixed-start scale: at 2**16 the per-rank backward (half the batch, so twice the
     # per-sample gradient) overflows on other steps than one process does, which is fp16 scaling

@@ -49,7 +49,7 @@ def fit(world: int, kind: str, data: torch.Tensor, micro_batch: int, steps: int,
             losses.append(float(outputs["loss"]))
 
         def on_train_start(self, trainer, pl_module):  # noqa: ANN001
-            plan = trainer.strategy._parallel_config.tensor_parallel.get("applied_plan")
+            plan = trainer.strategy.parallel_model.tensor_plan
             params = list(pl_module.parameters())
             probes["local_numel"] = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
             probes["global_numel"] = sum(p.numel() for p in params)
