@@ -189,7 +189,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
 
     def backward(self, tensor: Tensor, module: Module | None, *args: Any, **kwargs: Any) -> None:
         # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
-        with self.loss_parallel():
+        with self._step_context():
             super().backward(tensor, module, *args, **kwargs)
         if self._module is not None:
             self._reduce_expert_gradients(self._module)  # skipped inside no_backward_sync

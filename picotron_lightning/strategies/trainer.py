@@ -205,7 +205,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         # Always enter through the root module's __call__, so FSDP's root hooks run every step,
         # even when the root is the LightningModule itself.
         assert self.model is not None and self.lightning_module is not None
-        with self.loss_parallel():  # no-op unless loss_parallel=True with tp > 1
+        with self._step_context():  # loss parallel (when on), and any other per-step context
             if self._pipeline is not None:  # pp > 1: the stages run under a pipeline schedule instead
                 return self._pipeline.run_step(self.lightning_module, method, args, kwargs)
             return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
@@ -221,7 +221,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             self.post_backward(closure_loss)
             return closure_loss
         # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
-        with self.loss_parallel():
+        with self._step_context():
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
