@@ -74,6 +74,8 @@ class Picotron3DCore:
             ``F.cross_entropy``/``F.nll_loss`` (see docs/tensor_parallel.md).
         pipeline_schedule: ``"1f1b"`` (default), ``"gpipe"``, ``"interleaved_1f1b"``, ``"zero_bubble"`` or
             ``"zbv"`` (see docs/pipeline_parallel.md).
+        memory: :class:`~picotron_lightning.memory.MemoryOptions` (or a dict of its fields): checkpointing
+            mode, garbage-collection and allocator control (see docs/memory.md).
         num_microbatches: microbatches each step's local batch is cut into under pipeline parallelism;
             ``None`` derives it from the batch (aiming at 4 x pipeline_parallel_size).
         virtual_stages: model chunks per pipeline rank (interleaved schedules; default 2 there, else 1).
@@ -103,6 +105,7 @@ class Picotron3DCore:
         virtual_stages: int | None = None,
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
+        memory: Any = None,
     ) -> None:
         # Validate argument types now, at construction: the user sees the error before any launch.
         self._requested_layout = ParallelLayout(
@@ -145,6 +148,16 @@ class Picotron3DCore:
         if not isinstance(activation_checkpointing, bool):
             raise ValueError(f"`activation_checkpointing` must be True or False, got {activation_checkpointing!r}.")
         self._parallel_config.memory["activation_checkpointing"] = activation_checkpointing
+        # memory: the `memory=` options (picotron_lightning.memory.MemoryOptions); validated here, at construction.
+        from picotron_lightning.memory.options import MemoryOptions
+
+        self._memory_options = MemoryOptions.from_arg(memory)
+        if self._memory_options.activation_checkpointing != "none":
+            if activation_checkpointing:
+                raise ValueError("Pass either `activation_checkpointing=True` or `memory.activation_checkpointing`, "
+                                 "not both.")
+            self._parallel_config.memory.update(activation_checkpointing=self._memory_options.activation_checkpointing)
+        self._parallel_config.memory["checkpoint_every"] = self._memory_options.checkpoint_every
         self._gradient_sync_blocked = False
         self._process_group_backend = process_group_backend
         self._timeout = timeout

@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.strategies.checkpoint import collect_state, load_sharded, save_sharded
 from picotron_lightning.strategies.core import Picotron3DCore
 from picotron_lightning.topology import SizeArg
@@ -89,6 +90,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         virtual_stages: int | None = None,
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
+        memory: MemoryOptions | dict[str, Any] | None = None,  # memory: see docs/memory.md
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -110,7 +112,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
             pipeline_schedule=pipeline_schedule, num_microbatches=num_microbatches,
             virtual_stages=virtual_stages, pipeline_split=pipeline_split,
-            activation_checkpointing=activation_checkpointing,
+            activation_checkpointing=activation_checkpointing, memory=memory,
         )
         if pipeline_parallel_size != 1:
             # A Fabric script calls the model and `fabric.backward` itself, one batch at a time, so no

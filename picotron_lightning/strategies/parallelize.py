@@ -107,10 +107,13 @@ def apply_expert_parallel(
 
 def apply_memory_policies(root: nn.Module, config: ParallelConfig) -> None:
     """Activation checkpointing per block when asked for (identity by default)."""
-    if config.memory.get("activation_checkpointing"):
+    # memory: mode "none" / "selective" / "full" (True means "full"), every n-th block (picotron_lightning.memory)
+    mode = config.memory.get("activation_checkpointing", "none")
+    mode = {True: "full", False: "none"}.get(mode, mode)
+    if mode != "none":
         from picotron_lightning.memory import apply_activation_checkpointing
 
-        apply_activation_checkpointing(root)
+        apply_activation_checkpointing(root, every=config.memory.get("checkpoint_every", 1), mode=mode)
 
 
 def apply_data_parallel(

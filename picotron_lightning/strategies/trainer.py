@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.strategies.checkpoint import (
     _optimizer_state,
     load_sharded,
@@ -109,6 +110,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         virtual_stages: int | None = None,
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
+        memory: MemoryOptions | dict[str, Any] | None = None,  # memory: see docs/memory.md
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -130,7 +132,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             tp_plan=tp_plan, sequence_parallel=sequence_parallel, loss_parallel=loss_parallel,
             pipeline_schedule=pipeline_schedule, num_microbatches=num_microbatches,
             virtual_stages=virtual_stages, pipeline_split=pipeline_split,
-            activation_checkpointing=activation_checkpointing,
+            activation_checkpointing=activation_checkpointing, memory=memory,
         )
         if start_method not in ("popen", "spawn"):
             raise ValueError(f"`start_method={start_method!r}` is not supported; use 'popen' or 'spawn'.")
