@@ -161,7 +161,14 @@ def _fake_trace(
         with fake_process_group(inner_rank, single.world_size):
             estimate = _trace_in_group(build_module, batch, single, config, inner_rank, step, build_optimizer, True)
         grads = estimate.breakdown.params - _buffer_bytes_of(build_module)
-        return dataclasses.replace(estimate, rank=rank, coordinates=_coordinates(layout, rank), comm_buffers=grads)
+        b = estimate.breakdown
+        # At the end of DDP's backward every gradient exists and each bucket's all-reduce result (one
+        # more gradient-sized copy) is being copied back into them: a peak one replica never has.
+        end_of_backward = PeakBreakdown(params=b.params, grads=grads, optimizer=b.optimizer, activations=0,
+                                        temporaries=grads)
+        breakdown = end_of_backward if end_of_backward.total > b.total else b
+        return dataclasses.replace(estimate, rank=rank, coordinates=_coordinates(layout, rank), comm_buffers=grads,
+                                   breakdown=breakdown)
     with fake_process_group(rank, layout.world_size):
         return _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, True)
 

@@ -158,6 +158,9 @@ class Picotron3DCore:
                                  "not both.")
             self._parallel_config.memory.update(activation_checkpointing=self._memory_options.activation_checkpointing)
         self._parallel_config.memory["checkpoint_every"] = self._memory_options.checkpoint_every
+        from picotron_lightning.memory.allocator import configure_expandable_segments
+
+        configure_expandable_segments(self._memory_options.expandable_segments)  # before CUDA initialises
         self._gradient_sync_blocked = False
         self._process_group_backend = process_group_backend
         self._timeout = timeout

@@ -165,6 +165,10 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         self._setup_processes(self.lightning_module)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self.device_mesh  # `pl_module.device_mesh`, as Lightning does
+        # memory: GC control, allocator fragmentation and memory metrics run as a callback.
+        from picotron_lightning.memory.callback import install_memory_callback
+
+        install_memory_callback(self.lightning_module.trainer, self._memory_options)
 
     # ------------------------------------------------------------------ model setup
     def setup(self, trainer: pl.Trainer) -> None:
