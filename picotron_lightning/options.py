@@ -67,8 +67,9 @@ class Picotron3DOptions:
     pipeline: PipelineOptions = field(default_factory=PipelineOptions)
     """``pipeline_schedule``, ``num_microbatches``, ``virtual_stages``, ``pipeline_split``."""
 
-    memory: MemoryOptions = field(default_factory=MemoryOptions)
-    """``activation_checkpointing``."""
+    memory: MemoryOptions = field(default_factory=MemoryOptions, metadata={"flat": "memory"})
+    """``memory=`` (a ``MemoryOptions`` or a dict of its fields: checkpointing mode, garbage collection,
+    allocator), and the flat ``activation_checkpointing``."""
 
     process: ProcessOptions = field(default_factory=ProcessOptions)
     """``process_group_backend``, ``timeout``, ``start_method``."""
@@ -85,18 +86,44 @@ class Picotron3DOptions:
 
     @classmethod
     def from_arguments(cls, arguments: Mapping[str, Any]) -> Picotron3DOptions:
-        """Build the options from a strategy's flat keyword arguments (other keys, such as ``self``, are ignored)."""
+        """Build the options from a strategy's flat keyword arguments (other keys, such as ``self``, are ignored).
+
+        A section may also come whole under its own flat name (``memory=MemoryOptions(...)`` or a dict);
+        a flat field that differs from its default is then laid over it, unless the two disagree.
+        """
         sections: dict[str, Any] = {}
         for section in dataclasses.fields(cls):
             section_type = _section_type(section)
             values = {f.name: arguments[flat] for f, flat in _flat_fields(section_type) if flat in arguments}
+            whole_name = section.metadata.get("flat")
+            if whole_name is not None and arguments.get(whole_name) is not None:
+                whole = section_type.from_arg(arguments[whole_name])  # type: ignore[attr-defined]  # sections given whole have it
+                values = _lay_over(whole_name, whole, values)
             sections[section.name] = section_type(**values)
         return cls(**sections)
 
     def as_arguments(self) -> dict[str, Any]:
         """The flat keyword arguments these options were built from (``from_arguments`` inverts it)."""
-        return {flat: getattr(getattr(self, s.name), f.name)
-                for s in dataclasses.fields(self) for f, flat in _flat_fields(_section_type(s))}
+        arguments = {flat: getattr(getattr(self, s.name), f.name)
+                     for s in dataclasses.fields(self) for f, flat in _flat_fields(_section_type(s))}
+        for s in dataclasses.fields(self):
+            if s.metadata.get("flat") is not None:
+                arguments[s.metadata["flat"]] = getattr(self, s.name)
+        return arguments
+
+
+def _lay_over(whole_name: str, whole: Any, flat_values: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a section given whole, with the flat arguments that were changed from their defaults on top."""
+    defaults = type(whole)()
+    values = {f.name: getattr(whole, f.name) for f in dataclasses.fields(whole)}
+    for name, value in flat_values.items():
+        changed = type(whole)(**{name: value})  # normalised as the section normalises it
+        if getattr(changed, name) == getattr(defaults, name):
+            continue
+        if values[name] != getattr(defaults, name) and values[name] != getattr(changed, name):
+            raise ValueError(f"`{name}={value!r}` and `{whole_name}.{name}={values[name]!r}` disagree; pass one.")
+        values[name] = getattr(changed, name)
+    return values
 
 
 def _section_type(section: dataclasses.Field) -> type:
@@ -113,5 +140,6 @@ def _flat_fields(section_type: type) -> Iterator[tuple[dataclasses.Field, str]]:
 
 
 def flat_option_names() -> list[str]:
-    """Every flat keyword the options understand, in section order: the strategies' parallelism arguments."""
-    return [flat for s in dataclasses.fields(Picotron3DOptions) for _, flat in _flat_fields(_section_type(s))]
+    """Every flat keyword the options understand (fields, and sections given whole): the strategies' arguments."""
+    names = [flat for s in dataclasses.fields(Picotron3DOptions) for _, flat in _flat_fields(_section_type(s))]
+    return names + [s.metadata["flat"] for s in dataclasses.fields(Picotron3DOptions) if s.metadata.get("flat")]

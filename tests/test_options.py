@@ -21,9 +21,8 @@ def test_strategy_signature_matches_the_options(strategy):
     parameters = inspect.signature(strategy.__init__).parameters
     ours = [name for name in parameters if name not in LIGHTNING_ARGUMENTS | {"self"}]
     assert sorted(ours) == sorted(flat_option_names())  # every argument is an option and every option an argument
-    defaults = Picotron3DOptions().as_arguments()
-    for name in ours:  # the same default in the signature as in the options
-        assert parameters[name].default == defaults[name], name
+    # The signature's defaults build the default options.
+    assert Picotron3DOptions.from_arguments({n: parameters[n].default for n in ours}) == Picotron3DOptions()
 
 
 def test_flat_arguments_land_in_their_sections():
@@ -35,7 +34,7 @@ def test_flat_arguments_land_in_their_sections():
     assert options.pipeline.schedule == "gpipe"
     assert options.data_parallel.reduce_dtype is torch.float32  # converted once, here
     assert options.tensor_parallel.plan == {"a": "colwise"}
-    assert options.memory.activation_checkpointing
+    assert options.memory.activation_checkpointing == "full"  # the flat True
     assert options.process.timeout == timedelta(seconds=5)
     assert Picotron3DOptions.from_arguments(options.as_arguments()) == options
 
@@ -48,7 +47,9 @@ def test_flat_arguments_land_in_their_sections():
     ({"hsdp_shard_size": 0}, "hsdp_shard_size"),
     ({"start_method": "fork"}, "start_method='fork'"),
     ({"data_parallel_mode": "ddp", "pipeline_parallel_size": 2}, "data_parallel_mode='ddp' is not supported"),
-    ({"activation_checkpointing": "full"}, "activation_checkpointing"),
+    ({"activation_checkpointing": "everything"}, "activation_checkpointing"),
+    ({"activation_checkpointing": True, "memory": {"activation_checkpointing": "selective"}}, "disagree"),
+    ({"memory": {"gc_every": 3}}, "unknown keys"),
 ])
 def test_bad_options_are_refused_by_name(arguments, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,9 @@
-"""Memory policies the strategy applies before data parallelism (activation checkpointing)."""
+"""Memory management: per-rank estimate, activation checkpointing, garbage collection, allocator control.
 
-from picotron_lightning.memory.checkpointing import apply_activation_checkpointing
+See docs/memory.md. ``python -m picotron_lightning.memory.estimate --help`` estimates before launch.
+"""
 
-__all__ = ["apply_activation_checkpointing"]
+from picotron_lightning.memory.checkpointing import CHECKPOINTING_MODES, apply_activation_checkpointing
+from picotron_lightning.memory.options import MemoryOptions
+
+__all__ = ["CHECKPOINTING_MODES", "MemoryOptions", "apply_activation_checkpointing"]

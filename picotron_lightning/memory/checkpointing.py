@@ -1,28 +1,73 @@
-"""Activation checkpointing per transformer block: recompute a block's activations in backward.
+"""Activation checkpointing per transformer block: full, selective (op-level), or every n-th block.
 
-Applied from outside, between expert parallelism and data parallelism: each block of the main
-repeated-block stack is wrapped, so FSDP2 still finds one unit per block and the state dict keeps
-its original names (DCP drops the wrapper's ``_checkpoint_wrapped_module`` segment).
+Applied from outside, between expert parallelism and data parallelism: each chosen block of the
+main repeated-block stack is wrapped, so FSDP2 still finds one unit per block and the state dict
+keeps its original names (DCP drops the wrapper's ``_checkpoint_wrapped_module`` segment).
+
+*Selective* keeps the outputs of the matrix multiplications (the expensive ops) and recomputes
+everything else in backward (norms, activations, rotary embeddings, softmax, elementwise ops):
+most of the activation bytes for a small share of the forward FLOPs.
 """
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Any
+
+import torch
 from torch import nn
 
 from picotron_lightning.parallel.structure import find_block_stacks
 
+CHECKPOINTING_MODES = ("none", "selective", "full")
 
-def apply_activation_checkpointing(root: nn.Module, every: int = 1) -> int:
-    """Wrap every ``every``-th block of each block stack under ``root``; return how many were wrapped."""
+_aten = torch.ops.aten
+# Ops whose outputs selective checkpointing keeps: the matmuls (and fused attention, whose
+# recompute would cost as much as the matmuls around it).
+SAVED_OPS = frozenset({
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.linear.default,
+    _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+})
+
+
+def _keep_matmul_outputs(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def selective_checkpoint_context() -> Any:
+    """The ``context_fn`` of ``torch.utils.checkpoint`` that keeps matmul outputs and recomputes the rest."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(_keep_matmul_outputs)
+
+
+def apply_activation_checkpointing(root: nn.Module, every: int = 1, mode: str = "full") -> int:
+    """Wrap every ``every``-th block of each block stack under ``root``; return how many were wrapped.
+
+    ``mode`` is ``"full"`` (recompute the whole block) or ``"selective"`` (keep matmul outputs);
+    ``"none"`` wraps nothing.
+    """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-    if every < 1:
-        raise ValueError(f"`activation_checkpointing` every={every} must be >= 1.")
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"`activation_checkpointing` every={every!r} must be an integer >= 1.")
+    if mode not in CHECKPOINTING_MODES:
+        raise ValueError(f"`activation_checkpointing` mode={mode!r} is not one of {CHECKPOINTING_MODES}.")
+    if mode == "none":
+        return 0
+    extra: dict[str, Any] = {}
+    if mode == "selective":
+        extra["context_fn"] = partial(selective_checkpoint_context)
     wrapped = 0
     for stack in find_block_stacks(root):
         for index, block in enumerate(stack.blocks):
             if index % every == 0:
                 # Non-reentrant: works with keyword arguments, DTensor and FSDP2's hooks.
-                stack.container[index] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                stack.container[index] = checkpoint_wrapper(
+                    block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **extra
+                )
                 wrapped += 1
     return wrapped

@@ -1,20 +1,85 @@
-"""Options of the memory step (activation checkpointing), one section of the strategy's options."""
+"""``MemoryOptions``: everything the strategy's ``memory=`` argument controls, validated once."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from picotron_lightning.memory.checkpointing import CHECKPOINTING_MODES
 
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryOptions:
-    """How the strategy trades compute for memory."""
+    """Memory management of a picotron3d run (``Picotron3DStrategy(memory=MemoryOptions(...))`` or a dict)."""
 
-    activation_checkpointing: bool = False
-    """Recompute each transformer block's activations in backward: activation memory of one block
-    instead of all, for about one more forward pass of compute."""
+    activation_checkpointing: str = "none"
+    """``"none"``, ``"selective"`` (keep matmul outputs, recompute the rest of each block) or ``"full"``
+    (recompute each whole block in backward). Also the strategy's flat argument, where ``True`` means
+    ``"full"`` and ``False`` ``"none"``."""
+
+    checkpoint_every: int = field(default=1, metadata={"flat": None})
+    """Checkpoint every n-th block only (with ``activation_checkpointing`` selective or full); 1 = all blocks."""
+
+    gc_every_n_steps: int | None = field(default=50, metadata={"flat": None})
+    """Python's automatic garbage collection is turned off during training and one collection runs every
+    this many steps, at the same step on every rank (so no rank stalls a collective while the others wait).
+    ``None`` leaves the garbage collector alone."""
+
+    gc_freeze_after_setup: bool = field(default=True, metadata={"flat": None})
+    """``gc.freeze()`` once the model and optimizer exist, so collections never scan them again."""
+
+    expandable_segments: bool = field(default=True, metadata={"flat": None})
+    """On CUDA, set ``expandable_segments:True`` in ``PYTORCH_CUDA_ALLOC_CONF`` (effective only if set before
+    CUDA initialises; a warning says when it is too late). Ignored on CPU."""
+
+    fragmentation_threshold: float = field(default=0.5, metadata={"flat": None})
+    """On CUDA, ``empty_cache`` runs at a step boundary on every rank when (reserved - allocated) / reserved
+    exceeds this fraction on any rank and at least ``fragmentation_min_bytes`` are idle. 1.0 turns it off."""
+
+    fragmentation_min_bytes: int = field(default=1 << 30, metadata={"flat": None})
+    """Idle reserved bytes below which fragmentation is not worth an ``empty_cache``."""
+
+    fragmentation_check_every_n_steps: int = field(default=100, metadata={"flat": None})
+    """How often (in steps) the ranks compare fragmentation; one tiny all-reduce each time."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.activation_checkpointing, bool):
+        if isinstance(self.activation_checkpointing, bool):  # the strategy's flat True/False
+            object.__setattr__(self, "activation_checkpointing", "full" if self.activation_checkpointing else "none")
+        if self.activation_checkpointing not in CHECKPOINTING_MODES:
             raise ValueError(
-                f"`activation_checkpointing` must be True or False, got {self.activation_checkpointing!r}."
+                f"`memory.activation_checkpointing={self.activation_checkpointing!r}` is not supported; use one of "
+                f"{CHECKPOINTING_MODES}."
             )
+        _positive_int("checkpoint_every", self.checkpoint_every)
+        if self.gc_every_n_steps is not None:
+            _positive_int("gc_every_n_steps", self.gc_every_n_steps, extra=" or None (leave gc alone)")
+        for name in ("gc_freeze_after_setup", "expandable_segments"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`memory.{name}` must be True or False, got {getattr(self, name)!r}.")
+        threshold = self.fragmentation_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < threshold <= 1.0:
+            raise ValueError(
+                f"`memory.fragmentation_threshold={threshold!r}` must be a fraction in (0, 1]; 1.0 turns it off."
+            )
+        _positive_int("fragmentation_min_bytes", self.fragmentation_min_bytes, minimum=0)
+        _positive_int("fragmentation_check_every_n_steps", self.fragmentation_check_every_n_steps)
+
+    @classmethod
+    def from_arg(cls, value: MemoryOptions | dict[str, Any] | None) -> MemoryOptions:
+        """The strategy's ``memory=`` argument as options: an instance, a dict of fields, or None (defaults)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(value) - known)
+            if unknown:
+                raise ValueError(f"`memory` has unknown keys {unknown}; known keys: {sorted(known)}.")
+            return cls(**value)
+        raise ValueError(f"`memory` must be a MemoryOptions, a dict of its fields or None, got {type(value).__name__}.")
+
+
+def _positive_int(name: str, value: Any, minimum: int = 1, extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"`memory.{name}={value!r}` must be an integer >= {minimum}{extra}.")

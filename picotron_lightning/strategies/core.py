@@ -52,7 +52,10 @@ class Picotron3DCore:
     """
 
     def _init_core(self, options: Picotron3DOptions) -> None:
+        from picotron_lightning.memory.allocator import configure_expandable_segments
+
         self._options = options
+        configure_expandable_segments(options.memory.expandable_segments)  # before CUDA initialises
         self._process_group_backend = options.process.process_group_backend  # resolved by device at setup
         self._gradient_sync_blocked = False
         self._layout: ParallelLayout | None = None

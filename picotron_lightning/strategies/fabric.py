@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import collect_state, load_sharded, save_sharded
 from picotron_lightning.strategies.core import Picotron3DCore
@@ -90,6 +91,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         virtual_stages: int | None = None,
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
+        memory: MemoryOptions | dict[str, Any] | None = None,
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,

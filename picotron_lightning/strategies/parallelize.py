@@ -125,11 +125,12 @@ def apply_expert_parallel(root: nn.Module, layout: ParallelLayout, device: torch
 
 
 def apply_memory_policies(root: nn.Module, options: Picotron3DOptions) -> None:
-    """Activation checkpointing per block when asked for (identity by default)."""
-    if options.memory.activation_checkpointing:
+    """Activation checkpointing (full or selective, every n-th block) when asked for (identity by default)."""
+    memory = options.memory
+    if memory.activation_checkpointing != "none":
         from picotron_lightning.memory import apply_activation_checkpointing
 
-        apply_activation_checkpointing(root)
+        apply_activation_checkpointing(root, every=memory.checkpoint_every, mode=memory.activation_checkpointing)
 
 
 def apply_data_parallel(

@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import (
     _optimizer_state,
@@ -110,6 +111,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         virtual_stages: int | None = None,
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
+        memory: MemoryOptions | dict[str, Any] | None = None,
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -153,6 +155,10 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         self._setup_processes(self.lightning_module)
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self.device_mesh  # `pl_module.device_mesh`, as Lightning does
+        # Garbage collection at the same steps on every rank, allocator fragmentation: a callback observes steps.
+        from picotron_lightning.memory.callback import install_memory_callback
+
+        install_memory_callback(self.lightning_module.trainer, self._options.memory)
 
     # ------------------------------------------------------------------ model setup
     def setup(self, trainer: pl.Trainer) -> None:

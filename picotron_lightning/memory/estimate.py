@@ -1,0 +1,348 @@
+"""Per-rank peak memory of one training step, before launch: trace it on fake tensors, one rank at a time.
+
+For each rank the estimator joins a *fake* process group of the full world size as that rank
+(collectives return at once and move nothing), builds the model on fake tensors (no memory, no
+compute), applies the same ``parallelize`` steps as the strategy, and runs two training steps the
+way Lightning's automatic optimization does (training step, zero_grad, backward, optimizer step).
+The second step is measured by :class:`~picotron_lightning.memory.tracker.LiveBytes`: the live
+bytes of every storage, peak broken down into parameters, gradients, optimizer state,
+activations and temporaries.
+
+Where fake tensors cannot follow the model (data-dependent shapes, as MoE routing has) the
+estimator says so and stops; ``allow_real_trace=True`` runs the same trace on real tensors, which
+is exact for the memory of a model that fits in host memory but costs its compute.
+
+DDP's gradient buckets live in C++ (no op creates them), so they are added as a separate line,
+``comm_buffers``: one copy of this rank's gradients.
+
+Run ``python -m picotron_lightning.memory.estimate --help`` for the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from picotron_lightning.memory.tracker import PeakBreakdown
+from picotron_lightning.topology import ParallelLayout
+
+if TYPE_CHECKING:
+    from picotron_lightning.options import Picotron3DOptions
+
+StepFn = Callable[[nn.Module, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class RankEstimate:
+    """Predicted peak bytes of one rank's training step."""
+
+    rank: int
+    coordinates: dict[str, int]
+    breakdown: PeakBreakdown
+    comm_buffers: int  # DDP gradient buckets (not created by ops, so added arithmetically)
+    method: str  # "fake" (fake tensors) or "real" (real tensors on the fake process group)
+
+    @property
+    def traced_peak(self) -> int:
+        """The traced step's peak: what an op-level live-byte counter sees."""
+        return self.breakdown.total
+
+    @property
+    def peak(self) -> int:
+        """All bytes the rank holds at the peak, communication buffers included."""
+        return self.breakdown.total + self.comm_buffers
+
+
+@contextlib.contextmanager
+def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
+    """Be ``rank`` of a fake world of ``world_size`` (collectives are no-ops) for the duration."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError(
+            "The memory estimate runs before launch: a process group already exists in this process. "
+            "Call it before `trainer.fit` (or run `python -m picotron_lightning.memory.estimate`)."
+        )
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def representative_ranks(layout: ParallelLayout) -> list[int]:
+    """One rank per (pipeline stage, tensor rank): data-parallel ranks of one of them hold equal shapes."""
+    return [layout.rank_of(pp=s, dp=0, tp=t) for s in range(layout.pp) for t in range(layout.tp)]
+
+
+def estimate_memory(
+    build_module: Callable[[], nn.Module],
+    batch: torch.Tensor,
+    layout: ParallelLayout,
+    *,
+    options: Picotron3DOptions | None = None,
+    checkpointing: str = "none",
+    checkpoint_every: int = 1,
+    ranks: Sequence[int] | None = None,
+    step: StepFn | None = None,
+    build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    allow_real_trace: bool = False,
+    timeout: float = 600.0,
+) -> list[RankEstimate]:
+    """Predict each rank's peak memory in one training step of ``layout``.
+
+    Args:
+        build_module: builds the (unparallelized) model; called once per rank under fake tensors
+            (picklable, e.g. a ``functools.partial``, when the real trace may run).
+        batch: one rank's micro-batch (a real tensor of the real shape; its values are not used).
+        layout: a resolved layout.
+        options: the strategy's :class:`~picotron_lightning.options.Picotron3DOptions` (data-parallel mode,
+            tp options, pipeline schedule; its layout and memory sections are replaced by ``layout`` and
+            ``checkpointing``); default: FSDP2 and the strategy's defaults.
+        checkpointing, checkpoint_every: activation checkpointing (see :class:`MemoryOptions`).
+        ranks: which global ranks to estimate; default :func:`representative_ranks`.
+        step: ``step(model, batch) -> loss`` for one micro-batch; default: the module's ``training_step``.
+        build_optimizer: default: the module's ``configure_optimizers()`` or AdamW.
+        allow_real_trace: when fake tensors cannot follow the layout (pipeline and tensor+data
+            parallelism on the fake process group, data-dependent shapes such as MoE routing), run
+            the step on real tensors in ``layout.world_size`` local gloo processes instead. Exact,
+            but it needs every rank's share of the model in host memory and costs one real step.
+        timeout: deadline of the real trace, in seconds.
+    """
+    from picotron_lightning.options import Picotron3DOptions
+
+    if not layout.is_resolved:
+        raise ValueError(f"`layout` must be resolved (no 'auto'); got {layout.describe()}. Call layout.resolve(n).")
+    base = options if options is not None else Picotron3DOptions()
+    config = dataclasses.replace(base, memory=dataclasses.replace(
+        base.memory, activation_checkpointing=checkpointing, checkpoint_every=checkpoint_every))
+    wanted = list(ranks) if ranks is not None else representative_ranks(layout)
+    try:
+        return [_fake_trace(build_module, batch, layout, config, rank, step, build_optimizer) for rank in wanted]
+    except Exception as error:  # noqa: BLE001 - reported, or the real trace runs instead
+        if not allow_real_trace:
+            raise RuntimeError(
+                f"The fake-tensor trace of {layout.describe()} failed ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). Pass allow_real_trace=True (--real) to trace "
+                "one real step in local gloo processes instead (needs each rank's model share in host memory)."
+            ) from error
+    from picotron_lightning.testing import run_ranks
+
+    every = run_ranks(_real_trace_worker, layout.world_size, build_module, batch, layout, config, step,
+                      build_optimizer, timeout=timeout)
+    return [every[rank] for rank in wanted]
+
+
+def _fake_trace(
+    build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
+    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None,
+) -> RankEstimate:
+    from picotron_lightning.parallel.data import resolve_mode
+
+    if config.data_parallel.mode != "ddp" and config.data_parallel.mode == "auto" and layout.tp == 1:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode():
+            probe = build_module()
+            mode = resolve_mode("auto", probe, torch.device("cpu"), layout.world_size, tensor_parallel=False)
+        config = dataclasses.replace(config, data_parallel=dataclasses.replace(config.data_parallel, mode=mode))
+    if config.data_parallel.mode == "ddp" and layout.dp > 1:
+        # DDP's replicas each hold and compute what one process would; its only addition is the
+        # gradient buckets (added arithmetically). DDP cannot be built on fake tensors, so trace one replica.
+        single = ParallelLayout(1, layout.tp, layout.pp, 1)
+        # DDP is refused with pp > 1 by the options; the single replica is traced without data parallelism.
+        coords = layout.coordinates(rank)
+        inner_rank = single.rank_of(pp=coords.pp, tp=coords.tp)
+        with fake_process_group(inner_rank, single.world_size):
+            estimate = _trace_in_group(build_module, batch, single, config, inner_rank, step, build_optimizer, True)
+        grads = estimate.breakdown.params - _buffer_bytes_of(build_module)
+        b = estimate.breakdown
+        # At the end of DDP's backward every gradient exists and each bucket's all-reduce result (one
+        # more gradient-sized copy) is being copied back into them: a peak one replica never has.
+        end_of_backward = PeakBreakdown(params=b.params, grads=grads, optimizer=b.optimizer, activations=0,
+                                        temporaries=grads)
+        breakdown = end_of_backward if end_of_backward.total > b.total else b
+        return dataclasses.replace(estimate, rank=rank, coordinates=_coordinates(layout, rank), comm_buffers=grads,
+                                   breakdown=breakdown)
+    with fake_process_group(rank, layout.world_size):
+        return _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, True)
+
+
+def _buffer_bytes_of(build_module: Callable[[], nn.Module]) -> int:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        module = build_module()
+        return sum(b.numel() * b.element_size() for b in module.buffers()) + sum(
+            p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
+
+
+def _coordinates(layout: ParallelLayout, rank: int) -> dict[str, int]:
+    c = layout.coordinates(rank)
+    return {"pp": c.pp, "dp": c.dp, "tp": c.tp, "ep": c.ep}
+
+
+def _real_trace_worker(rank: int, world_size: int, build_module: Callable[[], nn.Module], batch: torch.Tensor,
+                       layout: ParallelLayout, config: Any, step: StepFn | None,
+                       build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None) -> RankEstimate:
+    from picotron_lightning.testing import init_gloo
+
+    init_gloo(rank, world_size)
+    estimate = _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, False)
+    dist.barrier()
+    return estimate
+
+
+def _trace_in_group(
+    build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
+    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, fake: bool,
+) -> RankEstimate:
+    """Build, parallelize and run two steps as ``rank`` of the process group that exists; measure the second."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from picotron_lightning.memory.tracker import LiveBytes
+    from picotron_lightning.strategies.parallelize import parallelize
+
+    device = torch.device("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # `self.log` outside a Trainer, fake-group notices
+        mesh = layout.build_device_mesh(device.type)
+        fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            module = build_module()
+            local_batch = fake_mode.from_tensor(batch) if fake_mode is not None else batch.clone()
+            parallel = parallelize(module, mesh, layout, config, device, local_processes=layout.world_size)
+            optimizer = _optimizer(module, build_optimizer)
+            run = _step_runner(parallel, module, optimizer, step)
+            run(local_batch)  # first step: creates the optimizer state
+            tracker = LiveBytes()
+            # As in Lightning, the previous step's gradients live until zero_grad (after the forward).
+            tracker.register([*module.parameters(), *module.buffers(), local_batch])
+            tracker.register(p.grad for p in module.parameters() if p.grad is not None)
+            tracker.register(v for state in optimizer.state.values() for v in state.values())
+            tracker.reset_peak()
+            with tracker:
+                run(local_batch)
+            breakdown = tracker.breakdown(module, [optimizer])
+        buckets = 0
+        if parallel.data_parallel_mode == "ddp":
+            buckets = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return RankEstimate(rank=rank, coordinates=_coordinates(layout, rank), breakdown=breakdown,
+                        comm_buffers=buckets, method="fake" if fake else "real")
+
+
+def _optimizer(module: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer] | None) -> torch.optim.Optimizer:
+    if build is not None:
+        return build(module)
+    configure = getattr(module, "configure_optimizers", None)
+    if configure is not None:
+        out = configure()
+        if isinstance(out, dict):
+            out = out["optimizer"]
+        if isinstance(out, (list, tuple)):
+            out = out[0]
+        if isinstance(out, torch.optim.Optimizer):
+            return out
+    return torch.optim.AdamW(module.parameters())
+
+
+def _step_runner(parallel: Any, module: nn.Module, optimizer: torch.optim.Optimizer,
+                 step: StepFn | None) -> Callable[[Any], None]:
+    """One training step in the order of Lightning's automatic optimization."""
+    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+
+    pipeline = parallel.pipeline
+    redirect = _ForwardRedirection()
+
+    def loss_of(batch: Any) -> torch.Tensor:
+        if step is not None:
+            return step(parallel.module, batch)
+        if pipeline is not None:
+            return pipeline.run_step(module, "training_step", (batch, 0), {})
+        if not hasattr(module, "training_step"):
+            raise ValueError("The model has no `training_step`; pass `step=` (a function of model and batch -> loss).")
+        # Through the root's __call__ so FSDP's root hooks (or DDP's) run, as the strategy does.
+        out: Any = redirect(parallel.module, module, "training_step", batch, 0)  # type: ignore[arg-type]
+        return out["loss"] if isinstance(out, dict) else out
+
+    def run(batch: Any) -> None:
+        loss = loss_of(batch)
+        optimizer.zero_grad(set_to_none=True)
+        if pipeline is not None:
+            pipeline.finish_backward()
+        else:
+            loss.backward()
+        optimizer.step()
+
+    return run
+
+
+# ---------------------------------------------------------------------- command line
+def format_table(estimates: Sequence[RankEstimate], title: str = "") -> str:
+    """One row per rank, MiB per kind; readable in a terminal."""
+    columns = ("params", "grads", "optimizer", "activations", "temporaries")
+    header = f"{'rank':>4} {'pp':>2} {'dp':>2} {'tp':>2} " + " ".join(f"{c:>11}" for c in columns)
+    header += f" {'comm bufs':>11} {'peak':>11}  trace"
+    lines = [title, header] if title else [header]
+    for e in estimates:
+        b = e.breakdown.as_dict()
+        c = e.coordinates
+        row = f"{e.rank:>4} {c['pp']:>2} {c['dp']:>2} {c['tp']:>2} " + " ".join(f"{_mib(b[k]):>11}" for k in columns)
+        lines.append(row + f" {_mib(e.comm_buffers):>11} {_mib(e.peak):>11}  {e.method}")
+    lines.append("(MiB; peak = live tensor bytes at the step's peak + communication buffers)")
+    return "\n".join(lines)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m picotron_lightning.memory.estimate --preset small --world-size 4 --tp 2 --micro-batch 8``."""
+    import functools
+
+    from picotron_lightning.models import CausalLMModule
+    from picotron_lightning.options import Picotron3DOptions
+    from picotron_lightning.parallel.data import DataParallelOptions
+
+    parser = argparse.ArgumentParser(prog="python -m picotron_lightning.memory.estimate",
+                                     description="Per-rank peak memory of one training step of the reference Llama.")
+    parser.add_argument("--preset", default="tiny", help="reference model preset (picotron_lightning.models.PRESETS)")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
+    parser.add_argument("--dp-mode", default="fsdp", choices=("fsdp", "ddp", "hsdp", "auto"))
+    parser.add_argument("--micro-batch", type=int, default=4, help="samples per rank and step")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--checkpointing", default="none", help="none, selective, full, or a comma-separated list")
+    parser.add_argument("--all-ranks", action="store_true", help="every rank, not one per (stage, tp rank)")
+    parser.add_argument("--real", action="store_true", help="trace on real tensors in local gloo processes "
+                        "where fake tensors cannot follow the layout")
+    args = parser.parse_args(argv)
+    overrides = {"num_layers": args.layers} if args.layers else None
+    build = functools.partial(CausalLMModule, preset=args.preset, config=overrides, seed=0)
+    layout = ParallelLayout("auto", args.tp, args.pp, 1).resolve(args.world_size)
+    batch = torch.zeros(args.micro_batch, args.seq_len + 1, dtype=torch.long)
+    options = Picotron3DOptions(data_parallel=DataParallelOptions(mode=args.dp_mode))
+    for mode in args.checkpointing.split(","):
+        estimates = estimate_memory(build, batch, layout, options=options, checkpointing=mode,
+                                    ranks=range(layout.world_size) if args.all_ranks else None,
+                                    allow_real_trace=args.real)
+        print(format_table(estimates, f"{args.preset}, {layout.describe()}, {args.dp_mode}, checkpointing={mode}, "
+                                      f"micro-batch {args.micro_batch} x {args.seq_len} tokens"))
+        print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Live tensor bytes during a training step, by storage, with the peak broken down by kind.
+
+:class:`LiveBytes` is a ``TorchDispatchMode``: every tensor an op creates is counted once per
+storage (views share their base's bytes) until its storage is freed. Tensors that exist before
+the mode is entered (parameters, gradients, optimizer state, the batch) are registered with
+:meth:`LiveBytes.register`. It works the same on real and on fake tensors, which is what makes it
+useful twice: the estimator traces a step on fake tensors with it, and the tests measure real
+steps with it (and inject out-of-memory errors with a subclass, ``picotron_lightning.testing_oom``).
+
+At every new peak the set of live storages is remembered, so the peak can be broken down into
+parameters, gradients, optimizer state, activations (tensors autograd saved for backward) and
+temporaries (everything else) after the step.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+KINDS = ("params", "grads", "optimizer", "activations", "temporaries")
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns memory: a DTensor's local shard, else the tensor itself."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
+
+
+def storage_of(t: torch.Tensor) -> torch.UntypedStorage | None:
+    """The untyped storage behind ``t`` (None for tensors without one, e.g. sparse or nested)."""
+    try:
+        return _plain(t).untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+@dataclass(frozen=True)
+class PeakBreakdown:
+    """Bytes live at the step's peak, by kind; ``total`` is their sum."""
+
+    params: int
+    grads: int
+    optimizer: int
+    activations: int
+    temporaries: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer + self.activations + self.temporaries
+
+    def as_dict(self) -> dict[str, int]:
+        return {kind: getattr(self, kind) for kind in KINDS} | {"total": self.total}
+
+
+class LiveBytes(TorchDispatchMode):
+    """Count the bytes of live tensor storages; remember the peak and what was live at it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (bytes, storage)
+        self._saved: set[int] = set()  # storages autograd packed for backward
+        self.current = 0
+        self.peak = 0
+        self._peak_pending = False  # the live set is the peak's and has not been copied yet
+        self._at_peak: dict[int, tuple[int, weakref.ref, bool]] = {}
+        self._saved_hooks: Any = None
+
+    # ------------------------------------------------------------------ accounting
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        key = id(storage)
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        self._on_allocate(nbytes)
+        self._live[key] = (nbytes, weakref.ref(storage))
+        weakref.finalize(storage, self._release, key)
+        self.current += nbytes
+        if self.current > self.peak:
+            self.peak = self.current
+            self._peak_pending = True
+
+    def _release(self, key: int) -> None:
+        if self._peak_pending:  # leaving the peak: remember what was live there (copied once per peak)
+            self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
+            self._peak_pending = False
+        nbytes, _ = self._live.pop(key, (0, None))
+        self.current -= nbytes
+        self._saved.discard(key)
+
+    def _on_allocate(self, nbytes: int) -> None:
+        """Called before ``nbytes`` more become live; the OOM injector of the tests raises here."""
+
+    def register(self, tensors: Iterable[Any]) -> None:
+        """Count tensors that already exist (parameters, gradients, optimizer state, the batch)."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                storage = storage_of(t)
+                if storage is not None:
+                    self._track(storage)
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                storage = storage_of(t)
+                if storage is not None:
+                    self._track(storage)
+        return out
+
+    # ------------------------------------------------------------------ saved activations
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = storage_of(t)
+        if storage is not None and id(storage) in self._live:
+            self._saved.add(id(storage))
+        return t
+
+    def __enter__(self) -> LiveBytes:
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved_hooks.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self._saved_hooks.__exit__(*exc)
+
+    # ------------------------------------------------------------------ results
+    def reset_peak(self) -> None:
+        """Start a new peak from the bytes live now (e.g. after a warm-up step)."""
+        self.peak = self.current
+        self._peak_pending = True
+
+    def breakdown(self, module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> PeakBreakdown:
+        """Split the peak's bytes into kinds, by the identity of the storages live at the peak.
+
+        Parameters, gradients and optimizer state are looked up *now* (after the step); a storage
+        live at the peak that is still one of them counts as that kind. Gathered (unsharded) FSDP
+        parameters and gradients freed during the step are not by then, and count as activations
+        (if autograd saved them) or temporaries.
+        """
+        if self._peak_pending:
+            self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
+            self._peak_pending = False
+
+        def ids(tensors: Iterable[Any]) -> set[int]:
+            found = set()
+            for t in tensors:
+                if isinstance(t, torch.Tensor) and (s := storage_of(t)) is not None:
+                    found.add(id(s))
+            return found
+
+        params = ids([*module.parameters(), *module.buffers()])
+        grads = ids(p.grad for p in module.parameters() if p.grad is not None)
+        optim = ids(v for opt in optimizers for state in opt.state.values() for v in state.values())
+        buckets = dict.fromkeys(KINDS, 0)
+        for nbytes, ref, saved in self._at_peak.values():
+            alive = ref()
+            key = id(alive) if alive is not None else None  # ids of live objects are unique
+            kind = ("params" if key in params else "grads" if key in grads else "optimizer" if key in optim
+                    else "activations" if saved else "temporaries")
+            buckets[kind] += nbytes
+        return PeakBreakdown(**buckets)

@@ -1,0 +1,48 @@
+"""Workers for the memory tests: real Trainer runs on gloo ranks that measure one step's live bytes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+MICRO = 4  # per-rank micro-batch (samples of SEQ + 1 tokens)
+CHECKPOINTING = ("none", "selective", "full")
+
+
+def build_module() -> Any:
+    from parity import make_module
+
+    return make_module("tiny")
+
+
+def sample_batch() -> torch.Tensor:
+    from parity import make_data
+
+    return make_data(MICRO)
+
+
+def measured_peaks(rank: int, world: int, strategy_kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """For each checkpointing mode: ``Trainer.fit`` for 2 steps, live bytes of the second step on this rank."""
+    import lightning as L
+    from dist import COLLECTIVE_TIMEOUT
+    from parity import TokenDataset, make_data
+
+    from picotron_lightning import Picotron3DStrategy
+    from picotron_lightning.testing_memory import PeakProbe
+
+    out = {}
+    for mode in CHECKPOINTING:
+        probe = PeakProbe(step=2)  # after DDP rebuilt its buckets (step 1), as in every later step
+        strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, memory={"activation_checkpointing": mode},
+                                      **strategy_kwargs)
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world, max_steps=3, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[probe])
+        loader = DataLoader(TokenDataset(make_data(64)), batch_size=MICRO, shuffle=False)
+        trainer.fit(build_module(), loader)
+        out[mode] = {"peak": probe.peak, "breakdown": probe.breakdown, "dp_mode": strategy.data_parallel_mode}
+    return out
+
+
