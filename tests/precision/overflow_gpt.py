@@ -72,7 +72,7 @@ class Block(nn.Module):
 
 
 class OverflowGPT(nn.Module):
-    def __init__(self, d: int = 64, layers: int = 4, heads: int = 4, max_len: int = 64, gain: float = 2e4,
+    def __init__(self, d: int = 64, layers: int = 4, heads: int = 4, max_len: int = 64, gain: float = 2.6e4,
                  where: Where = "block") -> None:
         super().__init__()
         self.wte = nn.Embedding(VOCAB, d)
@@ -94,7 +94,7 @@ class OverflowGPT(nn.Module):
 class OverflowGPTModule(L.LightningModule):
     """Next-byte prediction with :class:`OverflowGPT`; records the loss of every step."""
 
-    def __init__(self, where: Where = "block", gain: float = 2e4, lr: float = 3e-3, seed: int = 0) -> None:
+    def __init__(self, where: Where = "block", gain: float = 2.6e4, lr: float = 3e-3, seed: int = 0) -> None:
         super().__init__()
         self.lr = lr
         with torch.random.fork_rng(devices=[]):
