@@ -7,7 +7,9 @@ removes them afterwards; the other steps run hook-free.
 A forward *culprit* is the first module, in execution order, whose output is non-finite although
 its inputs were finite: that module (or functional code in its own ``forward``) made the Inf/NaN.
 A backward culprit is a module whose output gradient was finite but whose input or parameter
-gradient was not.
+gradient was not. With a ``repair`` callback set (the plugins set one, see ``repair.py``), the
+forward hook returns the callback's fp32 recompute as the culprit's output, so the forward goes on
+with finite values and every culprit of the step is found.
 """
 
 from __future__ import annotations

@@ -248,9 +248,10 @@ class AdaptiveEngine:
         if self.promote_siblings and self.model is not None:
             for name in repaired:
                 stack, siblings = structural_siblings(self.model, name)
+                kind = type(self.model.get_submodule(name)).__name__ if siblings else ""
                 for sibling in siblings:
                     self.promotions.promote(
-                        sibling, f"structural sibling of {name} (same {type_name(self.model, name)} at the "
+                        sibling, f"structural sibling of {name} (same {kind} at the "
                                  f"same place in each block of {stack}), promoted with it at step {self.step}",
                         self.step)
         self.promotions.drop_provisional()  # repairs no rank reported (cannot happen) do not linger
@@ -382,11 +383,6 @@ class AdaptiveEngine:
 
 def _dtype_name(plan: PrecisionPlan | None) -> str:
     return plan.mode if plan is not None else "low-precision"
-
-
-def type_name(model: nn.Module, name: str) -> str:
-    """The class name of the submodule ``name`` of ``model``."""
-    return type(model.get_submodule(name)).__name__
 
 
 def _agree(local: list[tuple[str, str]]) -> list[tuple[str, str]]:
