@@ -11,7 +11,8 @@ beyond the fp16 range. 30 steps, batch 8 (global), byte corpus, CPU. Rows:
 * ``amp``: Lightning's fp16 AMP (``MixedPrecision("16-mixed")`` with torch's GradScaler).
 * ``adaptive``: ``AdaptivePrecision(mode="fp16")`` with its defaults (in-forward repair, siblings).
 * ``no-siblings``: the same with ``promote_siblings=False``.
-* ``no-repair``: ``repair_forward=False, promote_siblings=False`` (skip the step, promote afterwards).
+* ``no-repair``: ``repair_forward=False, retry_unsampled=False, promote_siblings=False``: the
+  behaviour before issue 16 (skip the step, promote afterwards), except that step 0 is sampled.
 
 ``--devices 2`` runs ``Trainer(devices=2, strategy="picotron3d")`` started by Lightning's own
 launcher (dp=2, FSDP2); the loss of a step is the mean over both ranks. "final loss" is the mean
@@ -56,6 +57,7 @@ def run(args: argparse.Namespace) -> dict:
     else:
         plugin = AdaptivePrecision(mode="fp16", analysis_interval=0, max_consecutive_skips=args.steps + 1,
                                    repair_forward=args.run != "no-repair",
+                                   retry_unsampled=args.run != "no-repair",
                                    promote_siblings=args.run == "adaptive")
         kwargs["plugins"] = [plugin]
     strategy = "picotron3d" if args.devices > 1 else "auto"
