@@ -7,7 +7,9 @@ removes them afterwards; the other steps run hook-free.
 A forward *culprit* is the first module, in execution order, whose output is non-finite although
 its inputs were finite: that module (or functional code in its own ``forward``) made the Inf/NaN.
 A backward culprit is a module whose output gradient was finite but whose input or parameter
-gradient was not.
+gradient was not. With a ``repair`` callback set (the plugins set one, see ``repair.py``), the
+forward hook returns the callback's fp32 recompute as the culprit's output, so the forward goes on
+with finite values and every culprit of the step is found.
 """
 
 from __future__ import annotations
@@ -53,6 +55,19 @@ def _finite(tensors: list[torch.Tensor]) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
+def finite_output(output: Any) -> bool:
+    """True when every floating tensor in ``output`` (any nesting) is finite."""
+    return _finite(_tensors(output))
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
 class PrecisionAnalyzer:
     """Sampled forward/backward statistics for every submodule of a model.
 
@@ -66,8 +81,13 @@ class PrecisionAnalyzer:
         self.track_backward = track_backward
         self.stats: dict[str, ModuleStats] = {}  # over all sampled steps
         self.step_stats: dict[str, ModuleStats] = {}  # the current/last sampled step only
-        self.forward_culprits: list[str] = []  # this step, in execution order
+        self.forward_culprits: list[str] = []  # this step, in execution order, not repaired
         self.backward_culprits: list[str] = []
+        # Called with (name, module, args, kwargs) for a forward culprit; returns (replacement
+        # output, None) or (None, why not). None: record culprits only (see repair.py).
+        self.repair: Callable[[str, nn.Module, tuple, dict], tuple[Any, str | None]] | None = None
+        self.repaired: list[str] = []  # this step: culprits whose output was replaced by an fp32 recompute
+        self.unrepaired: dict[str, str] = {}  # this step: culprit -> why it could not be repaired
         self._handles: list[Any] = []
         self._names: dict[nn.Module, str] = {}
         self._requested = False
@@ -91,10 +111,14 @@ class PrecisionAnalyzer:
         self._requested = False
         self.active = True
         self.forward_culprits, self.backward_culprits = [], []
+        self.repaired, self.unrepaired = [], {}
         self.step_stats = {}
         self._names = names or {m: n for n, m in model.named_modules()}
         for module, name in self._names.items():
-            self._handles.append(module.register_forward_hook(self._forward_hook(name), with_kwargs=True))
+            # Before FSDP2's post-forward hook: the parameters are still unsharded for a repair,
+            # and FSDP2 registers its pre-backward hook on the (replaced) output.
+            self._handles.append(module.register_forward_hook(
+                self._forward_hook(name), with_kwargs=True, prepend=_is_fsdp_unit(module)))
 
     def detach(self) -> None:
         """Remove all hooks (idempotent)."""
@@ -106,25 +130,40 @@ class PrecisionAnalyzer:
     # -- hooks ---------------------------------------------------------------------------------
 
     def _forward_hook(self, name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             outs = _tensors(output)
             if not outs:
-                return
+                return None
             both = [self.stats.setdefault(name, ModuleStats()),
                     self.step_stats.setdefault(name, ModuleStats())]
+            with torch.no_grad():
+                culprit = not _finite(outs) and _finite(_tensors((args, kwargs)))
+                if not _finite(outs):
+                    for stats in both:
+                        stats.nonfinite_forward += 1
+            replacement = self._repair_or_record(name, module, args, kwargs) if culprit else None
+            if replacement is not None:
+                outs = _tensors(replacement)
             with torch.no_grad():
                 for stats in both:
                     stats.output_dtype = str(outs[0].dtype).replace("torch.", "")
                     self._record(stats, outs, grad=False)
-                if not _finite(outs):
-                    for stats in both:
-                        stats.nonfinite_forward += 1
-                    if _finite(_tensors((args, kwargs))):
-                        self.forward_culprits.append(name)
             if self.track_backward and torch.is_grad_enabled():
                 self._hook_backward(name, both, args, kwargs, outs)
+            return replacement
 
         return hook
+
+    def _repair_or_record(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if self.repair is not None:
+            replacement, why = self.repair(name, module, args, kwargs)
+            if replacement is not None:
+                self.repaired.append(name)
+                return replacement
+            if why is not None:
+                self.unrepaired[name] = why
+        self.forward_culprits.append(name)
+        return None
 
     def _hook_backward(self, name: str, both: list[ModuleStats], args: tuple, kwargs: dict,
                        outs: list[torch.Tensor]) -> None:

@@ -16,14 +16,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from picotron_lightning.precision.analyzer import FP16_MAX, PrecisionAnalyzer
+from picotron_lightning.precision.analyzer import FP16_MAX, PrecisionAnalyzer, finite_output
 from picotron_lightning.precision.hardware import HardwareDetector, HardwareReport
 from picotron_lightning.precision.policy import AdaptivePolicy, PrecisionPlan
 from picotron_lightning.precision.promotion import PromotionManager
+from picotron_lightning.precision.repair import recompute_in_fp32, repair_blocker, structural_siblings
 from picotron_lightning.precision.scaler import AdaptiveLossScaler, LossScaleError
 
 log = logging.getLogger("picotron_lightning.precision")
 STATE_VERSION = 1
+_CULPRIT_TAGS = ("forward", "backward", "fp32")  # details of a traced culprit in the ranks' exchange
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -40,7 +42,8 @@ class AdaptiveEngine:
 
     def __init__(self, policy: AdaptivePolicy, device: str | None, hardware: HardwareReport | None,
                  scaler: AdaptiveLossScaler | None, analyzer: PrecisionAnalyzer, promotions: PromotionManager,
-                 near_overflow: float | None, max_consecutive_skips: int) -> None:
+                 near_overflow: float | None, max_consecutive_skips: int, repair_forward: bool = True,
+                 promote_siblings: bool = True, retry_unsampled: bool = True) -> None:
         self.policy = policy
         self.device = device
         self.hardware = hardware
@@ -50,6 +53,14 @@ class AdaptiveEngine:
         self.promotions = promotions
         self.near_overflow = near_overflow
         self.max_consecutive_skips = max_consecutive_skips
+        self.repair_forward = repair_forward
+        self.promote_siblings = promote_siblings
+        self.retry_unsampled = retry_unsampled
+        self.retried: list[int] = []  # steps whose closure ran a second time, sampled
+        self._unsampled_overflow = False  # this step: non-finite gradients and no rank had sampled
+        self._sample_next = True  # the first step is always sampled
+        self._not_precision: set[str] = set()  # this step: culprits that overflow in fp32 too
+        self.analyzer.repair = self._repair if repair_forward else None
         self.plan: PrecisionPlan | None = None
         self.model: nn.Module | None = None
         self.step = 0
@@ -133,82 +144,186 @@ class AdaptiveEngine:
         return torch.autocast(self.device_type, dtype=dtype, cache_enabled=False)
 
     def begin_step(self) -> None:
-        """Before the first forward of an optimizer step: attach the analyzer on sampled steps."""
+        """Before the first forward of an optimizer step: attach the analyzer on sampled steps.
+
+        Besides every ``analysis_interval``-th step, the first step (of the run, after a resume,
+        after a demotion) and the step after one that repaired something are always sampled, so an
+        overflow there is repaired in the forward instead of costing an unsampled skip.
+        """
         if self._in_step:
             return
         self._in_step = True
         self._checked = None
-        if self.model is not None and self.analyzer.should_sample(self.step):
+        low_precision = self.plan is not None and self.plan.mode != "fp32"
+        if self.model is not None and (self.analyzer.should_sample(self.step)
+                                       or (self._sample_next and low_precision)):
             self.analyzer.attach(self.model)
+            self._sample_next = False
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss times the current scale (fp16), or unchanged."""
         return self.scaler.scale_loss(loss) if self.scaler is not None else loss
 
+    def _repair(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, str | None]:
+        """The analyzer's repair callback: an fp32 recompute of a forward culprit (see repair.py)."""
+        if name in self.promotions.promotions:
+            self._not_precision.add(name)
+            return None, "it already runs in fp32"
+        why = repair_blocker(name, module, self.device_type)
+        if why is not None:
+            if why.startswith("it already runs in fp32"):
+                self._not_precision.add(name)
+            return None, why
+        output = recompute_in_fp32(module, args, kwargs, self.device_type)
+        if not finite_output(output):
+            self._not_precision.add(name)
+            return None, "its output is non-finite in fp32 too"
+        self.promotions.run_in_fp32_now(name, module)
+        return output, None
+
     def after_backward(self, optimizer: Any) -> tuple[bool, str | None, bool]:
-        """Unscale gradients, detect overflow on any rank, trace and promote the culprit.
+        """Unscale gradients, detect overflow on any rank, agree on findings, promote.
 
         Returns ``(skip, reason, count_for_scale)``. Idempotent within a step (Fabric may unscale
-        for clipping and again at the step).
+        for clipping and again at the step). The found-inf all-reduce also carries two flags (some
+        rank has findings; some rank sampled), so the ranks exchange findings only on steps where
+        there is something to exchange, and all of them or none take part.
         """
         if self._checked is not None:
             return self._checked
         assert self.scaler is not None
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        found_inf = self.scaler.unscale_and_check(params)
+        sampled = self.analyzer.active
+        local = [(name, "repaired") for name in self.analyzer.repaired]
+        if sampled and self.near_overflow is not None and self.plan is not None and self.plan.mode == "fp16":
+            local += self._near_overflow_findings()
+        found_inf, (anyone_found, anyone_sampled) = self.scaler.unscale_check_share(
+            params, (float(bool(local)), float(sampled)))
+        traced = found_inf and anyone_sampled > 0
+        self._unsampled_overflow = found_inf and not traced  # the same on every rank: both flags are global
+        if traced and sampled:
+            local += self._local_culprits()
+        found = _agree(local) if anyone_found > 0 or traced else []
+        repaired = self._promote_found(found)
         reason, count = None, True
-        if found_inf and self.analyzer.active:
-            reason, count = self._trace()
-        elif self.analyzer.active and self.near_overflow is not None and self.plan is not None \
-                and self.plan.mode == "fp16":
-            self._promote_near_overflow()
-        if found_inf and not self.analyzer.active:
+        if traced:
+            reason, count = self._explain([(n, d) for n, d in found if d.split(":")[0] in _CULPRIT_TAGS])
+        elif found_inf:
             reason = "non-finite gradients; the next step traces which module"
             self.analyzer.request()
+        self._promote_near_overflow(found)  # after the culprits: a culprit's reason is its overflow
+        if repaired:
+            self._sample_next = True  # overflows come in waves early in training: look again next step
         self._checked = (found_inf, reason, count)
         return self._checked
 
-    def _trace(self) -> tuple[str, bool]:
-        assert self.scaler is not None  # the only caller, after_backward, asserts it
+    def _near_overflow_findings(self) -> list[tuple[str, str]]:
+        assert self.near_overflow is not None  # the only caller, after_backward, checks it
+        limit = self.near_overflow * FP16_MAX
+        return [(name, f"near:{stats.act_absmax:.3g}") for name, stats in self.analyzer.step_stats.items()
+                if name and stats.output_dtype == "float16" and stats.act_absmax > limit]
+
+    def _local_culprits(self) -> list[tuple[str, str]]:
+        """This rank's culprit of a non-finite step: forward (not repaired) first, else backward."""
         culprit = self.analyzer.first_culprit()
         if culprit is None and self.model is not None:
             params = self.analyzer.parameter_culprits(self.model)
             culprit = (params[-1], "backward") if params else None
-        found = _agree([culprit] if culprit is not None else [])
-        if not found:
+        if culprit is None:
+            return []
+        name, where = culprit
+        if where == "forward" and name in self._not_precision:
+            return [(name, "fp32")]
+        why = self.analyzer.unrepaired.get(name)
+        return [(name, f"forward:{why}" if where == "forward" and why else where)]
+
+    def _promote_found(self, found: list[tuple[str, str]]) -> list[str]:
+        """Promote what the ranks agreed on: repaired culprits (and their siblings), near overflows."""
+        mode = _dtype_name(self.plan)
+        repaired = [name for name, detail in found if detail == "repaired"]
+        for name in repaired:
+            self.promotions.promote(
+                name, f"non-finite {mode} output in forward at step {self.step}; recomputed in fp32 in the "
+                      "same forward (step kept)", self.step, elsewhere=True)
+        if self.promote_siblings and self.model is not None:
+            for name in repaired:
+                stack, siblings = structural_siblings(self.model, name)
+                kind = type(self.model.get_submodule(name)).__name__ if siblings else ""
+                for sibling in siblings:
+                    self.promotions.promote(
+                        sibling, f"structural sibling of {name} (same {kind} at the "
+                                 f"same place in each block of {stack}), promoted with it at step {self.step}",
+                        self.step)
+        self.promotions.drop_provisional()  # repairs no rank reported (cannot happen) do not linger
+        return repaired
+
+    def _promote_near_overflow(self, found: list[tuple[str, str]]) -> None:
+        for name, detail in found:
+            if detail.startswith("near:"):
+                self.promotions.promote(name, f"near overflow: fp16 output reached {detail[5:]} "
+                                              f"> {self.near_overflow:g} x fp16 max", self.step)
+
+    def _explain(self, culprits: list[tuple[str, str]]) -> tuple[str, bool]:
+        """The reason of a skipped, sampled step, promoting what can be promoted."""
+        assert self.scaler is not None  # the only caller, after_backward, asserts it
+        if not culprits:
             return f"non-finite gradients at scale {self.scaler.scale:g}, no module traced", True
-        forward = [name for name, where in found if where == "forward"]
+        not_precision = [name for name, detail in culprits if detail == "fp32"]
+        forward = [(name, detail.partition(":")[2]) for name, detail in culprits if detail.startswith("forward")]
         if forward:
-            promoted = [n for n in forward if self.promotions.promote(
-                n, f"non-finite {_dtype_name(self.plan)} output in forward at step {self.step}", self.step)]
+            promoted = [(n, why) for n, why in forward if self.promotions.promote(
+                n, f"non-finite {_dtype_name(self.plan)} output in forward at step {self.step}"
+                   + (f" (not repaired in place: {why})" if why else ""), self.step, elsewhere=True)]
             if promoted:
-                return f"forward overflow in {', '.join(promoted)} (promoted to fp32)", False
-            return (f"forward produced Inf/NaN in {', '.join(forward)} although it already runs in fp32: "
+                where = ", ".join(n for n, _ in promoted)
+                return f"forward overflow in {where} (promoted to fp32; not repaired in place)", False
+        if not_precision or forward:
+            where = ", ".join(not_precision + [n for n, _ in forward])
+            return (f"forward produced Inf/NaN in {where} although it runs in fp32: "
                     "not a precision problem (check inputs, learning rate, the module's maths)"), True
-        names = [name for name, _ in found]
+        names = [name for name, _ in culprits]
         if self.scaler.enabled and self.scaler.scale <= self.scaler.min_scale:
-            promoted = [n for n in names if self.promotions.promote(
+            promoted_names = [n for n in names if self.promotions.promote(
                 n, f"backward overflow at the floor loss scale {self.scaler.scale:g}", self.step)]
-            if promoted:
-                where = ", ".join(promoted)
+            if promoted_names:
+                where = ", ".join(promoted_names)
                 return f"backward overflow in {where} at the floor scale (promoted to fp32)", False
         return f"gradient overflow at scale {self.scaler.scale:g} (traced to {', '.join(names)})", True
 
-    def _promote_near_overflow(self) -> None:
-        assert self.near_overflow is not None  # the only caller, after_backward, checks it
-        limit = self.near_overflow * FP16_MAX
-        local = [(name, f"{stats.act_absmax:.3g}") for name, stats in self.analyzer.step_stats.items()
-                 if name and stats.output_dtype == "float16" and stats.act_absmax > limit]
-        for name, peak in _agree(local):  # every rank takes part, so all promote the same modules
-            self.promotions.promote(name, f"near overflow: fp16 output reached {peak} "
-                                          f"> {self.near_overflow:g} x fp16 max", self.step)
+    def begin_retry(self) -> bool:
+        """After an unsampled step with non-finite gradients: sample a second run of the same step.
+
+        True when the caller should run the step's closure again (then call :meth:`after_backward`
+        again). The decision rests on all-reduced flags, so all ranks retry together or none does.
+        """
+        if not (self.retry_unsampled and self._unsampled_overflow and self.model is not None):
+            return False
+        self._unsampled_overflow = False
+        self._checked = None
+        self.analyzer.attach(self.model)
+        self.retried.append(self.step)
+        log.info("picotron_lightning: step %d: non-finite gradients on an unsampled step; running it again "
+                 "with tracing", self.step)
+        return True
+
+    def abandon_step(self) -> None:
+        """The step ended without a backward (``training_step`` returned None): forget its findings."""
+        self.analyzer.detach()
+        self.promotions.drop_provisional()
+        self._in_step = False
 
     def end_step(self, skipped: bool, reason: str | None, count_for_scale: bool) -> None:
         """After the optimizer step (or its skip): update the scale, demote, count, detach."""
         assert self.scaler is not None
         self.analyzer.detach()
+        self.promotions.drop_provisional()
+        self._not_precision = set()
+        self._unsampled_overflow = False
         self.scaler.update(skipped, self.step, reason, count_overflow=count_for_scale)
+        events = len(self.promotions.events)
         self.promotions.end_step(self.step, skipped)
+        if any(e["event"] == "demote" for e in self.promotions.events[events:]):
+            self._sample_next = True  # a demoted module may overflow again at once: trace that step
         self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         self.step += 1
         self._in_step = False
@@ -232,6 +347,7 @@ class AdaptiveEngine:
             "fp32_modules": float(len(self.promotions.promotions)),
             "skipped_steps": float(scaler.skipped_steps) if scaler is not None else 0.0,
             "overflow_steps": float(scaler.overflow_steps) if scaler is not None else 0.0,
+            "retried_steps": float(len(self.retried)),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,6 +359,7 @@ class AdaptiveEngine:
             "consecutive_skips": self.consecutive_skips,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "promotions": self.promotions.state_dict(),
+            "retried": list(self.retried),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -252,6 +369,8 @@ class AdaptiveEngine:
             return
         self.step = int(state.get("step", 0))
         self.consecutive_skips = int(state.get("consecutive_skips", 0))
+        self._sample_next = True  # the first step after a resume is sampled
+        self.retried = [int(s) for s in state.get("retried", [])]
         if state.get("scaler") is not None and self.scaler is not None:
             self.scaler.load_state_dict(state["scaler"])
             if not self.scaler.enabled:

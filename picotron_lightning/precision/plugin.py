@@ -51,6 +51,16 @@ class _AdaptiveBase(FabricPrecision):
         demote_after: quiet steps after which a dynamically promoted module is tried in low
             precision again (``None``: promotions are permanent).
         max_consecutive_skips: stop with an explanation after this many skipped steps in a row.
+        repair_forward: on a sampled step, recompute a module whose low-precision output turned
+            non-finite in fp32 inside the same forward and keep the step (``False``: skip the step
+            and promote the module afterwards, as before).
+        promote_siblings: with a repaired culprit that is a child of a block in a stack
+            (``layers.2.mlp``), also promote the same module in the other blocks (``layers.*.mlp``).
+        retry_unsampled: Trainer only: when a step that was not sampled has non-finite gradients,
+            run its closure (forward and backward of the same batch) once more with tracing, so a
+            forward overflow is repaired instead of skipped. ``training_step`` then runs twice for
+            that batch. Not with gradient accumulation (the earlier micro-batches' gradients are in
+            ``.grad``) or manual optimization; there the step is skipped and the next one sampled.
         scaler: a configured :class:`AdaptiveLossScaler` (used in fp16 mode).
         hardware: a pre-computed :class:`HardwareReport` (skips detection).
     """
@@ -60,13 +70,15 @@ class _AdaptiveBase(FabricPrecision):
                  analysis_interval: int = 100, near_overflow: float | None = 0.5,
                  demote_after: int | None = None,
                  max_consecutive_skips: int = 50, scaler: AdaptiveLossScaler | None = None,
-                 hardware: HardwareReport | None = None) -> None:
+                 hardware: HardwareReport | None = None, repair_forward: bool = True,
+                 promote_siblings: bool = True, retry_unsampled: bool = True) -> None:
         policy = AdaptivePolicy(mode=mode, fp32_islands=fp32_islands, fp32_modules=fp32_modules, fp8=fp8)
         self._engine = AdaptiveEngine(
             policy=policy, device=device, hardware=hardware, scaler=scaler,
             analyzer=PrecisionAnalyzer(interval=analysis_interval),
             promotions=PromotionManager(device_type=device or "cpu", demote_after=demote_after),
             near_overflow=near_overflow, max_consecutive_skips=max_consecutive_skips,
+            repair_forward=repair_forward, promote_siblings=promote_siblings, retry_unsampled=retry_unsampled,
         )
         self.precision = _LIGHTNING_NAME[mode] if mode != "auto" else "32-true"
 
@@ -194,10 +206,17 @@ class AdaptivePrecision(_AdaptiveBase, Precision):
         closure_result = closure()
         if closure_result is None and model.automatic_optimization:
             # training_step returned None: Lightning skipped backward, so there is nothing to step.
-            engine.analyzer.detach()
-            engine._in_step = False
+            engine.abandon_step()
             return None
         skip, reason, count = engine.after_backward(optimizer)
+        trainer = getattr(model, "_trainer", None)
+        accumulating = trainer is not None and trainer.accumulate_grad_batches > 1
+        if skip and model.automatic_optimization and not accumulating and engine.begin_retry():
+            closure_result = closure()  # zeroes the gradients, then forward and backward again, sampled
+            if closure_result is None:
+                engine.abandon_step()
+                return None
+            skip, reason, count = engine.after_backward(optimizer)
         self._after_closure(model, optimizer)  # on_before_optimizer_step + clipping, on unscaled grads
         out = None if skip else optimizer.step(**kwargs)
         engine.end_step(skip, reason, count)

@@ -64,6 +64,7 @@ class PromotionManager:
         self.events: list[dict[str, Any]] = []
         self._model: nn.Module | None = None
         self._handles: dict[str, list[Any]] = {}
+        self._provisional: dict[str, list[Any]] = {}  # run_in_fp32_now, not yet agreed
         self._absmax: dict[str, torch.Tensor] = {}
 
     # -- model binding -------------------------------------------------------------------------
@@ -87,21 +88,44 @@ class PromotionManager:
 
     # -- promote / demote ----------------------------------------------------------------------
 
-    def promote(self, name: str, reason: str, step: int, source: str = "dynamic") -> bool:
-        """Run ``name`` in fp32 from now on; False when it already is (or is not in this model)."""
+    def promote(self, name: str, reason: str, step: int, source: str = "dynamic", elsewhere: bool = False) -> bool:
+        """Run ``name`` in fp32 from now on; False when it already is (or is not in this model).
+
+        ``elsewhere=True`` records a module another rank found even where this rank's model does
+        not hold it (another pipeline stage), so every rank's checkpoint state lists it.
+        """
         if name in self.promotions:
             return False
         module = dict(self._model.named_modules()).get(name) if self._model is not None else None
-        if self._model is not None and module is None:
+        if self._model is not None and module is None and not elsewhere:
             return False
         demotions = self.demoted.pop(name, 0)
         self.promotions[name] = Promotion(name, reason, step, source, demotions=demotions)
+        for h in self._provisional.pop(name, []):
+            h.remove()
         if module is not None:
             self._install(name, module)
         self.events.append({"step": step, "event": "promote", "module": name, "reason": reason})
         if source == "dynamic":
             log.warning("picotron_lightning: step %d: module %r now runs in fp32 (%s)", step, name, reason)
         return True
+
+    def run_in_fp32_now(self, name: str, module: nn.Module) -> None:
+        """Run ``module`` in fp32 from its next call on, before the ranks agreed to promote it.
+
+        Used by the in-forward repair: later calls of the module in the same step (pipeline
+        microbatches, a shared module) then need no repair. :meth:`promote` makes it permanent,
+        :meth:`drop_provisional` undoes what was not promoted.
+        """
+        if name not in self.promotions and name not in self._provisional:
+            self._provisional[name] = self._fp32_hooks(module)
+
+    def drop_provisional(self) -> None:
+        """Remove the hooks of :meth:`run_in_fp32_now` that no :meth:`promote` confirmed."""
+        for handles in self._provisional.values():
+            for h in handles:
+                h.remove()
+        self._provisional = {}
 
     def demote(self, name: str, step: int, reason: str) -> None:
         """Return ``name`` to the autocast dtype."""
@@ -135,6 +159,12 @@ class PromotionManager:
     # -- hooks ---------------------------------------------------------------------------------
 
     def _install(self, name: str, module: nn.Module) -> None:
+        handles = self._fp32_hooks(module)
+        if self.demote_after is not None and self.promotions[name].source == "dynamic":
+            handles.append(module.register_forward_hook(self._watch(name)))
+        self._handles[name] = handles
+
+    def _fp32_hooks(self, module: nn.Module) -> list[Any]:
         device_type = self.device_type
         stack: list[torch.autocast] = []
 
@@ -148,11 +178,8 @@ class PromotionManager:
             if stack:
                 stack.pop().__exit__(None, None, None)
 
-        handles = [module.register_forward_pre_hook(pre, with_kwargs=True),
-                   module.register_forward_hook(post, always_call=True)]
-        if self.demote_after is not None and self.promotions[name].source == "dynamic":
-            handles.append(module.register_forward_hook(self._watch(name)))
-        self._handles[name] = handles
+        return [module.register_forward_pre_hook(pre, with_kwargs=True),
+                module.register_forward_hook(post, always_call=True)]
 
     def _watch(self, name: str) -> Any:
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
@@ -169,6 +196,7 @@ class PromotionManager:
             for h in handles:
                 h.remove()
         self._handles = {}
+        self.drop_provisional()
 
     # -- state ---------------------------------------------------------------------------------
 

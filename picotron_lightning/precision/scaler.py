@@ -10,7 +10,7 @@ so every rank skips the same steps even when gradients are sharded (FSDP2) and d
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -105,6 +105,15 @@ class AdaptiveLossScaler:
 
     def unscale_and_check(self, params: Iterable[torch.Tensor]) -> bool:
         """Divide gradients by the scale in place; True when any gradient on any rank is non-finite."""
+        return self.unscale_check_share(params)[0]
+
+    def unscale_check_share(self, params: Iterable[torch.Tensor], flags: Sequence[float] = ()
+                            ) -> tuple[bool, list[float]]:
+        """:meth:`unscale_and_check`, with ``flags`` reduced (MAX over ranks) in the same all-reduce.
+
+        The plugin sends "this rank has findings to exchange" this way, so the ranks decide together
+        whether an exchange follows, without a collective of its own on every step.
+        """
         grads = local_grads(params)
         device = grads[0].device if grads else torch.device("cpu")
         found_inf = torch.zeros(1, device=device)
@@ -113,7 +122,10 @@ class AdaptiveLossScaler:
             groups.setdefault((g.device, g.dtype), []).append(g)
         for (dev, _), group in groups.items():
             found_inf = torch.maximum(found_inf, self._unscale_group(group, dev).to(device))
-        return bool(all_reduce_max(found_inf).item() > 0)
+        if flags:
+            found_inf = torch.cat([found_inf, torch.tensor(list(flags), dtype=found_inf.dtype, device=device)])
+        reduced = all_reduce_max(found_inf).tolist()
+        return reduced[0] > 0, reduced[1:]
 
     def _unscale_group(self, group: list[torch.Tensor], device: torch.device) -> torch.Tensor:
         if device.type == "cuda":

