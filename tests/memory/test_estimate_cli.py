@@ -1,0 +1,14 @@
+"""The documented command, ``python -m picotron_lightning.memory.estimate``, runs and prints one row per rank."""
+
+from __future__ import annotations
+
+from picotron_lightning.testing import run_script
+
+
+def test_estimate_command_prints_a_table_per_checkpointing_mode(tmp_path):
+    out = run_script("picotron_lightning.memory.estimate", "--preset", "tiny", "--world-size", "2",
+                     "--micro-batch", "2", "--seq-len", "16", "--checkpointing", "none,full", "--all-ranks",
+                     module=True, cwd=tmp_path, timeout=300).stdout
+    assert out.count("checkpointing=none") == 1 and out.count("checkpointing=full") == 1, out
+    rows = [line for line in out.splitlines() if line.strip().split(" ")[0] in ("0", "1")]
+    assert len(rows) == 4, out  # ranks 0 and 1, for each of the two modes
