@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from picotron_lightning.parallel.structure import find_block_stacks
+from picotron_lightning.structure import find_block_stacks
 
 
 def apply_activation_checkpointing(root: nn.Module, every: int = 1) -> int:

@@ -123,8 +123,7 @@ def test_untraceable_model_names_the_structural_split(world2):
 
 
 def test_trace_refuses_data_parallelism():
-    from picotron_lightning.parallel.pipeline import check_traceable_layout
-    from picotron_lightning.parallel.pp_split import PipelineSplitError
+    from picotron_lightning.parallel.pipeline_parallel import PipelineSplitError, check_traceable_layout
     from picotron_lightning.topology import ParallelLayout
 
     layout = ParallelLayout(pipeline_parallel_size=2).resolve(4)

@@ -16,18 +16,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dist import run_ranks  # noqa: E402
 from pp_models import TinyGPT, tiny_hf_llama  # noqa: E402
 
-from picotron_lightning.parallel.pipeline import plan_pipeline  # noqa: E402
-from picotron_lightning.parallel.pp_schedule import (  # noqa: E402
+from picotron_lightning.parallel.pipeline_parallel import (  # noqa: E402
     PipelineOptions,
-    choose_microbatches,
-    stage_ids,
-    theoretical_bubble,
-)
-from picotron_lightning.parallel.pp_split import (  # noqa: E402
     PipelinePlan,
     PipelineSplitError,
     balance_stages,
+    choose_microbatches,
     find_pipeline_parts,
+    plan_pipeline,
+    stage_ids,
+    theoretical_bubble,
 )
 from picotron_lightning.topology import LayoutError  # noqa: E402
 
@@ -147,7 +145,7 @@ def test_too_many_stages_fails_fast_in_a_real_run():
 
 
 def test_microbatch_split_is_exact():
-    from picotron_lightning.parallel.pp_step import merge_outputs, split_batch
+    from picotron_lightning.parallel.pipeline_parallel.user_step import merge_outputs, split_batch
 
     batch = {"x": torch.arange(12).reshape(6, 2), "n": 3}
     parts = split_batch(batch, 3)

@@ -8,10 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 from tp_models import HEADS, WIDTH, Cell, LMModule, TinyGPT
 
-from picotron_lightning.parallel.structure import find_main_block_stack
-from picotron_lightning.parallel.tp_detect import classify_block, example_block_call, trace_block
-from picotron_lightning.parallel.tp_plans import resolve_plan
-from picotron_lightning.parallel.tp_validate import validate_plan
+from picotron_lightning.parallel.tensor_parallel import resolve_plan, validate_plan
+from picotron_lightning.parallel.tensor_parallel.detect import classify_block, example_block_call, trace_block
+from picotron_lightning.structure import find_main_block_stack
 from picotron_lightning.topology import LayoutError
 
 torch.set_num_threads(1)
