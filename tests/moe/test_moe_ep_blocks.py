@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from dist import init_gloo, run_ranks
 from torch import nn
 
 from picotron_lightning.moe import MoELayer
@@ -21,6 +20,7 @@ from picotron_lightning.parallel.expert import (
     is_expert_parameter,
     reduce_expert_gradients,
 )
+from picotron_lightning.testing import init_gloo, run_ranks
 from picotron_lightning.topology import ParallelLayout
 
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist import init_gloo, run_ranks
 
 from picotron_lightning.models.llama import Llama, llama_config
 from picotron_lightning.moe import MoELayer, moe_metrics
@@ -23,6 +22,7 @@ from picotron_lightning.parallel.expert import (
     reduce_expert_gradients,
     validate_expert_parallel,
 )
+from picotron_lightning.testing import init_gloo, run_ranks
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
 STEPS = 8

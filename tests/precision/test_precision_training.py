@@ -8,8 +8,11 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
-from precision_models import (
-    LossRecorder,
+
+from picotron_lightning.models import CausalLMModule
+from picotron_lightning.precision import AdaptivePrecision, FabricAdaptivePrecision
+from tests.fitting import LossRecorder
+from tests.precision.precision_models import (
     OverflowModule,
     OverflowNet,
     byte_loader,
@@ -17,9 +20,6 @@ from precision_models import (
     regression_loader,
     trainer,
 )
-
-from picotron_lightning.models import CausalLMModule
-from picotron_lightning.precision import AdaptivePrecision, FabricAdaptivePrecision
 
 STEPS = 50
 
