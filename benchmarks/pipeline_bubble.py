@@ -1,7 +1,7 @@
 """Measured pipeline bubble of the 1F1B and interleaved 1F1B schedules against theory.
 
 Each configuration runs P real gloo ranks through ``torch.distributed.pipelining`` with the
-package's :class:`~picotron_lightning.parallel.pp_schedule.BubbleMeter` (the same meter behind
+package's :class:`~picotron_lightning.parallel.pipeline_parallel.schedule.BubbleMeter` (the same meter behind
 ``strategy.pipeline_bubble``). A stage's compute is a fixed sleep (forward ``t``, backward ``2t``,
 split evenly over the virtual stages of a rank), so the measurement shows the schedule's idle
 time, not CPU contention between the ranks of a small machine. Prints one row per (schedule, P, M)
@@ -48,7 +48,7 @@ def _measure(rank: int, world: int, schedule: str, microbatches: int, virtual: i
     import torch.distributed as dist
     from torch.distributed.pipelining import PipelineStage
 
-    from picotron_lightning.parallel.pp_schedule import BubbleMeter, PipelineOptions, schedule_class, stage_ids
+    from picotron_lightning.parallel.pipeline_parallel import BubbleMeter, PipelineOptions, schedule_class, stage_ids
     from picotron_lightning.testing import init_gloo
 
     init_gloo(rank, world)
@@ -73,7 +73,7 @@ def _measure(rank: int, world: int, schedule: str, microbatches: int, virtual: i
 
 
 def main() -> None:
-    from picotron_lightning.parallel.pp_schedule import theoretical_bubble
+    from picotron_lightning.parallel.pipeline_parallel import theoretical_bubble
     from picotron_lightning.testing import run_ranks
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,7 +1,7 @@
 """Per-rank parameter memory under tensor parallelism, as a ratio to one rank holding the whole model.
 
 Builds the reference Llama on every rank, shards it with the strategy's own tensor-parallel step
-(``parallel.tensor.apply_tensor_parallel``, default options: sequence parallel on, gathered
+(``parallel.tensor_parallel.shard_tensor_parallel``, default options: sequence parallel on, gathered
 logits) over a ``tp`` mesh of each size, and counts the bytes of the parameters each rank holds
 (``DTensor.to_local()``). tp=1 is the unsharded model in the same run. Exact, not sampled: the
 numbers depend only on the plan, not on the machine.
@@ -20,15 +20,14 @@ def _measure(rank: int, world: int, preset: str) -> dict:
     from torch.distributed.tensor import DTensor
 
     from picotron_lightning.models.llama import Llama, llama_config
-    from picotron_lightning.parallel.tensor import apply_tensor_parallel
-    from picotron_lightning.parallel.tensor_options import TensorParallelOptions
+    from picotron_lightning.parallel.tensor_parallel import TensorParallelOptions, shard_tensor_parallel
 
     config = llama_config(preset, num_kv_heads=llama_config(preset).num_heads) if world > 2 else llama_config(preset)
     torch.manual_seed(0)
     model = Llama(config)
     full = sum(p.numel() * p.element_size() for p in model.parameters())
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
-    plan = apply_tensor_parallel(model, mesh["tp"], TensorParallelOptions())
+    plan = shard_tensor_parallel(model, mesh["tp"], TensorParallelOptions())
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
                 for p in model.parameters())
     return {"full": full, "local": local, "sequence_parallel": plan.sequence_parallel,

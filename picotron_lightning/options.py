@@ -20,8 +20,8 @@ from typing import Any, Literal
 
 from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.parallel.data import DataParallelOptions
-from picotron_lightning.parallel.pipeline_options import PipelineOptions
-from picotron_lightning.parallel.tensor_options import TensorParallelOptions
+from picotron_lightning.parallel.pipeline_parallel import PipelineOptions
+from picotron_lightning.parallel.tensor_parallel import TensorParallelOptions
 from picotron_lightning.topology import ParallelLayout
 
 START_METHODS = ("popen", "spawn")

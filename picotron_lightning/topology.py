@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from picotron_lightning._util import divisors
+
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
@@ -38,10 +40,6 @@ class RankCoordinates(NamedTuple):
     tp: int
     ep: int
     ep_replicate: int
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _check_positive_int(name: str, value: object, allow_auto: bool = False) -> None:
@@ -117,7 +115,7 @@ class ParallelLayout:
             raise LayoutError(
                 f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} = {model_parallel} does not divide"
                 f" the world size {world_size} (devices x num_nodes). Sizes that would work:"
-                f" tensor_parallel_size x pipeline_parallel_size in {_divisors(world_size)}."
+                f" tensor_parallel_size x pipeline_parallel_size in {divisors(world_size)}."
             )
         dp = self.data_parallel_size
         if dp == "auto":
@@ -134,7 +132,7 @@ class ParallelLayout:
             raise LayoutError(
                 f"expert_parallel_size={ep} must divide data_parallel_size={dp} (expert parallel ranks are"
                 f" drawn from the data-parallel ranks). Sizes that would work: expert_parallel_size in"
-                f" {_divisors(dp)}."
+                f" {divisors(dp)}."
             )
         return ParallelLayout(dp, tp, pp, ep, self.context_parallel_size)
 
@@ -169,7 +167,7 @@ class ParallelLayout:
         if self.dp % shard:
             raise LayoutError(
                 f"hsdp_shard_size={shard} must divide data_parallel_size={self.dp}; sizes that would work: "
-                f"{_divisors(self.dp)}."
+                f"{divisors(self.dp)}."
             )
         return shard
 

@@ -1,6 +1,5 @@
 import os
-import sys
 
-# Tests spawn worker processes that import `dist` and the test modules by name.
-sys.path.insert(0, os.path.dirname(__file__))
+# Tests import their helpers as a package (``from tests.parity import ...``): pytest puts the repository
+# root on sys.path (pyproject's ``pythonpath``), and spawned worker processes inherit that sys.path.
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -13,6 +13,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from picotron_lightning.testing import COLLECTIVE_TIMEOUT
+from tests.fitting import fit_and_record
+
 RTOL = 1e-4
 VOCAB = 256
 SEQ = 16
@@ -130,13 +133,6 @@ def trainer_run(
 
     from picotron_lightning import Picotron3DStrategy
 
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            # Lightning reports the loss divided by the accumulation factor.
-            losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
-
     class SyncProbe(L.Callback):
         """After each backward: is any gradient visible yet, and its local checksum."""
 
@@ -146,28 +142,14 @@ def trainer_run(
             sync_probe.append(None if not grads else float(sum(t.double().sum() for t in local)))
 
     sync_probe: list[float | None] = []
-    callbacks: list[Any] = [Record(), SyncProbe()]
-    if ckpt_dir:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1))
-    from dist import COLLECTIVE_TIMEOUT
-
     strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **(strategy_kwargs or {}))
-    trainer = L.Trainer(
-        strategy=strategy,
-        accelerator="cpu",
-        devices=world_size,
-        max_steps=max_steps,
-        accumulate_grad_batches=accumulate,
-        gradient_clip_val=clip,
-        logger=False,
-        enable_checkpointing=bool(ckpt_dir),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=callbacks,
-    )
     module = make_module(preset, config)
     loader = DataLoader(TokenDataset(data), batch_size=micro_batch, shuffle=False)
-    trainer.fit(module, loader, ckpt_path=resume_from)
+    fitted = fit_and_record(
+        module, loader, callbacks=[SyncProbe()], ckpt_dir=ckpt_dir, resume_from=resume_from, strategy=strategy,
+        devices=world_size, max_steps=max_steps, accumulate_grad_batches=accumulate, gradient_clip_val=clip,
+    )
+    losses, trainer = fitted.losses, fitted.trainer
     dp_rank = strategy.layout.coordinates(trainer.global_rank).dp
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
@@ -187,7 +169,6 @@ def fabric_run(
 ) -> dict[str, Any]:
     """An ordinary Fabric training loop with picotron3d; returns this rank's micro-batch losses."""
     import lightning as L
-    from dist import COLLECTIVE_TIMEOUT
 
     from picotron_lightning import Picotron3DFabricStrategy
 

@@ -36,6 +36,7 @@ def test_wrong_data_parallel_size_is_refused_when_the_trainer_is_built():
         L.Fabric(strategy=Picotron3DFabricStrategy(data_parallel_size=3), accelerator="cpu", devices=2)
 
 
+@pytest.mark.slow
 def test_wrong_size_exits_within_seconds_from_a_script(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent("""
@@ -143,6 +144,7 @@ def test_failed_save_keeps_the_previous_checkpoint(checkpoint):
     assert _same_weights(module, saved)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_rank", [0, 1])
 def test_a_failing_rank_brings_the_launched_run_down_with_its_error(tmp_path, bad_rank):
     """Lightning's own launcher (popen), a rank raising mid-training: no rank is left waiting."""

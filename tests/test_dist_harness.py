@@ -1,7 +1,11 @@
 import pytest
 import torch
 import torch.distributed as dist
-from dist import init_gloo, run_ranks
+
+from picotron_lightning.testing import init_gloo, run_ranks
+
+# Multi-process (real gloo ranks): the slow tier.
+pytestmark = pytest.mark.slow
 
 
 def _allreduce(rank: int, world_size: int) -> float:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dist import run_ranks
-from parity import (
+
+from picotron_lightning.testing import run_ranks
+from tests.parity import (
     RTOL,
     fabric_run,
     make_data,
@@ -20,6 +21,9 @@ from parity import (
     step_means,
     trainer_run,
 )
+
+# Multi-process (real gloo ranks): the slow tier.
+pytestmark = pytest.mark.slow
 
 STEPS = 8
 MICRO = 2
@@ -174,8 +178,8 @@ def test_launched_by_slurm_matches_one_process():
 SPAWN_SCRIPT = """
 import sys
 import lightning as L, torch
-sys.path.insert(0, {tests!r})
-from parity import TokenDataset, make_data, make_module
+sys.path.insert(0, {root!r})
+from tests.parity import TokenDataset, make_data, make_module
 from picotron_lightning import Picotron3DStrategy
 from torch.utils.data import DataLoader
 
@@ -197,7 +201,8 @@ def test_spawn_launch_hands_the_trained_weights_back(tmp_path):
 
     out = tmp_path / "weights.pt"
     script = tmp_path / "spawn_fit.py"
-    script.write_text(SPAWN_SCRIPT.format(tests=os.path.dirname(__file__), micro=MICRO, out=str(out)))
+    script.write_text(SPAWN_SCRIPT.format(root=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), micro=MICRO,
+                                         out=str(out)))
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from picotron_lightning.parallel.structure import find_block_stacks
+from picotron_lightning.structure import find_block_stacks
 
 CHECKPOINTING_MODES = ("none", "selective", "full")
 

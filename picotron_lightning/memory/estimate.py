@@ -210,7 +210,7 @@ def _trace_in_group(
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from picotron_lightning.memory.tracker import LiveBytes
-    from picotron_lightning.strategies.parallelize import parallelize
+    from picotron_lightning.parallel.parallelize import parallelize
 
     device = torch.device("cpu")
     with warnings.catch_warnings():

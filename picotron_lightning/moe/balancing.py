@@ -124,7 +124,7 @@ class LoadBalancer(nn.Module):
         self.bias_update_rate = bias_update_rate
         self.aux_loss_scale = 1.0
         # Process groups whose ranks together hold the data-parallel replicas (set by
-        # apply_expert_parallel); statistics are summed over each in turn.
+        # convert_moe_layers); statistics are summed over each in turn.
         self.stat_groups: Sequence[dist.ProcessGroup] = ()
         self._pending_counts: torch.Tensor | None = None
         self._router: weakref.ref[Router] | None = None

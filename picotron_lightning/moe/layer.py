@@ -73,10 +73,10 @@ class MoELayer(nn.Module):
         init_std: initial weight standard deviation.
     """
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int = 2,
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, num_experts: int, top_k: int = 2, *,
                  capacity_factor: float | None = None, score_func: ScoreFunc = "softmax",
                  aux_loss_coeff: float = 1e-2, z_loss_coeff: float = 1e-3, bias_update_rate: float = 0.0,
-                 num_shared_experts: int = 0, *, renormalize: bool | None = None, route_scale: float = 1.0,
+                 num_shared_experts: int = 0, renormalize: bool | None = None, route_scale: float = 1.0,
                  jitter_eps: float = 0.0, expert_factory: Callable[[], nn.Module] | None = None,
                  init_std: float = 0.02) -> None:
         super().__init__()
@@ -93,7 +93,7 @@ class MoELayer(nn.Module):
                                if num_shared_experts else None)
         self.balancer = LoadBalancer(num_experts, top_k, aux_loss_coeff, z_loss_coeff, bias_update_rate)
         self.balancer.bind(self.router)
-        # Set by apply_expert_parallel; None means all experts are local.
+        # Set by convert_moe_layers; None means all experts are local.
         self.communication: ExpertCommunication | None = None
 
     def capacity(self, tokens: int) -> int | None:

@@ -127,6 +127,7 @@ class AnomalyDetector(Callback):
     def __init__(
         self,
         actions: Mapping[str, Iterable[str]] | None = None,
+        *,
         window: int = 100,
         warmup: int = 20,
         loss_z: float = 6.0,

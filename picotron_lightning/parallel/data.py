@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from picotron_lightning.parallel.structure import find_block_stacks
+from picotron_lightning.structure import find_block_stacks
 
 DataParallelMode = Literal["auto", "fsdp", "ddp", "hsdp"]
 DATA_PARALLEL_MODES = ("auto", "fsdp", "ddp", "hsdp")

@@ -5,11 +5,11 @@ replicas of ``ep`` consecutive ranks. Inside a replica, rank ``i`` of the ``ep``
 experts ``[i E/ep, (i+1) E/ep)`` and tokens travel to them by all-to-all. Routers, shared experts
 and everything else stay dense (replicated over ``dp``).
 
-Contract with the strategy (``strategies/parallelize.py``), in this order:
+Contract with the strategy (``parallel/parallelize.py``), in this order:
 
 1. ``validate_expert_parallel(model, ep)`` before building any process group: refuses an ``ep``
    that does not divide some layer's expert count, naming the layer and the sizes that work.
-2. ``apply_expert_parallel(model, expert_mesh, layout)`` after tensor parallelism, before
+2. ``convert_moe_layers(model, expert_mesh, layout)`` after tensor parallelism, before
    memory policies and data parallelism. Call it whenever the model has MoE layers, even with
    ``ep == 1``: it also wires the data-parallel groups over which routing statistics (auxiliary
    loss fractions, bias-balancing counts, logged metrics) are all-reduced. Parameters keep their
@@ -61,7 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ExpertParallelExperts",
-    "apply_expert_parallel",
+    "convert_moe_layers",
     "expert_parameter_names",
     "expert_parameters",
     "find_moe_layers",
@@ -294,7 +294,7 @@ def _convert_hf_block(name: str, block: nn.Module, ep_group: dist.ProcessGroup, 
     setattr(block, experts_name, ExpertParallelExperts(experts, count, hidden, ep_group, ep))
 
 
-def apply_expert_parallel(module: nn.Module, expert_mesh: DeviceMesh,
+def convert_moe_layers(module: nn.Module, expert_mesh: DeviceMesh,
                           layout: ParallelLayout) -> None:
     """Convert every MoE layer of ``module`` in place to expert-parallel form over ``expert_mesh``.
 

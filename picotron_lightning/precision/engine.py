@@ -40,7 +40,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 class AdaptiveEngine:
     """State and per-step logic of adaptive mixed precision (see :class:`AdaptivePrecision`)."""
 
-    def __init__(self, policy: AdaptivePolicy, device: str | None, hardware: HardwareReport | None,
+    def __init__(self, *, policy: AdaptivePolicy, device: str | None, hardware: HardwareReport | None,
                  scaler: AdaptiveLossScaler | None, analyzer: PrecisionAnalyzer, promotions: PromotionManager,
                  near_overflow: float | None, max_consecutive_skips: int, repair_forward: bool = True,
                  promote_siblings: bool = True, retry_unsampled: bool = True) -> None:

@@ -65,7 +65,7 @@ class _AdaptiveBase(FabricPrecision):
         hardware: a pre-computed :class:`HardwareReport` (skips detection).
     """
 
-    def __init__(self, mode: Mode = "auto", device: str | None = None, fp32_islands: bool = True,
+    def __init__(self, mode: Mode = "auto", *, device: str | None = None, fp32_islands: bool = True,
                  fp32_modules: list[str] | None = None, fp8: Literal["auto"] | bool = "auto",
                  analysis_interval: int = 100, near_overflow: float | None = 0.5,
                  demote_after: int | None = None,

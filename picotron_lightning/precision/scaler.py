@@ -70,7 +70,7 @@ class AdaptiveLossScaler:
         enabled: ``False`` turns the scaler into an overflow detector with scale 1 (bf16/fp32).
     """
 
-    def __init__(self, init_scale: float = 2.0**16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+    def __init__(self, init_scale: float = 2.0**16, *, growth_factor: float = 2.0, backoff_factor: float = 0.5,
                  growth_interval: int = 1000, hysteresis: int = 2, min_scale: float = 1.0,
                  max_scale: float = 2.0**24, max_floor_overflows: int = 20, enabled: bool = True) -> None:
         if not 0.0 < backoff_factor < 1.0 or growth_factor <= 1.0:

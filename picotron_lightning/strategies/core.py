@@ -18,15 +18,16 @@ import torch.distributed as dist
 from torch import nn
 
 from picotron_lightning.options import Picotron3DOptions
+from picotron_lightning.parallel import ParallelModel, PipelineRuntime, parallelize
 from picotron_lightning.parallel.data import DataParallelOptions, set_gradient_sync
+from picotron_lightning.parallel.expert import reduce_expert_gradients
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
-from picotron_lightning.strategies.parallelize import ParallelModel, parallelize
+from picotron_lightning.parallel.pipeline_parallel import check_pipeline_model
+from picotron_lightning.parallel.tensor_parallel import loss_parallel_context
 from picotron_lightning.topology import ParallelLayout
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-    from picotron_lightning.parallel.pipeline import PipelineRuntime
 
 # Libraries whose warnings every rank repeats word for word: the same code on the same configuration.
 _LIBRARY_MODULES = r"(torch|lightning|lightning_fabric|pytorch_lightning|lightning_utilities)(\.|$)"
@@ -217,8 +218,6 @@ class Picotron3DCore:
         """Refuse a model that cannot be split into the pipeline stages asked for; no collective involved."""
         if module is None or self.layout.pp == 1:
             return
-        from picotron_lightning.parallel.pipeline import check_pipeline_model
-
         check_pipeline_model(module, self.layout.pp, self._options.pipeline)
 
     def _resolve_layout(self, world_size: int) -> ParallelLayout:
@@ -291,8 +290,6 @@ class Picotron3DCore:
         if not (self._options.tensor_parallel.loss_parallel and self.layout.tp > 1):
             yield
             return
-        from picotron_lightning.parallel.tensor import loss_parallel_context
-
         with loss_parallel_context():
             yield
 
@@ -320,8 +317,6 @@ class Picotron3DCore:
         expert_mesh = self._parallel_model.expert_mesh if self._parallel_model else None
         if expert_mesh is None or self._gradient_sync_blocked:
             return
-        from picotron_lightning.parallel.expert import reduce_expert_gradients
-
         reduce_expert_gradients(module, expert_mesh)
 
     def _ranks_per_stage(self) -> int:

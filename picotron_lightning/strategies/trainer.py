@@ -96,6 +96,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         expert_parallel_size: int = 1,
+        *,
         data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
         hsdp_shard_size: SizeArg = "auto",
         reshard_after_forward: bool = True,

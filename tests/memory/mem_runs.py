@@ -12,13 +12,13 @@ CHECKPOINTING = ("none", "selective", "full")
 
 
 def build_module() -> Any:
-    from parity import make_module
+    from tests.parity import make_module
 
     return make_module("tiny")
 
 
 def sample_batch() -> torch.Tensor:
-    from parity import make_data
+    from tests.parity import make_data
 
     return make_data(MICRO)
 
@@ -26,11 +26,11 @@ def sample_batch() -> torch.Tensor:
 def measured_peaks(rank: int, world: int, strategy_kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """For each checkpointing mode: ``Trainer.fit`` for 2 steps, live bytes of the second step on this rank."""
     import lightning as L
-    from dist import COLLECTIVE_TIMEOUT
-    from parity import TokenDataset, make_data
 
     from picotron_lightning import Picotron3DStrategy
+    from picotron_lightning.testing import COLLECTIVE_TIMEOUT
     from picotron_lightning.testing_memory import PeakProbe
+    from tests.parity import TokenDataset, make_data
 
     out = {}
     for mode in CHECKPOINTING:

@@ -7,20 +7,14 @@ before any rank exists, must be within 5% of every rank's measurement.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from dist import run_ranks  # noqa: E402
-from mem_runs import CHECKPOINTING, build_module, measured_peaks, sample_batch  # noqa: E402
-
-from picotron_lightning.memory.estimate import estimate_memory  # noqa: E402
-from picotron_lightning.options import Picotron3DOptions  # noqa: E402
-from picotron_lightning.parallel.data import DataParallelOptions  # noqa: E402
-from picotron_lightning.topology import ParallelLayout  # noqa: E402
+from picotron_lightning.memory.estimate import estimate_memory
+from picotron_lightning.options import Picotron3DOptions
+from picotron_lightning.parallel.data import DataParallelOptions
+from picotron_lightning.testing import run_ranks
+from picotron_lightning.topology import ParallelLayout
+from tests.memory.mem_runs import CHECKPOINTING, build_module, measured_peaks, sample_batch
 
 TOLERANCE = 0.05
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from dist import init_gloo, run_ranks
 from torch import nn
 
 from picotron_lightning.moe import MoELayer
 from picotron_lightning.parallel.expert import (
     ExpertParallelExperts,
-    apply_expert_parallel,
+    convert_moe_layers,
     expert_parameters,
     is_expert_parameter,
     reduce_expert_gradients,
 )
+from picotron_lightning.testing import init_gloo, run_ranks
 from picotron_lightning.topology import ParallelLayout
 
 
@@ -61,7 +61,7 @@ def _skewed_moe(rank: int, world: int, mesh, layout) -> list[str]:
     (ref_layer(xr).square().mean(dim=(1, 2)).sum() / world).backward()
     ref = {n: p.grad for n, p in ref_layer.named_parameters()}
 
-    apply_expert_parallel(layer, mesh, layout)
+    convert_moe_layers(layer, mesh, layout)
     xl = x[rank:rank + 1].clone().requires_grad_()
     out = layer(xl)
     errors = []
@@ -98,7 +98,7 @@ def _hf(kind: str, rank: int, world: int, mesh, layout) -> list[str]:
     ref = {n: p.grad for n, p in ref_model.named_parameters() if p.grad is not None}
 
     model = _hf_model(kind)
-    apply_expert_parallel(model, mesh, layout)
+    convert_moe_layers(model, mesh, layout)
     errors = []
     blocks = [m for m in model.modules() if isinstance(m, ExpertParallelExperts)]
     if len(blocks) != 2 or not all(p.shape[0] == 2 for p in expert_parameters(model)):

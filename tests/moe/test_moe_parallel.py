@@ -12,17 +12,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist import init_gloo, run_ranks
 
 from picotron_lightning.models.llama import Llama, llama_config
 from picotron_lightning.moe import MoELayer, moe_metrics
 from picotron_lightning.parallel.expert import (
-    apply_expert_parallel,
+    convert_moe_layers,
     expert_parameters,
     is_expert_parameter,
     reduce_expert_gradients,
     validate_expert_parallel,
 )
+from picotron_lightning.testing import init_gloo, run_ranks
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
 STEPS = 8
@@ -87,7 +87,7 @@ def _ep_worker(rank: int, world: int, ep: int) -> dict:
     layout = ParallelLayout(data_parallel_size=world, expert_parallel_size=ep).resolve(world)
     mesh = layout.build_expert_mesh("cpu")
     model = _model()
-    apply_expert_parallel(model, mesh, layout)
+    convert_moe_layers(model, mesh, layout)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     experts = expert_parameters(model)
     assert experts and all(p.shape[0] == 4 // ep for p in experts)

@@ -8,8 +8,12 @@ per world size runs its layouts in sequence.
 from __future__ import annotations
 
 import pytest
-from dist import run_ranks
-from parity import RTOL, make_data, max_relative_diff, mean_over_ranks, reference_losses, trainer_run
+
+from picotron_lightning.testing import run_ranks
+from tests.parity import RTOL, make_data, max_relative_diff, mean_over_ranks, reference_losses, trainer_run
+
+# Multi-process (real gloo ranks): the slow tier.
+pytestmark = pytest.mark.slow
 
 STEPS = 8
 MICRO = 2

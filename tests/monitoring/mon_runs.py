@@ -15,13 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-SEQ = 16
 MICRO = 2  # samples per rank per step
-
-
-def make_data(num_samples: int, seed: int = 1234) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (num_samples, SEQ + 1), generator=g)
 
 
 def lm_tokens(batch: torch.Tensor) -> tuple[int, int, int]:
@@ -99,18 +93,17 @@ def fit(
     dp: int | None = None,
 ) -> Any:
     """Train the reference module; return the trainer. ``dp``: data-parallel size (default: world)."""
-    import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from picotron_lightning.models import CausalLMModule
+    from tests.fitting import quiet_trainer
 
     module = CausalLMModule(preset=preset, learning_rate=lr, seed=0)
     logger = TensorBoardLogger(root, name="tb", version=0) if root else False
-    trainer = L.Trainer(
-        accelerator="cpu", devices=world, strategy=strategy_for(world, strategy), max_steps=steps,
-        logger=logger, callbacks=callbacks, enable_progress_bar=False, enable_checkpointing=False,
-        enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-        limit_val_batches=0, log_every_n_steps=1, default_root_dir=root or tempfile.mkdtemp(prefix="mon-"),
+    trainer = quiet_trainer(
+        callbacks=callbacks, devices=world, strategy=strategy_for(world, strategy), max_steps=steps,
+        logger=logger, use_distributed_sampler=False, num_sanity_val_steps=0, limit_val_batches=0,
+        log_every_n_steps=1, default_root_dir=root or tempfile.mkdtemp(prefix="mon-"),
     )
     dp = dp or world
     # Ranks of one tensor-parallel group read the same samples: the sampler spans dp only.

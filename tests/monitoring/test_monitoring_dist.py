@@ -12,8 +12,13 @@ import os
 
 import pytest
 import torch
-from dist import run_ranks
-from mon_runs import MICRO, ListHandler, Samples, fit, full_state, lm_tokens, make_data, picotron_fsdp
+
+from picotron_lightning.testing import run_ranks
+from tests.monitoring.mon_runs import MICRO, ListHandler, Samples, fit, full_state, lm_tokens, picotron_fsdp
+from tests.parity import make_data
+
+# Multi-process (real gloo ranks): the slow tier.
+pytestmark = pytest.mark.slow
 
 STEPS = 5
 NAN_STEP = 2  # the optimizer step (0-based global_step) whose gradients get a NaN on rank 1

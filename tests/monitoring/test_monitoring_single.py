@@ -8,7 +8,6 @@ import os
 import lightning as L
 import pytest
 import torch
-from mon_runs import fit, full_state, lm_tokens, make_data
 from torch import nn
 
 from picotron_lightning.monitoring import (
@@ -24,6 +23,8 @@ from picotron_lightning.monitoring import (
     peak_flops,
 )
 from picotron_lightning.monitoring.flops import compute_precision
+from tests.monitoring.mon_runs import fit, full_state, lm_tokens
+from tests.parity import make_data
 
 
 @pytest.mark.parametrize(

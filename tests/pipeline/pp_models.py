@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from picotron_lightning import Picotron3DStrategy
+from picotron_lightning.testing import COLLECTIVE_TIMEOUT
+from tests.fitting import fit_and_record
+from tests.parity import TokenDataset, train_reference
+
 VOCAB = 256
 
 
@@ -100,29 +105,14 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {"gpt": TinyGPT, "hf_llama": tiny
 
 def reference(build: str, data: torch.Tensor, steps: int, global_batch: int) -> list[float]:
     """One process, plain loop, the Trainer's shuffled order (seed 0 + epoch)."""
-    from parity import train_reference
-
     module = LMModule(BUILDERS[build])
     return train_reference(module, data, steps, global_batch, loss_fn=module.loss)["losses"]
 
 
 def fit(world: int, build: str, data: torch.Tensor, micro: int, steps: int, strategy_kwargs: dict) -> dict:
     """``Trainer.fit`` of an :class:`LMModule` under picotron3d; this rank's losses."""
-    from dist import COLLECTIVE_TIMEOUT
-    from parity import TokenDataset
-
-    from picotron_lightning import Picotron3DStrategy
-
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            losses.append(float(outputs["loss"]))
 
     strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs)
-    trainer = L.Trainer(
-        strategy=strategy, accelerator="cpu", devices=world, max_steps=steps, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
-    )
-    trainer.fit(LMModule(BUILDERS[build]), DataLoader(TokenDataset(data), batch_size=micro))
-    return {"losses": losses, "logged": float(trainer.callback_metrics["train_loss"])}
+    fitted = fit_and_record(LMModule(BUILDERS[build]), DataLoader(TokenDataset(data), batch_size=micro),
+                            strategy=strategy, devices=world, max_steps=steps)
+    return {"losses": fitted.losses, "logged": float(fitted.trainer.callback_metrics["train_loss"])}

@@ -8,6 +8,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from picotron_lightning import Picotron3DStrategy
+from picotron_lightning.testing import COLLECTIVE_TIMEOUT
+from tests.fitting import fit_and_record
+from tests.parity import TokenDataset, make_module, train_reference
+
 CFG = {"num_layers": 4}  # d=64, 4 heads, seq 16: the tiny preset with four blocks
 
 
@@ -24,34 +29,22 @@ def run(
     resume_from: str | None = None,
 ) -> dict[str, Any]:
     """``Trainer.fit`` of the reference LightningModule; this rank's losses, val loss and bubble."""
-    from dist import COLLECTIVE_TIMEOUT
-    from parity import TokenDataset, make_module
-
-    from picotron_lightning import Picotron3DStrategy
-
-    losses: list[float] = []
     grads_seen: list[bool] = []
 
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            losses.append(float(outputs["loss"]) * trainer.accumulate_grad_batches)
-
+    class GradientProbe(L.Callback):
         def on_after_backward(self, trainer, pl_module):  # noqa: ANN001
             grads_seen.append(all(p.grad is not None for p in pl_module.parameters()))
 
-    callbacks: list[Any] = [Record()]
-    if ckpt_dir:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1))
     strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs)
-    trainer = L.Trainer(
-        strategy=strategy, accelerator="cpu", devices=world, max_steps=steps, accumulate_grad_batches=accumulate,
-        gradient_clip_val=clip, logger=False, enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False,
-        enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=1,
-        val_check_interval=steps * accumulate if val_data is not None else None,
-    )
     module = make_module(config=CFG)
     val = DataLoader(TokenDataset(val_data), batch_size=micro) if val_data is not None else None
-    trainer.fit(module, DataLoader(TokenDataset(data), batch_size=micro), val, ckpt_path=resume_from)
+    fitted = fit_and_record(
+        module, DataLoader(TokenDataset(data), batch_size=micro), val, callbacks=[GradientProbe()], ckpt_dir=ckpt_dir,
+        resume_from=resume_from, strategy=strategy, devices=world, max_steps=steps,
+        accumulate_grad_batches=accumulate, gradient_clip_val=clip, num_sanity_val_steps=1,
+        val_check_interval=steps * accumulate if val_data is not None else None,
+    )
+    losses, trainer = fitted.losses, fitted.trainer
     metrics = trainer.callback_metrics
     return {
         "losses": losses,
@@ -66,11 +59,6 @@ def run(
 
 def predict(world: int, data: torch.Tensor, micro: int, strategy_kwargs: dict[str, Any]) -> torch.Tensor:
     """``Trainer.predict`` with the module's default ``predict_step`` (its forward: logits)."""
-    from dist import COLLECTIVE_TIMEOUT
-    from parity import TokenDataset, make_module
-
-    from picotron_lightning import Picotron3DStrategy
-
     trainer = L.Trainer(
         strategy=Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs), accelerator="cpu",
         devices=world, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -81,8 +69,6 @@ def predict(world: int, data: torch.Tensor, micro: int, strategy_kwargs: dict[st
 
 def reference_model(data: torch.Tensor, steps: int, global_batch: int, **kwargs: Any):  # noqa: ANN201
     """The one-process model after ``steps`` steps (Trainer's shuffled order) and its step losses."""
-    from parity import make_module, train_reference
-
     out = train_reference(make_module(config=CFG), data, steps, global_batch)
     return out["module"], out["losses"]
 

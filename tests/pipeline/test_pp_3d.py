@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+from picotron_lightning.testing import run_ranks
+from tests.parity import RTOL, make_data, max_relative_diff
+from tests.pipeline.pp_runs import reference_model, run
 
-from dist import run_ranks  # noqa: E402
-from parity import RTOL, make_data, max_relative_diff  # noqa: E402
-from pp_runs import reference_model, run  # noqa: E402
+# Multi-process (real gloo ranks): the slow tier.
+pytestmark = pytest.mark.slow
 
 STEPS = 8
 MICRO = 4

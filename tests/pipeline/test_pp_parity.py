@@ -7,18 +7,16 @@ Hugging Face ``LlamaForCausalLM`` and a plain-PyTorch GPT written for these test
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
+from picotron_lightning.testing import run_ranks
+from tests.parity import RTOL, make_data, max_relative_diff, step_means
+from tests.pipeline.pp_models import fit, reference
+from tests.pipeline.pp_runs import predict, reference_model, reference_val_loss, run
 
-from dist import run_ranks  # noqa: E402
-from parity import RTOL, make_data, max_relative_diff, step_means  # noqa: E402
-from pp_models import fit, reference  # noqa: E402
-from pp_runs import predict, reference_model, reference_val_loss, run  # noqa: E402
+# Multi-process (real gloo ranks): the slow tier.
+pytestmark = pytest.mark.slow
 
 STEPS = 8
 MICRO = 4  # local batch: 4 microbatches by default at pp=2 and pp=4
@@ -80,7 +78,7 @@ def _ref(steps: int = STEPS, global_batch: int = MICRO) -> list[float]:
 @pytest.mark.parametrize("name", ["1f1b", "gpipe", "interleaved", "zero_bubble", "clip"])
 def test_pp2_matches_one_process(world2, name):
     if name == "clip":
-        from parity import reference_losses
+        from tests.parity import reference_losses
 
         ref = reference_losses(make_data(64), STEPS, MICRO, config={"num_layers": 4}, clip=0.05)
         assert min(ref["norms"]) > 0.05, "the clip value must bind for this test to mean anything"
@@ -133,7 +131,7 @@ def test_other_models_match_one_process(world2, name, build):
 
 
 def test_predict_returns_the_models_logits(world2):
-    from parity import make_module
+    from tests.parity import make_module
 
     module = make_module(config={"num_layers": 4})
     with torch.no_grad():

@@ -8,19 +8,14 @@ a checkpoint written with the traced split resumes with the structural one), and
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from dist import run_ranks  # noqa: E402
-from parity import RTOL, make_data, max_relative_diff  # noqa: E402
-from pp_models import BUILDERS, TinyGPT, fit, reference  # noqa: E402
-from pp_runs import reference_model, reference_val_loss, run  # noqa: E402
+from picotron_lightning.testing import run_ranks
+from tests.parity import RTOL, make_data, max_relative_diff
+from tests.pipeline.pp_models import BUILDERS, TinyGPT, fit, reference
+from tests.pipeline.pp_runs import reference_model, reference_val_loss, run
 
 STEPS = 8
 MICRO = 4
@@ -64,6 +59,7 @@ def world2(tmp_path_factory) -> list[dict]:
     return run_ranks(_world2, 2, str(tmp_path_factory.mktemp("pp_trace_ckpt")), timeout=900)
 
 
+@pytest.mark.slow
 def test_traced_llama_1f1b_matches_one_process(world2):
     ref = reference_model(make_data(64), STEPS, MICRO)[1]
     for rank in world2:
@@ -75,12 +71,14 @@ def test_traced_llama_1f1b_matches_one_process(world2):
 
 
 @pytest.mark.parametrize("name", ["interleaved", "zbv"])
+@pytest.mark.slow
 def test_traced_multi_stage_schedules_match_one_process(world2, name):
     ref = reference_model(make_data(64), STEPS, MICRO)[1]
     for rank in world2:
         assert max_relative_diff(rank[name]["losses"], ref) <= RTOL, (rank[name]["losses"], ref)
 
 
+@pytest.mark.slow
 def test_traced_validation_loss_equals_one_process(world2):
     module, _ = reference_model(make_data(64), STEPS, MICRO)
     ref = reference_val_loss(module, make_data(14, seed=7), MICRO)
@@ -88,6 +86,7 @@ def test_traced_validation_loss_equals_one_process(world2):
         assert abs(rank["1f1b"]["val_loss"] - ref) / ref <= RTOL, (rank["1f1b"]["val_loss"], ref)
 
 
+@pytest.mark.slow
 def test_traced_stages_hold_the_original_parameters(world2):
     first, last = (r["1f1b"]["params"] for r in world2)
     assert not set(first) & set(last)
@@ -97,6 +96,7 @@ def test_traced_stages_hold_the_original_parameters(world2):
 
 
 @pytest.mark.parametrize("build", ["gpt", "hf_llama"])
+@pytest.mark.slow
 def test_traced_other_models_match_one_process(world2, build):
     ref = reference(build, make_data(64), STEPS, MICRO)
     for rank in world2:
@@ -106,6 +106,7 @@ def test_traced_other_models_match_one_process(world2, build):
         assert abs(rank[build]["logged"] - ref[-1]) / ref[-1] <= RTOL
 
 
+@pytest.mark.slow
 def test_traced_checkpoint_resumes_with_structural_split(world2):
     ref = reference_model(make_data(MICRO), 6, MICRO)[1]
     assert max_relative_diff(world2[0]["ckpt"]["losses"], ref) <= RTOL
@@ -114,6 +115,7 @@ def test_traced_checkpoint_resumes_with_structural_split(world2):
             rank["resume_structural"]["losses"], ref[4:])
 
 
+@pytest.mark.slow
 def test_untraceable_model_names_the_structural_split(world2):
     for rank in world2:
         message = rank["untraceable"]
@@ -123,8 +125,7 @@ def test_untraceable_model_names_the_structural_split(world2):
 
 
 def test_trace_refuses_data_parallelism():
-    from picotron_lightning.parallel.pipeline import check_traceable_layout
-    from picotron_lightning.parallel.pp_split import PipelineSplitError
+    from picotron_lightning.parallel.pipeline_parallel import PipelineSplitError, check_traceable_layout
     from picotron_lightning.topology import ParallelLayout
 
     layout = ParallelLayout(pipeline_parallel_size=2).resolve(4)

@@ -2,34 +2,27 @@
 
 from __future__ import annotations
 
-import sys
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from dist import run_ranks  # noqa: E402
-from pp_models import TinyGPT, tiny_hf_llama  # noqa: E402
-
-from picotron_lightning.parallel.pipeline import plan_pipeline  # noqa: E402
-from picotron_lightning.parallel.pp_schedule import (  # noqa: E402
+from picotron_lightning.parallel.pipeline_parallel import (
     PipelineOptions,
-    choose_microbatches,
-    stage_ids,
-    theoretical_bubble,
-)
-from picotron_lightning.parallel.pp_split import (  # noqa: E402
     PipelinePlan,
     PipelineSplitError,
     balance_stages,
+    choose_microbatches,
     find_pipeline_parts,
+    plan_pipeline,
+    stage_ids,
+    theoretical_bubble,
 )
-from picotron_lightning.topology import LayoutError  # noqa: E402
+from picotron_lightning.testing import run_ranks
+from picotron_lightning.topology import LayoutError
+from tests.pipeline.pp_models import TinyGPT, tiny_hf_llama
 
 
 class Wrap(nn.Module):
@@ -132,13 +125,14 @@ def test_stage_placement():
 
 
 def _too_many_stages(rank: int, world: int) -> None:
-    from parity import make_data, trainer_run
+    from tests.parity import make_data, trainer_run
 
     # two blocks, pp=2 x 2 virtual stages: must fail in setup, before any collective can hang
     trainer_run(world, make_data(8), 4, 2, {"pipeline_parallel_size": 2, "pipeline_schedule": "interleaved_1f1b"},
                 config={"num_layers": 2})
 
 
+@pytest.mark.slow
 def test_too_many_stages_fails_fast_in_a_real_run():
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="only 2 blocks"):
@@ -147,7 +141,7 @@ def test_too_many_stages_fails_fast_in_a_real_run():
 
 
 def test_microbatch_split_is_exact():
-    from picotron_lightning.parallel.pp_step import merge_outputs, split_batch
+    from picotron_lightning.parallel.pipeline_parallel.user_step import merge_outputs, split_batch
 
     batch = {"x": torch.arange(12).reshape(6, 2), "n": 3}
     parts = split_batch(batch, 3)

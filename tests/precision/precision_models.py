@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
 from picotron_lightning.data import ByteCorpus, stdlib_bytes
+from tests.fitting import quiet_trainer
 
 
 class HotLinear(nn.Linear):
@@ -90,19 +91,7 @@ def byte_loader(batch_size: int = 8, seq_len: int = 32, max_bytes: int = 100_000
     return _loader(ByteCorpus(stdlib_bytes(max_bytes), seq_len), batch_size, rank, world)
 
 
-class LossRecorder(L.Callback):
-    """Collects the loss of every training step."""
-
-    def __init__(self) -> None:
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        self.losses.append(float(outputs["loss"]))
-
-
 def trainer(max_steps: int, **kwargs: object) -> L.Trainer:
-    """A quiet CPU trainer."""
-    kwargs.setdefault("accelerator", "cpu")
-    kwargs.setdefault("devices", 1)
-    return L.Trainer(max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, num_sanity_val_steps=0, **kwargs)
+    """A quiet CPU trainer without sanity validation (record losses with ``tests.fitting.LossRecorder``)."""
+    kwargs.setdefault("num_sanity_val_steps", 0)
+    return quiet_trainer(max_steps=max_steps, **kwargs)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import math
 
-from dist import run_ranks
-from precision_models import LossRecorder, OverflowModule, byte_loader, regression_loader, trainer
+import pytest
 
 from picotron_lightning.models import CausalLMModule
 from picotron_lightning.precision import AdaptiveLossScaler, AdaptivePrecision, HardwareDetector
+from picotron_lightning.testing import run_ranks
+from tests.fitting import LossRecorder
+from tests.precision.precision_models import OverflowModule, byte_loader, regression_loader, trainer
+
+# Multi-process (real gloo ranks): the slow tier.
+pytestmark = pytest.mark.slow
 
 LM_STEPS, LM_BATCH = 8, 8
 FP16_STEPS, FP16_BATCH = 12, 32

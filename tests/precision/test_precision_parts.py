@@ -6,7 +6,6 @@ import logging
 
 import pytest
 import torch
-from precision_models import OverflowNet
 
 from picotron_lightning.models import Llama, llama_config
 from picotron_lightning.precision import (
@@ -18,6 +17,7 @@ from picotron_lightning.precision import (
     PromotionManager,
 )
 from picotron_lightning.precision.hardware import cpu_report, cuda_report, read_cpu_flags
+from tests.precision.precision_models import OverflowNet
 
 # -- hardware ---------------------------------------------------------------------------------
 

@@ -18,14 +18,15 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from dist import run_ranks
-from overflow_gpt import OverflowGPTModule, scaled_norm
-from precision_models import LossRecorder, byte_loader, trainer
 
 from picotron_lightning.models import CausalLMModule
 from picotron_lightning.moe.experts import ExpertLayer
 from picotron_lightning.precision import AdaptiveLossScaler, AdaptivePrecision
 from picotron_lightning.precision.repair import repair_blocker, structural_siblings
+from picotron_lightning.testing import run_ranks
+from tests.fitting import LossRecorder
+from tests.precision.overflow_gpt import OverflowGPTModule, scaled_norm
+from tests.precision.precision_models import byte_loader, trainer
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

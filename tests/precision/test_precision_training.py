@@ -9,8 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
-from precision_models import (
-    LossRecorder,
+
+from picotron_lightning.models import CausalLMModule
+from picotron_lightning.precision import AdaptivePrecision, FabricAdaptivePrecision, HardwareDetector
+from tests.fitting import LossRecorder
+from tests.precision.precision_models import (
     OverflowModule,
     OverflowNet,
     byte_loader,
@@ -18,9 +21,6 @@ from precision_models import (
     regression_loader,
     trainer,
 )
-
-from picotron_lightning.models import CausalLMModule
-from picotron_lightning.precision import AdaptivePrecision, FabricAdaptivePrecision, HardwareDetector
 
 STEPS = 50
 

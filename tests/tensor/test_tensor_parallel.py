@@ -11,9 +11,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from dist import run_ranks
-from parity import fabric_run, make_data, max_relative_diff, mean_over_ranks, reference_losses
-from tp_runs import RTOL, fit, reference, refusal
+
+from picotron_lightning.testing import run_ranks
+from tests.parity import fabric_run, make_data, max_relative_diff, mean_over_ranks, reference_losses
+from tests.tensor.tp_runs import RTOL, fit, reference, refusal
+
+# Multi-process (real gloo ranks): the slow tier.
+pytestmark = pytest.mark.slow
 
 STEPS = 8
 MICRO = 4

@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tp_models import HEADS, WIDTH, Cell, LMModule, TinyGPT
 
-from picotron_lightning.parallel.structure import find_main_block_stack
-from picotron_lightning.parallel.tp_detect import classify_block, example_block_call, trace_block
-from picotron_lightning.parallel.tp_plans import resolve_plan
-from picotron_lightning.parallel.tp_validate import validate_plan
+from picotron_lightning.parallel.tensor_parallel import resolve_plan, validate_plan
+from picotron_lightning.parallel.tensor_parallel.detect import classify_block, example_block_call, trace_block
+from picotron_lightning.structure import find_main_block_stack
 from picotron_lightning.topology import LayoutError
+from tests.tensor.tp_models import HEADS, WIDTH, Cell, LMModule, TinyGPT
 
 torch.set_num_threads(1)
 
@@ -103,7 +102,7 @@ def test_numeric_shard_check_catches_fused_projection_the_shapes_allow():
 
 
 def test_tp3_on_four_heads_names_heads_and_working_sizes():
-    from parity import make_module
+    from tests.parity import make_module
 
     module = make_module()
     with pytest.raises(LayoutError, match=r"tensor_parallel_size=3 does not divide num_attention_heads=4.*\[1, 2\]"):

@@ -7,26 +7,26 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from picotron_lightning import Picotron3DStrategy
+from picotron_lightning.testing import COLLECTIVE_TIMEOUT
+from tests.fitting import fit_and_record
+from tests.parity import TokenDataset, make_module, train_reference
+from tests.tensor.tp_models import LMModule
+
 RTOL = 1e-4
 
 
 def make(kind: str) -> Any:
     """A fresh, identically initialised module: ``llama`` (reference) or a kind from ``tp_models``."""
     if kind.startswith("llama"):
-        from parity import make_module
-
         # "llama_mha": 4 kv heads, so that tp=4 divides them (the tiny preset has 2).
         return make_module(config={"num_kv_heads": 4} if kind == "llama_mha" else None)
-    from tp_models import LMModule
-
     return LMModule(kind)
 
 
 def reference(kind: str, data: torch.Tensor, steps: int, global_batch: int, clip: float | None = None
               ) -> dict[str, list[float]]:
     """One process, plain loop, the Trainer's DistributedSampler order (seed 0 + epoch)."""
-    from parity import train_reference
-
     out = train_reference(make(kind), data, steps, global_batch, clip=clip)
     return {"losses": out["losses"], "norms": out["norms"]}
 
@@ -35,19 +35,12 @@ def fit(world: int, kind: str, data: torch.Tensor, micro_batch: int, steps: int,
         clip: float | None = None, ckpt_dir: str | None = None, resume_from: str | None = None) -> dict[str, Any]:
     """``Trainer.fit`` on this rank; returns its per-step losses and probes of the sharding."""
     import lightning as L
-    from dist import COLLECTIVE_TIMEOUT
-    from parity import TokenDataset
     from torch.distributed.tensor import DTensor
 
-    from picotron_lightning import Picotron3DStrategy
 
-    losses: list[float] = []
     probes: dict[str, Any] = {}
 
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            losses.append(float(outputs["loss"]))
-
+    class ShardingProbe(L.Callback):
         def on_train_start(self, trainer, pl_module):  # noqa: ANN001
             plan = trainer.strategy.parallel_model.tensor_plan
             params = list(pl_module.parameters())
@@ -68,17 +61,13 @@ def fit(world: int, kind: str, data: torch.Tensor, micro_batch: int, steps: int,
                 modules[heads[0]].register_forward_hook(
                     lambda m, a, o: probes.setdefault("logits_type", type(o).__name__) and None)
 
-    callbacks: list[Any] = [Record()]
-    if ckpt_dir:
-        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_top_k=-1, every_n_epochs=1))
-    trainer = L.Trainer(
-        strategy=Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs),
-        accelerator="cpu", devices=world, max_steps=steps, gradient_clip_val=clip, logger=False,
-        enable_checkpointing=bool(ckpt_dir), enable_progress_bar=False, enable_model_summary=False,
-        callbacks=callbacks,
+    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs)
+    fitted = fit_and_record(
+        make(kind), DataLoader(TokenDataset(data), batch_size=micro_batch), callbacks=[ShardingProbe()],
+        ckpt_dir=ckpt_dir, resume_from=resume_from, strategy=strategy, devices=world, max_steps=steps,
+        gradient_clip_val=clip,
     )
-    trainer.fit(make(kind), DataLoader(TokenDataset(data), batch_size=micro_batch), ckpt_path=resume_from)
-    return {"losses": losses, **probes}
+    return {"losses": fitted.losses, **probes}
 
 
 def _local(x: Any) -> torch.Tensor:

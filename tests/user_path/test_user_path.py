@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 import torch
-from parity import RTOL, max_relative_diff, train_reference
 
 from picotron_lightning.testing import free_port, run_script, token_data, user_environment
+from tests.fitting import fit_and_record
+from tests.parity import RTOL, max_relative_diff, train_reference
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -146,23 +147,14 @@ def _global_order(data: torch.Tensor) -> torch.Tensor:
 
 
 def test_precision_plugin_matches_one_process_with_the_plugin(with_plugins):
-    import lightning as L
     from torch.utils.data import DataLoader
 
     from picotron_lightning import AdaptivePrecision
 
     _, results = with_plugins
     data = _global_order(token_data(STEPS * MICRO * 2))
-    losses: list[float] = []
-
-    class Record(L.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
-            losses.append(float(outputs["loss"]))
-
-    trainer = L.Trainer(accelerator="cpu", devices=1, plugins=[AdaptivePrecision(mode="bf16")], max_steps=STEPS,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[Record()])
-    trainer.fit(build_module(BF16_MODEL), DataLoader(list(data), batch_size=4))
+    losses = fit_and_record(build_module(BF16_MODEL), DataLoader(list(data), batch_size=4),
+                            plugins=[AdaptivePrecision(mode="bf16")], max_steps=STEPS).losses
     got = results["adaptive_bf16"]
     assert got["precision_mode"] == "bf16"
     # bf16 rounds differently on per-rank matmul shapes than in one process: a bf16 tolerance, not fp32's.

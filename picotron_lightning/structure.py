@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from picotron_lightning._util import num_params
+
 
 @dataclass(frozen=True)
 class BlockStack:
@@ -37,10 +39,6 @@ class BlockStack:
         return len(self.container)
 
 
-def _num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def find_block_stacks(module: nn.Module, min_blocks: int = 2) -> list[BlockStack]:
     """All containers of >= ``min_blocks`` same-class children that hold parameters, outermost first."""
     stacks: list[BlockStack] = []
@@ -51,7 +49,7 @@ def find_block_stacks(module: nn.Module, min_blocks: int = 2) -> list[BlockStack
         if not isinstance(child, (nn.ModuleList, nn.Sequential)) or len(child) < min_blocks:
             continue
         classes = {type(c) for c in child}
-        if len(classes) != 1 or _num_params(child) == 0:
+        if len(classes) != 1 or num_params(child) == 0:
             continue
         stacks.append(BlockStack(name, child, classes.pop()))
         claimed.append(name)
@@ -63,6 +61,6 @@ def find_main_block_stack(module: nn.Module, min_share: float = 0.3) -> BlockSta
     stacks = find_block_stacks(module)
     if not stacks:
         return None
-    total = _num_params(module) or 1
-    best = max(stacks, key=lambda s: _num_params(s.container))
-    return best if _num_params(best.container) / total >= min_share else None
+    total = num_params(module) or 1
+    best = max(stacks, key=lambda s: num_params(s.container))
+    return best if num_params(best.container) / total >= min_share else None

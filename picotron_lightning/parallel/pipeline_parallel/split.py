@@ -1,6 +1,6 @@
 """Splitting a model into pipeline stages by structure: which blocks each stage keeps.
 
-The model is found by shape (see ``structure.py``): a stack of repeated blocks inside an "inner"
+The model is found by shape (see ``picotron_lightning/structure.py``): a stack of repeated blocks inside an "inner"
 model (the child of the LightningModule that holds the stack), modules before the stack (the
 embeddings) that go to the first stage, and modules after it (final norm, head) that go to the
 last. Stages get contiguous runs of blocks, balanced by parameter count with the embedding counted
@@ -23,10 +23,12 @@ from typing import cast
 import torch
 from torch import nn
 
-from picotron_lightning.parallel.structure import find_main_block_stack
+from picotron_lightning._util import num_params
+from picotron_lightning.structure import find_main_block_stack
 from picotron_lightning.topology import LayoutError
 
-PLAN_HOOK = "configure_pipeline_stages"
+PIPELINE_STAGES_HOOK = "configure_pipeline_stages"
+"""The LightningModule method that declares the stages (returns a :class:`PipelinePlan`)."""
 
 
 class PipelineSplitError(LayoutError):
@@ -65,16 +67,12 @@ class PipelineParts:
         return len(self.container)
 
 
-def _num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _unsplittable(root: nn.Module, why: str) -> PipelineSplitError:
     return PipelineSplitError(
         f"pipeline_parallel_size > 1 needs the model split into stages, but {why}. Declare the stages: define "
-        f"`{PLAN_HOOK}(self)` on {type(root).__name__} returning "
+        f"`{PIPELINE_STAGES_HOOK}(self)` on {type(root).__name__} returning "
         "`PipelinePlan(blocks='model.layers', first=['model.embed_tokens'], last=['model.norm', 'model.output'])` "
-        "(from picotron_lightning.parallel.pp_split), or use pipeline_parallel_size=1."
+        "(from picotron_lightning.parallel.pipeline_parallel), or use pipeline_parallel_size=1."
     )
 
 
@@ -84,9 +82,10 @@ def _from_plan(root: nn.Module, plan: PipelinePlan | dict) -> PipelineParts:
     try:
         container = root.get_submodule(plan.blocks)
     except AttributeError as err:
-        raise _unsplittable(root, f"`{PLAN_HOOK}` names blocks {plan.blocks!r}, which does not exist") from err
+        raise _unsplittable(
+            root, f"`{PIPELINE_STAGES_HOOK}` names blocks {plan.blocks!r}, which does not exist") from err
     if not isinstance(container, (nn.ModuleList, nn.Sequential)):
-        raise _unsplittable(root, f"`{PLAN_HOOK}` blocks {plan.blocks!r} is a {type(container).__name__}, "
+        raise _unsplittable(root, f"`{PIPELINE_STAGES_HOOK}` blocks {plan.blocks!r} is a {type(container).__name__}, "
                                   "not an nn.ModuleList or nn.Sequential")
     for name in (*plan.first, *plan.last):
         root.get_submodule(name)  # raises with the missing name
@@ -100,7 +99,7 @@ def find_pipeline_parts(root: nn.Module) -> PipelineParts:
     Modules outside the stack that hold parameters are placed by what they are and where they are
     registered: embeddings and anything registered before the stack go first, the rest go last.
     """
-    hook = getattr(root, PLAN_HOOK, None)
+    hook = getattr(root, PIPELINE_STAGES_HOOK, None)
     if callable(hook):
         return _from_plan(root, hook())
     stack = find_main_block_stack(root)
@@ -125,7 +124,7 @@ def find_pipeline_parts(root: nn.Module) -> PipelineParts:
                 raise _unsplittable(root, f"`{name or type(root).__name__}` holds parameters of its own next to "
                                           "the block stack, and no stage can be chosen for them")
             continue
-        if _num_params(module) == 0:
+        if num_params(module) == 0:
             continue
         # Whole modules outside the stack: embeddings and what is registered before the stack run first.
         (first if before_stack or isinstance(module, nn.Embedding) else last).append(name)
@@ -187,9 +186,9 @@ def balance_stages(block_costs: list[float], num_stages: int, first_cost: float 
 
 def stage_costs(root: nn.Module, parts: PipelineParts) -> tuple[list[float], float, float]:
     """Parameter counts of the blocks, the first-stage modules and the last-stage modules."""
-    blocks = [float(_num_params(b)) for b in parts.container]
-    first = float(sum(_num_params(root.get_submodule(n)) for n in parts.first))
-    last = float(sum(_num_params(root.get_submodule(n)) for n in parts.last))
+    blocks = [float(num_params(b)) for b in parts.container]
+    first = float(sum(num_params(root.get_submodule(n)) for n in parts.first))
+    last = float(sum(num_params(root.get_submodule(n)) for n in parts.last))
     return blocks, first, last
 
 

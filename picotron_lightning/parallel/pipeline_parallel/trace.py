@@ -23,12 +23,11 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from picotron_lightning.parallel.pp_split import PLAN_HOOK, PipelineSplitError
+from picotron_lightning.parallel.pipeline_parallel.split import PIPELINE_STAGES_HOOK, PipelineSplitError
+from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining import Pipe
-
-    from picotron_lightning.parallel.pipeline import PipelineRuntime
 
 
 def tensor_inputs(call: tuple[tuple, dict]) -> list[torch.Tensor]:
@@ -39,7 +38,7 @@ def tensor_inputs(call: tuple[tuple, dict]) -> list[torch.Tensor]:
 def _untraceable(model: nn.Module, why: str) -> PipelineSplitError:
     return PipelineSplitError(
         f"pipeline_split='trace' could not split {type(model).__name__}: {why}. Use pipeline_split=\"structural\" "
-        f"(the default), or declare the stages with `{PLAN_HOOK}()` on the LightningModule together with "
+        f"(the default), or declare the stages with `{PIPELINE_STAGES_HOOK}()` on the LightningModule together with "
         "pipeline_split=\"structural\"."
     )
 
@@ -77,19 +76,18 @@ def trace_pipe(inner: nn.Module, split_points: list[str], call: tuple[tuple, dic
 class TracedStage(nn.Module):
     """One traced stage as the schedule runs it: the first gets the captured inputs, the last packs its output."""
 
-    _runtime: PipelineRuntime
+    _state: StepState
 
-    def __init__(self, runtime: PipelineRuntime, index: int, num_stages: int, graph: nn.Module) -> None:
+    def __init__(self, state: StepState, index: int, num_stages: int, graph: nn.Module) -> None:
         super().__init__()
-        object.__setattr__(self, "_runtime", runtime)
+        object.__setattr__(self, "_state", state)  # not a child: shared with the runtime and other stages
         self.index, self.num_stages = index, num_stages
         self.graph = graph
 
     def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
-        rt = self._runtime
         index = int(mb_index.reshape(-1)[0])
-        inputs = tensor_inputs(rt.calls[index]) if self.index == 0 else list(activations)
+        inputs = tensor_inputs(self._state.calls[index]) if self.index == 0 else list(activations)
         out = self.graph(*inputs)
         if self.index == self.num_stages - 1:
-            return rt.pack_output(out, index)
+            return self._state.pack_output(out, index)
         return out

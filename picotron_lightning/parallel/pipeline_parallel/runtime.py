@@ -1,15 +1,17 @@
 """Pipeline parallelism: split the model into stages, run steps through a pipeline schedule.
 
-``apply_pipeline_split`` is the first step of ``strategies/parallelize.py``. It keeps this rank's
-stages of the model in place (``pp_split.py``: original parameter names, stubs for what other
+``split_into_stages`` is the first step of ``parallel/parallelize.py``. It keeps this rank's
+stages of the model in place (``split.py``: original parameter names, stubs for what other
 ranks hold) and returns a :class:`PipelineRuntime`, which
 
-* wraps each of this rank's stages in a ``StageModule`` (``pp_stage.py``) that runs the model's *own* forward
+* wraps each of this rank's stages in a ``StageModule`` (``stage.py``) that runs the model's *own* forward
   with only that stage's blocks visible, the previous stage's activation fed into its first
   block, and the forward stopped after its last block (later stages are on other ranks);
 * applies data parallelism per stage (FSDP2 ``fully_shard`` with the stage module as root, or DDP);
-* runs each Lightning step through a ``torch.distributed.pipelining`` schedule (``pp_schedule.py``)
-  reusing the user's step for the loss (``pp_step.py``).
+* runs each Lightning step through a ``torch.distributed.pipelining`` schedule (``schedule.py``)
+  reusing the user's step for the loss (``user_step.py``). What a step captured for the stages
+  (the inner model's calls, the output structures) is a ``StepState`` (``step_state.py``) the
+  runtime fills and the stages read.
 """
 
 from __future__ import annotations
@@ -22,22 +24,25 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map
 
-from picotron_lightning.parallel import pp_step
-from picotron_lightning.parallel.expert import set_aux_loss_scale
-from picotron_lightning.parallel.pp_schedule import (
+from picotron_lightning.parallel.data import DataParallelOptions, fully_shard_units
+from picotron_lightning.parallel.expert import find_moe_layers, set_aux_loss_scale
+from picotron_lightning.parallel.pipeline_parallel import user_step
+from picotron_lightning.parallel.pipeline_parallel.options import PipelineOptions
+from picotron_lightning.parallel.pipeline_parallel.schedule import (
     TARGET_MICROBATCHES_PER_STAGE,
     BubbleMeter,
-    PipelineOptions,
     choose_microbatches,
     schedule_class,
     stage_ids,
     valid_microbatches,
 )
-from picotron_lightning.parallel.pp_split import (
+from picotron_lightning.parallel.pipeline_parallel.split import (
+    PIPELINE_STAGES_HOOK,
     AbsentStub,
     PipelineParts,
+    PipelineSplitError,
     balance_stages,
     check_stage_count,
     check_tied_across_stages,
@@ -47,12 +52,13 @@ from picotron_lightning.parallel.pp_split import (
     stage_costs,
     stub_for,
 )
-from picotron_lightning.parallel.pp_stage import BlockView, StageModule
+from picotron_lightning.parallel.pipeline_parallel.stage import SplitModel, StageModule
+from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
+from picotron_lightning.parallel.pipeline_parallel.trace import TracedStage, trace_pipe
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-    from picotron_lightning.parallel.data import DataParallelOptions
     from picotron_lightning.topology import ParallelLayout
 
 
@@ -64,7 +70,7 @@ class _StepContext:
     rest: tuple
     kwargs: dict
     scale: float
-    logs: pp_step.LogRecorder = field(default_factory=pp_step.LogRecorder)
+    logs: user_step.LogRecorder = field(default_factory=user_step.LogRecorder)
     results: dict[int, Any] = field(default_factory=dict)
 
 
@@ -78,16 +84,16 @@ class PipelineRuntime:
         self.inner = root.get_submodule(parts.inner_name) if parts.inner_name else root
         self.pp_group = mesh["pp"].get_group()
         self.num_stages = len(assignment)
+        self.state = StepState()
+        first_stubs = {n: stub_for(root.get_submodule(n)) for n in parts.first} if 0 in my_stages else {}
+        model = SplitModel(root=root, inner=self.inner, parts=parts, first_stubs=first_stubs)
         self.stage_modules = [
-            StageModule(self, s, self.num_stages, [str(b) for b in assignment[s]]) for s in my_stages
+            StageModule(model, self.state, s, self.num_stages, [str(b) for b in assignment[s]]) for s in my_stages
         ]
         self.run_modules: list[nn.Module] = list(self.stage_modules)  # what PipelineStage runs (DDP wraps)
-        self._first_stubs = {n: stub_for(root.get_submodule(n)) for n in parts.first} if 0 in my_stages else {}
         pp = mesh["pp"].size()
         # The rank holding the last stage: pp-1 with loop placement, 0 with the V placement of zbv.
         self.last_stage_rank = next(r for r in range(pp) if self.num_stages - 1 in stage_ids(r, pp, options))
-        self.calls: list[tuple[tuple, dict]] = []
-        self._out_meta: dict[int, tuple[Any, list[Any]]] = {}
         self._ctx: _StepContext | None = None
         self._schedules: dict[tuple, Any] = {}
         self._warned = False
@@ -105,40 +111,6 @@ class PipelineRuntime:
     @property
     def holds_last_stage(self) -> bool:
         return any(sm.is_last for sm in self.stage_modules)
-
-    @contextmanager
-    def stage_view(self, stage: StageModule, hidden: torch.Tensor | None) -> Iterator[None]:
-        """Make the model look like ``stage`` alone for one forward call."""
-        container = self.parts.container
-        saved = container._modules
-        view: OrderedDict[str, nn.Module] = OrderedDict()
-        for pos, key in enumerate(stage.block_keys):
-            block = saved[key]
-            feed = hidden if pos == 0 else None
-            end = pos == len(stage.block_keys) - 1 and not stage.is_last
-            view[key] = BlockView(block, feed, end) if feed is not None or end else block
-        container._modules = view
-        swapped = []
-        if not stage.is_first:
-            swapped = [(n, replace_submodule(self.root, n, stub)) for n, stub in self._first_stubs.items()]
-        try:
-            yield
-        finally:
-            container._modules = saved
-            for name, module in swapped:
-                replace_submodule(self.root, name, module)
-
-    def pack_output(self, out: Any, index: int) -> Any:
-        """The last stage's model output as tensors for the schedule; the rest is kept for the loss."""
-        leaves, spec = tree_flatten(out)
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-        self._out_meta[index] = (spec, [None if isinstance(x, torch.Tensor) else x for x in leaves])
-        return tensors[0] if len(tensors) == 1 else tuple(tensors)
-
-    def unpack_output(self, output: Any, index: int) -> Any:
-        spec, leaves = self._out_meta[index]
-        tensors = iter((output,) if isinstance(output, torch.Tensor) else output)
-        return tree_unflatten([next(tensors) if x is None else x for x in leaves], spec)
 
     # ------------------------------------------------------------------ data parallelism per stage
     def _drop_other_stages_modules(self) -> None:
@@ -179,17 +151,15 @@ class PipelineRuntime:
 
     def traced_modules(self, signature: tuple) -> list[nn.Module]:
         """This rank's stages traced by ``torch.distributed.pipelining.pipeline`` for this input signature."""
-        from picotron_lightning.parallel.pp_trace import TracedStage, trace_pipe
-
         if signature not in self._traced:
             keys = list(self._full_blocks or {})
             prefix = self.parts.blocks_name[len(self.parts.inner_name) + 1:] if self.parts.inner_name \
                 else self.parts.blocks_name
             points = [f"{prefix}.{keys[r.start]}" for r in self.assignment[1:]]
             with self.full_model():
-                pipe = trace_pipe(self.inner, points, self.calls[0], self.num_stages)
+                pipe = trace_pipe(self.inner, points, self.state.calls[0], self.num_stages)
             self._traced[signature] = [
-                TracedStage(self, sm.index, self.num_stages, pipe.get_stage_module(sm.index))
+                TracedStage(self.state, sm.index, self.num_stages, pipe.get_stage_module(sm.index))
                 for sm in self.stage_modules
             ]
         return self._traced[signature]
@@ -197,8 +167,6 @@ class PipelineRuntime:
     def apply_data_parallel(self, mesh: DeviceMesh, layout: ParallelLayout, config: DataParallelOptions,
                             device: torch.device, local_processes: int) -> tuple[nn.Module, str]:
         """FSDP2 (stage module as root) or DDP over ``dp`` for each stage; returns the root and mode."""
-        from picotron_lightning.parallel.data import fully_shard_units
-
         self.device = device
         self._drop_other_stages_modules()
         for sm in self.stage_modules:
@@ -237,14 +205,14 @@ class PipelineRuntime:
         ctx = self._ctx
         assert ctx is not None
         index = int(target.reshape(-1)[0])
-        result = pp_step.run_with_output(
+        result = user_step.run_with_output(
             self.root, self.inner, ctx.step, ctx.microbatches[index], ctx.rest, ctx.kwargs,
-            self.unpack_output(output, index), ctx.logs.recorder(index),
+            self.state.unpack_output(output, index), ctx.logs.recorder(index),
         )
         ctx.results[index] = tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, result)
         if ctx.kind == "training_step":
             # Mean over microbatches and accumulation steps, as one process's loss.backward() would see.
-            return pp_step.loss_of(result, ctx.kind) / ctx.scale
+            return user_step.loss_of(result, ctx.kind) / ctx.scale
         loss = result.get("loss") if isinstance(result, dict) else result
         return loss if isinstance(loss, torch.Tensor) and loss.dim() == 0 else torch.zeros((), device=self.device)
 
@@ -270,10 +238,10 @@ class PipelineRuntime:
             )
         batch, rest = args[0], args[1:]
         step = getattr(pl_module, kind)
-        m = self._microbatches(pp_step.batch_size_of(batch), training)
-        microbatches = pp_step.split_batch(batch, m)
-        self.calls = [
-            pp_step.capture_inputs(pl_module, self.inner, step, mb, rest, kwargs, kind, self.parts.inner_name)
+        m = self._microbatches(user_step.batch_size_of(batch), training)
+        microbatches = user_step.split_batch(batch, m)
+        self.state.calls = [
+            user_step.capture_inputs(pl_module, self.inner, step, mb, rest, kwargs, kind, self.parts.inner_name)
             for mb in microbatches
         ]
         accumulate = getattr(getattr(pl_module, "_trainer", None), "accumulate_grad_batches", 1) or 1
@@ -281,7 +249,7 @@ class PipelineRuntime:
         if training:
             # MoE auxiliary gradients are injected per microbatch: scale them as the loss is scaled.
             set_aux_loss_scale(self.root, 1.0 / (m * accumulate))
-        schedule, fresh = self._schedule(training, m, _signature(self.calls[0], microbatches[0]))
+        schedule, fresh = self._schedule(training, m, _signature(self.state.calls[0], microbatches[0]))
         index = torch.arange(m, device=self.device)
         try:
             if training:
@@ -295,12 +263,12 @@ class PipelineRuntime:
             payload = None
             if self.holds_last_stage:
                 results = [self._ctx.results[i] for i in range(m)]
-                merged = pp_step.merge_outputs(results) if kind == "predict_step" else pp_step.mean_outputs(results)
+                merged = user_step.merge_outputs(results) if kind == "predict_step" else user_step.mean_outputs(results)
                 payload = (merged, self._ctx.logs.averaged())
-            out, logs = pp_step.broadcast_from_last(payload, self.pp_group, self.last_stage_rank, self.device)
+            out, logs = user_step.broadcast_from_last(payload, self.pp_group, self.last_stage_rank, self.device)
         finally:
             self._ctx = None
-            self._out_meta.clear()
+            self.state.end_step()
         for name, value, log_args, log_kwargs in logs:
             pl_module.log(name, value, *log_args, **log_kwargs)  # type: ignore[operator]  # a LightningModule
         return out
@@ -349,7 +317,7 @@ def plan_pipeline(root: nn.Module, pp: int, options: PipelineOptions) -> tuple[P
     return parts, balance_stages(blocks, pp * options.stages_per_rank, first, last)
 
 
-def apply_pipeline_split(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout,
+def split_into_stages(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout,
                          options: PipelineOptions) -> PipelineRuntime:
     """Keep this rank's stages of ``root`` in place and return the runtime that runs them."""
     parts, assignment = plan_pipeline(root, layout.pp, options)
@@ -364,9 +332,6 @@ def apply_pipeline_split(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayo
 
 def check_traceable_layout(root: nn.Module, layout: ParallelLayout) -> None:
     """pipeline_split="trace" runs the traced graphs directly: no FSDP/DDP, tensor or expert parallelism in them."""
-    from picotron_lightning.parallel.expert import find_moe_layers
-    from picotron_lightning.parallel.pp_split import PipelineSplitError
-
     others = {"data_parallel_size": layout.dp, "tensor_parallel_size": layout.tp, "expert_parallel_size": layout.ep}
     used = {k: v for k, v in others.items() if v > 1}
     if used or find_moe_layers(root):
@@ -383,13 +348,11 @@ def check_pipeline_model(root: nn.Module, pp: int, options: PipelineOptions) -> 
     A model whose blocks are not there yet (built later in ``configure_model``) passes here; the
     split in ``setup`` checks it again.
     """
-    from picotron_lightning.parallel.pp_split import PipelineSplitError
-
     try:
         parts = find_pipeline_parts(root)
     except PipelineSplitError:
         builds_later = callable(getattr(root, "configure_model", None))
-        if getattr(root, "configure_pipeline_stages", None) is None and builds_later:
+        if getattr(root, PIPELINE_STAGES_HOOK, None) is None and builds_later:
             return
         raise
     check_stage_count(parts, pp, options.stages_per_rank)

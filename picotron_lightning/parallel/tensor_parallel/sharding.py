@@ -1,6 +1,6 @@
 """Tensor parallelism on DTensor: Megatron-style sharding of an unchanged model over the ``tp`` mesh.
 
-Given a plan (``tp_plans``: where it comes from; ``tp_validate``: checked before any collective),
+Given a plan (``plans.py``: where it comes from; ``validate.py``: checked before any collective),
 each style becomes a ``torch.distributed.tensor.parallel`` style:
 
 * ``colwise``  -> ``ColwiseParallel``: weight rows split; input replicated, output local per rank.
@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from picotron_lightning.parallel.tensor_options import TensorParallelOptions
-from picotron_lightning.parallel.tp_plans import TensorParallelPlan, resolve_plan
-from picotron_lightning.parallel.tp_validate import validate_plan
+from picotron_lightning.parallel.tensor_parallel.options import TensorParallelOptions
+from picotron_lightning.parallel.tensor_parallel.plan_types import TensorParallelPlan
+from picotron_lightning.parallel.tensor_parallel.plans import resolve_plan
+from picotron_lightning.parallel.tensor_parallel.validate import validate_plan
 from picotron_lightning.topology import LayoutError
 
 if TYPE_CHECKING:
@@ -149,7 +150,7 @@ def _untie(root: nn.Module, plan: TensorParallelPlan) -> None:
 
 
 def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss_parallel: bool = False) -> None:
-    """Shard ``root`` in place according to ``plan`` (from :func:`plan_tensor_parallel`) over the 1-D ``mesh``.
+    """Shard ``root`` in place according to ``plan`` (from :func:`make_tensor_plan`) over the 1-D ``mesh``.
 
     ``root`` may be one pipeline stage of the model the plan was made for: entries naming modules
     the stage does not hold are skipped, and the sequence-parallel region spans the blocks it holds.
@@ -175,7 +176,7 @@ def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss
             _install_sequence_region(blocks[0], blocks[-1], mesh)
 
 
-def plan_tensor_parallel(root: nn.Module, tp: int, options: TensorParallelOptions) -> TensorParallelPlan:
+def make_tensor_plan(root: nn.Module, tp: int, options: TensorParallelOptions) -> TensorParallelPlan:
     """Find and validate the plan for the whole ``root`` at ``tp``; changes nothing and communicates nothing.
 
     Runs before the pipeline split, on the whole model, so every plan source (``tp_plan=``, the module
@@ -192,9 +193,9 @@ def plan_tensor_parallel(root: nn.Module, tp: int, options: TensorParallelOption
     return plan
 
 
-def apply_tensor_parallel(root: nn.Module, mesh: DeviceMesh, options: TensorParallelOptions) -> TensorParallelPlan:
+def shard_tensor_parallel(root: nn.Module, mesh: DeviceMesh, options: TensorParallelOptions) -> TensorParallelPlan:
     """Plan and shard a whole model over the ``tp`` ``mesh`` in one call; returns the plan used."""
-    plan = plan_tensor_parallel(root, mesh.size(), options)
+    plan = make_tensor_plan(root, mesh.size(), options)
     apply_plan(root, mesh, plan, options.loss_parallel)
     return plan
 

@@ -22,16 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from picotron_lightning.parallel.structure import find_main_block_stack
-from picotron_lightning.parallel.tp_plans import TensorParallelPlan
+from picotron_lightning._util import divisors, join_name
+from picotron_lightning.parallel.tensor_parallel.detect import example_block_call
+from picotron_lightning.parallel.tensor_parallel.plan_types import TensorParallelPlan
+from picotron_lightning.structure import find_main_block_stack
 from picotron_lightning.topology import LayoutError
 
 NUMERIC_CHECK_MAX_PARAMS = 20_000_000  # per block; above this the check costs more than it is worth
 NUMERIC_RTOL = 1e-6
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _sizes(root: nn.Module, plan: TensorParallelPlan) -> list[tuple[str, int]]:
@@ -62,7 +60,7 @@ def check_divisibility(root: nn.Module, plan: TensorParallelPlan, tp: int, works
     common = 0
     for _, size in sizes:
         common = math.gcd(common, size)
-    working = _divisors(common) if common else [1]
+    working = divisors(common) if common else [1]
     if works is not None:
         working = [d for d in working if d == 1 or (d <= 256 and works(d))]
     what, _ = bad[0]
@@ -189,15 +187,11 @@ def numeric_shard_check(block: nn.Module, styles: dict[str, str], tp: int, args:
         err = ((total - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         if err > NUMERIC_RTOL:
             raise LayoutError(
-                f"tensor_parallel_size={tp}: `{_join(name, sub_name)}` gives a different result when its linears are "
-                f"sharded (relative error {err:.2e}). Its projections are probably fused: one linear producing "
+                f"tensor_parallel_size={tp}: `{join_name(name, sub_name)}` gives a different result when its linears "
+                f"are sharded (relative error {err:.2e}). Its projections are probably fused: one linear producing "
                 "q, k and v (or gate and up) that the code splits by position, so each rank's slice mixes them. "
                 "Use separate nn.Linear modules, or pass `tp_plan=` that leaves this module unsharded."
             )
-
-
-def _join(a: str, b: str) -> str:
-    return f"{a}.{b}" if b else a
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -210,8 +204,6 @@ def validate_plan(root: nn.Module, plan: TensorParallelPlan, tp: int) -> None:
     if stack is None or not any(n.startswith(stack.block_name(0) + ".") for n in plan.styles):
         check_divisibility(root, plan, tp)
         return
-    from picotron_lightning.parallel.tp_detect import example_block_call
-
     block = stack.blocks[0]
     name = stack.block_name(0)
     styles = _block_styles(plan, name + ".")

@@ -19,15 +19,17 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from picotron_lightning.memory import apply_activation_checkpointing
 from picotron_lightning.parallel.data import DataParallelOptions, apply_ddp, apply_fsdp, resolve_mode
+from picotron_lightning.parallel.expert import convert_moe_layers, find_moe_layers, validate_expert_parallel
+from picotron_lightning.parallel.pipeline_parallel import PipelineRuntime, split_into_stages
+from picotron_lightning.parallel.tensor_parallel import TensorParallelPlan, apply_plan, make_tensor_plan
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
     from picotron_lightning.options import Picotron3DOptions
-    from picotron_lightning.parallel.pipeline import PipelineRuntime
-    from picotron_lightning.parallel.tp_plans import TensorParallelPlan
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,8 +61,6 @@ def apply_pipeline_split(
     """Keep only this rank's pipeline stages of ``root``; the runtime that runs them (None when pp == 1)."""
     if layout.pp == 1:
         return None
-    from picotron_lightning.parallel.pipeline import apply_pipeline_split as split_into_stages
-
     return split_into_stages(root, mesh, layout, options.pipeline)
 
 
@@ -74,9 +74,6 @@ def plan_tensor_parallel(
     """
     if layout.tp == 1:
         return None
-    from picotron_lightning.parallel.expert import find_moe_layers
-    from picotron_lightning.parallel.tensor import plan_tensor_parallel as make_plan
-
     tp_options = options.tensor_parallel
     if find_moe_layers(root):
         # Under sequence parallelism each tp rank would route only its slice of the sequence, and
@@ -87,7 +84,7 @@ def plan_tensor_parallel(
                 "or 'auto' (which turns it off for them)."
             )
         tp_options = dataclasses.replace(tp_options, sequence_parallel=False)
-    return make_plan(root, layout.tp, tp_options)
+    return make_tensor_plan(root, layout.tp, tp_options)
 
 
 def apply_tensor_parallel(
@@ -96,8 +93,6 @@ def apply_tensor_parallel(
     """Shard the blocks this rank holds Megatron-style over the ``tp`` mesh dimension (identity without a plan)."""
     if plan is None:
         return
-    from picotron_lightning.parallel.tensor import apply_plan
-
     apply_plan(root, mesh["tp"], plan, loss_parallel=options.tensor_parallel.loss_parallel)
 
 
@@ -108,9 +103,6 @@ def apply_expert_parallel(root: nn.Module, layout: ParallelLayout, device: torch
     fractions, balancing counts) must be reduced over the data-parallel ranks to equal those of
     one process on the global batch.
     """
-    from picotron_lightning.parallel.expert import apply_expert_parallel as convert_moe_layers
-    from picotron_lightning.parallel.expert import find_moe_layers, validate_expert_parallel
-
     if not find_moe_layers(root):
         if layout.ep > 1:
             raise LayoutError(
@@ -128,8 +120,6 @@ def apply_memory_policies(root: nn.Module, options: Picotron3DOptions) -> None:
     """Activation checkpointing (full or selective, every n-th block) when asked for (identity by default)."""
     memory = options.memory
     if memory.activation_checkpointing != "none":
-        from picotron_lightning.memory import apply_activation_checkpointing
-
         apply_activation_checkpointing(root, every=memory.checkpoint_every, mode=memory.activation_checkpointing)
 
 

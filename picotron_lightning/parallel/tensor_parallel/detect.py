@@ -27,7 +27,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from picotron_lightning.parallel.structure import BlockStack, find_main_block_stack
+from picotron_lightning.parallel.tensor_parallel.plan_types import TensorParallelPlan
+from picotron_lightning.structure import BlockStack, find_main_block_stack
 from picotron_lightning.topology import LayoutError
 
 INPUT_TAG = "<block input>"
@@ -36,7 +37,7 @@ _SPLITS = {torch.split, torch.chunk, torch.unbind, torch.tensor_split, torch.Ten
 EXAMPLE_SEQ = 8
 
 
-class _Captured(Exception):
+class _BlockCallSeen(Exception):  # noqa: N818 - control flow, not an error
     """Raised by a hook to stop a forward once the wanted call was seen."""
 
 
@@ -206,17 +207,15 @@ def classify_block(block: nn.Module, trace: BlockTrace, block_name: str = "block
 
 def example_block_call(root: nn.Module, stack: BlockStack) -> tuple[tuple, dict]:
     """Arguments for one call of the first block: captured from a model forward, or a synthetic input."""
-    from picotron_lightning.parallel.tp_plans import _hf_models
-
     block = stack.blocks[0]
     param = next(block.parameters())
     captured: dict[str, Any] = {}
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured["call"] = (args, kwargs)
-        raise _Captured
+        raise _BlockCallSeen
 
-    hf = _hf_models(root)
+    hf = hf_models(root)
     if hf:
         handle = block.register_forward_pre_hook(grab, with_kwargs=True)
         try:
@@ -224,7 +223,7 @@ def example_block_call(root: nn.Module, stack: BlockStack) -> tuple[tuple, dict]
                 # No KV cache: the captured call is replayed several times (dry run, numeric check).
                 hf[0][1](input_ids=torch.zeros(1, EXAMPLE_SEQ, dtype=torch.long, device=param.device),
                          use_cache=False)
-        except _Captured:
+        except _BlockCallSeen:
             pass
         finally:
             handle.remove()
@@ -274,10 +273,8 @@ def norms_feeding(root: nn.Module, colwise: list[str]) -> list[str]:
     return [f"{stack.name}.{key}.{n}" for key in stack.keys for n in sorted(norms)]
 
 
-def detect_plan(root: nn.Module):  # noqa: ANN201 - TensorParallelPlan, imported lazily (cycle)
+def detect_plan(root: nn.Module) -> TensorParallelPlan:
     """A plan for an unseen transformer from the data flow of its first block (see module docstring)."""
-    from picotron_lightning.parallel.tp_plans import TensorParallelPlan, add_vocab_embedding
-
     stack = _main_stack(root)
     args, kwargs = example_block_call(root, stack)
     block_name = f"{stack.block_name(0)} ({stack.block_class.__name__})"
@@ -302,3 +299,26 @@ def _find_head(root: nn.Module, stack: BlockStack) -> str | None:
         if isinstance(m, nn.Linear) and id(m) not in inside and m.out_features > m.in_features
     ]
     return candidates[-1] if candidates else None
+
+
+def hf_models(root: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Hugging Face ``PreTrainedModel`` instances under ``root`` that are not inside another one."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in root.named_modules():
+        if any(name.startswith(prefix + ".") or prefix == "" for prefix, _ in found):
+            continue
+        if any(c.__name__ == "PreTrainedModel" for c in type(module).__mro__):
+            found.append((name, module))
+    return found
+
+
+def add_vocab_embedding(root: nn.Module, styles: dict[str, Any]) -> None:
+    """Mark the token embedding vocabulary-parallel when it is a top-level ``nn.Embedding`` matching the head."""
+    heads = [dict(root.named_modules())[n] for n, s in styles.items() if s == "head"]
+    vocab = {h.out_features for h in heads if isinstance(h, nn.Linear)}
+    for name, module in root.named_modules():
+        if isinstance(module, nn.Embedding) and name not in styles and (not vocab or module.num_embeddings in vocab):
+            if any(isinstance(h, nn.Linear) and h.weight is module.weight for h in heads):
+                continue  # tied with the head: see `_untie` in sharding.py
+            styles[name] = "embedding"
+            return

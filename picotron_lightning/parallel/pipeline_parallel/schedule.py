@@ -19,7 +19,7 @@ import time
 import warnings
 from typing import Any
 
-from picotron_lightning.parallel.pipeline_options import PipelineOptions
+from picotron_lightning.parallel.pipeline_parallel.options import PipelineOptions
 from picotron_lightning.topology import LayoutError
 
 # A bubble above this share of the step gets a warning when the microbatch count was chosen for the user.

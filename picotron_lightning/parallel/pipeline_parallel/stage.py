@@ -2,18 +2,41 @@
 
 :class:`StageModule` is what the ``torch.distributed.pipelining`` schedule runs and what FSDP
 shards per stage; :class:`BlockView` is how a block looks to that stage while it runs (fed the
-previous stage's activation, or ending the stage's forward).
+previous stage's activation, or ending the stage's forward). A stage reads the model through a
+:class:`SplitModel` and the current step's inputs through a
+:class:`~picotron_lightning.parallel.pipeline_parallel.step_state.StepState`; it never sees the runtime.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from picotron_lightning.parallel.pipeline import PipelineRuntime
+from picotron_lightning.parallel.pipeline_parallel.split import PipelineParts, replace_submodule
+from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
+
+
+@dataclass(frozen=True)
+class SplitModel:
+    """The split model as this rank's stages see it (held by the stages, not registered as their children)."""
+
+    root: nn.Module
+    """The LightningModule (or module) that was split."""
+
+    inner: nn.Module
+    """The child of ``root`` called as "the model": the one holding the block stack."""
+
+    parts: PipelineParts
+    """Where the blocks, the first-stage and the last-stage modules are."""
+
+    first_stubs: dict[str, nn.Module]
+    """Parameter-free stand-ins for the first stage's modules, swapped in while a later stage runs."""
 
 
 class _StageExit(Exception):  # noqa: N818 - control flow, not an error
@@ -70,11 +93,14 @@ class StageModule(nn.Module):
     so FSDP can use it as the stage's root and the schedule sees exactly the stage's parameters.
     """
 
-    _runtime: PipelineRuntime  # set with object.__setattr__ in __init__ (declared for type checkers)
+    _model: SplitModel  # set with object.__setattr__ in __init__ (declared for type checkers)
+    _state: StepState
 
-    def __init__(self, runtime: PipelineRuntime, index: int, num_stages: int, block_keys: list[str]) -> None:
+    def __init__(self, model: SplitModel, state: StepState, index: int, num_stages: int,
+                 block_keys: list[str]) -> None:
         super().__init__()
-        object.__setattr__(self, "_runtime", runtime)  # not a child: the runtime is not a module
+        object.__setattr__(self, "_model", model)  # not children: the model holds them, not the stage
+        object.__setattr__(self, "_state", state)
         self.index, self.num_stages, self.block_keys = index, num_stages, block_keys
         self.blocks = nn.ModuleDict()
         self.first = nn.ModuleDict()
@@ -90,25 +116,47 @@ class StageModule(nn.Module):
 
     def attach(self) -> None:
         """(Re)collect this stage's modules from the model, after earlier steps may have wrapped them."""
-        rt = self._runtime
-        container = rt.parts.container._modules
+        model = self._model
+        container = model.parts.container._modules
         self.blocks = nn.ModuleDict({k: container[k] for k in self.block_keys})
         key = lambda name: name.replace(".", "__")  # noqa: E731 - ModuleDict keys cannot hold dots
         if self.is_first:
-            self.first = nn.ModuleDict({key(n): rt.root.get_submodule(n) for n in rt.parts.first})
+            self.first = nn.ModuleDict({key(n): model.root.get_submodule(n) for n in model.parts.first})
         if self.is_last:
-            self.last = nn.ModuleDict({key(n): rt.root.get_submodule(n) for n in rt.parts.last})
+            self.last = nn.ModuleDict({key(n): model.root.get_submodule(n) for n in model.parts.last})
+
+    @contextmanager
+    def _only_this_stage(self, hidden: torch.Tensor | None) -> Iterator[None]:
+        """Make the model look like this stage alone for one forward call."""
+        model = self._model
+        container = model.parts.container
+        saved = container._modules
+        view: OrderedDict[str, nn.Module] = OrderedDict()
+        for pos, key in enumerate(self.block_keys):
+            block = saved[key]
+            feed = hidden if pos == 0 else None
+            end = pos == len(self.block_keys) - 1 and not self.is_last
+            view[key] = BlockView(block, feed, end) if feed is not None or end else block
+        container._modules = view
+        swapped = []
+        if not self.is_first:
+            swapped = [(n, replace_submodule(model.root, n, stub)) for n, stub in model.first_stubs.items()]
+        try:
+            yield
+        finally:
+            container._modules = saved
+            for name, module in swapped:
+                replace_submodule(model.root, name, module)
 
     def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
-        rt = self._runtime
         index = int(mb_index.reshape(-1)[0])
-        args, kwargs = rt.calls[index]
+        args, kwargs = self._state.calls[index]
         received = None if self.is_first else activations
         if received is not None and len(received) != 1:
             raise RuntimeError(f"Stage {self.index} received {len(received)} tensors; the structural split passes one.")
-        with rt.stage_view(self, None if received is None else received[0]):
+        with self._only_this_stage(None if received is None else received[0]):
             try:
-                out = rt.inner(*args, **kwargs)
+                out = self._model.inner(*args, **kwargs)
             except _StageExit as done:
                 return done.output
-        return rt.pack_output(out, index)
+        return self._state.pack_output(out, index)

@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 
-class _Captured(Exception):  # noqa: N818 - control flow, not an error
+class _InnerCallCaptured(Exception):  # noqa: N818 - control flow, not an error
     """Raised by the patched inner model to stop a step once its inputs are known."""
 
     def __init__(self, args: tuple, kwargs: dict) -> None:
@@ -147,12 +147,12 @@ def capture_inputs(pl_module: nn.Module, inner: nn.Module, step: Callable[..., A
     """Run ``step(microbatch, *rest)`` until it calls ``inner``; return that call's arguments."""
 
     def capture(*args: Any, **kw: Any) -> None:
-        raise _Captured(args, kw)
+        raise _InnerCallCaptured(args, kw)
 
     with patched_forward(inner, capture), patched_log(pl_module, _ignore_log), torch.no_grad():
         try:
             step(microbatch, *rest, **kwargs)
-        except _Captured as call:
+        except _InnerCallCaptured as call:
             return call.args, call.kwargs
     raise RuntimeError(
         f"Pipeline parallelism runs `{step_name}` with its model split into stages, but `{step_name}` never "
