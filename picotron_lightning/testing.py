@@ -179,8 +179,17 @@ def run_script(
         raise TimeoutError(f"`{' '.join(command)}` did not finish within {timeout:.0f}s (hang?); output:\n"
                            f"{output[-6000:]}")
     if proc.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` exited with {proc.returncode}; output:\n{output[-8000:]}")
+        raise RuntimeError(f"`{' '.join(command)}` exited with {proc.returncode}; {_first_error(output)}"
+                           f"output:\n{output[-8000:]}")
     return subprocess.CompletedProcess(command, proc.returncode, output, "")
+
+
+def _first_error(output: str) -> str:
+    """The first traceback in ``output``: the rank that failed first, before the others saw it die."""
+    start = output.find("Traceback (most recent call last)")
+    if start < 0:
+        return ""
+    return f"first error:\n{output[start:start + 4000]}\n...\n"
 
 
 def token_data(num_samples: int, seq_len: int = 16, vocab_size: int = 256, seed: int = 1234):  # noqa: ANN201
