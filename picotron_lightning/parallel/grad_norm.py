@@ -20,6 +20,10 @@ import torch.distributed as dist
 # per stage with this attribute; expert parallelism sets it to the expert-parallel size.
 DISTINCT_PIECES_ATTR = "_picotron_distinct_pieces"
 
+# The last pipeline stage's copy of a weight tied to the first stage (tied embeddings) carries this
+# attribute: the weight is counted once, on the first stage (the copies' gradients are equal).
+TIED_COPY_ATTR = "_picotron_tied_copy"
+
 
 def _local_piece(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The locally held part of a gradient and into how many distinct parts the full one is split."""
@@ -70,6 +74,8 @@ def global_grad_norm(
     # Group the local pieces by how many ranks hold each copy, then one fused norm per group.
     by_copies: dict[float, list[torch.Tensor]] = {}
     for p, grad in zip(params_with_grad, grads, strict=True):
+        if getattr(p, TIED_COPY_ATTR, False):
+            continue
         local, pieces = _local_piece(grad)
         pieces *= getattr(p, DISTINCT_PIECES_ATTR, 1)
         if local.numel():

@@ -66,14 +66,21 @@ class TinyGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
-def tiny_hf_llama() -> nn.Module:
+def tiny_hf_llama(tie_word_embeddings: bool = False) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, use_cache=False, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=64, use_cache=False, tie_word_embeddings=tie_word_embeddings,
     )
     return LlamaForCausalLM(config)
+
+
+def tiny_hf_llama_tied() -> nn.Module:
+    """As Llama 3.2 1B/3B ship: ``lm_head.weight`` is ``model.embed_tokens.weight``."""
+    model = tiny_hf_llama(tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
 
 
 class LMModule(L.LightningModule):
@@ -100,7 +107,8 @@ class LMModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
 
 
-BUILDERS: dict[str, Callable[[], nn.Module]] = {"gpt": TinyGPT, "hf_llama": tiny_hf_llama}
+BUILDERS: dict[str, Callable[[], nn.Module]] = {"gpt": TinyGPT, "hf_llama": tiny_hf_llama,
+                                                "hf_llama_tied": tiny_hf_llama_tied}
 
 
 def reference(build: str, data: torch.Tensor, steps: int, global_batch: int) -> list[float]:

@@ -27,8 +27,9 @@ def run(
     val_data: torch.Tensor | None = None,
     ckpt_dir: str | None = None,
     resume_from: str | None = None,
+    config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``Trainer.fit`` of the reference LightningModule; this rank's losses, val loss and bubble."""
+    """``Trainer.fit`` of the reference LightningModule (``config`` over :data:`CFG`); losses, val loss, bubble."""
     grads_seen: list[bool] = []
 
     class GradientProbe(L.Callback):
@@ -36,7 +37,7 @@ def run(
             grads_seen.append(all(p.grad is not None for p in pl_module.parameters()))
 
     strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs)
-    module = make_module(config=CFG)
+    module = make_module(config={**CFG, **(config or {})})
     val = DataLoader(TokenDataset(val_data), batch_size=micro) if val_data is not None else None
     fitted = fit_and_record(
         module, DataLoader(TokenDataset(data), batch_size=micro), val, callbacks=[GradientProbe()], ckpt_dir=ckpt_dir,
@@ -67,9 +68,10 @@ def predict(world: int, data: torch.Tensor, micro: int, strategy_kwargs: dict[st
     return torch.cat(out)
 
 
-def reference_model(data: torch.Tensor, steps: int, global_batch: int, **kwargs: Any):  # noqa: ANN201
+def reference_model(data: torch.Tensor, steps: int, global_batch: int, config: dict[str, Any] | None = None,
+                    clip: float | None = None):  # noqa: ANN201
     """The one-process model after ``steps`` steps (Trainer's shuffled order) and its step losses."""
-    out = train_reference(make_module(config=CFG), data, steps, global_batch)
+    out = train_reference(make_module(config={**CFG, **(config or {})}), data, steps, global_batch, clip=clip)
     return out["module"], out["losses"]
 
 

@@ -85,9 +85,26 @@ def test_the_hook_declares_stages():
     assert parts.blocks_name == "model.body" and assignment == [range(0, 1), range(1, 2)]
 
 
-def test_tied_embeddings_across_stages_are_refused():
-    with pytest.raises(PipelineSplitError, match="tied"):
-        plan_pipeline(_llama(tie_embeddings=True), 2, PipelineOptions())
+def test_tied_embeddings_across_stages_are_found():
+    from picotron_lightning.parallel.pipeline_parallel.tied import find_tied_across_stages
+
+    root = _llama(tie_embeddings=True)
+    parts, _ = plan_pipeline(root, 2, PipelineOptions())  # accepted: each end keeps a copy
+    pairs = find_tied_across_stages(root, parts)
+    assert [(p.first, p.last) for p in pairs] == [("model.embed_tokens.weight", "model.output.weight")]
+    assert find_tied_across_stages(_llama(), find_pipeline_parts(_llama())) == []
+    hf = tiny_hf_llama(tie_word_embeddings=True)
+    pairs = find_tied_across_stages(hf, find_pipeline_parts(hf))
+    assert [(p.first, p.last) for p in pairs] == [("model.embed_tokens.weight", "lm_head.weight")]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"schedule": "zbv"}, "pipeline_schedule='zbv'.*same rank"),
+    ({"split": "trace"}, "pipeline_split='trace'"),
+])
+def test_tied_embeddings_refused_where_the_ends_cannot_be_copies(options, match):
+    with pytest.raises(PipelineSplitError, match=match):
+        plan_pipeline(_llama(tie_embeddings=True), 2, PipelineOptions(**options))
 
 
 def test_options_are_checked_at_construction():

@@ -76,6 +76,9 @@ RUNS_2 = [
     _run("tp2", 1, strategy={"tensor_parallel_size": 2}),
     _run("tp2_gpt", 1, model={"kind": "gpt"}, strategy={"tensor_parallel_size": 2}),
     _run("pp2", 1, strategy={"pipeline_parallel_size": 2}),
+    # Tied input/output embeddings (as Llama 3.2 1B/3B ship): each stage end keeps a copy.
+    _run("pp2_tied", 1, model={"kind": "llama", "config": {"num_layers": 4, "tie_embeddings": True}},
+         strategy={"pipeline_parallel_size": 2}),
     _run("ep2", 2, model={"kind": "moe"}, strategy={"expert_parallel_size": 2}),
 ]
 

@@ -45,7 +45,6 @@ from picotron_lightning.parallel.pipeline_parallel.split import (
     PipelineSplitError,
     balance_stages,
     check_stage_count,
-    check_tied_across_stages,
     find_pipeline_parts,
     keep_blocks,
     replace_submodule,
@@ -54,6 +53,11 @@ from picotron_lightning.parallel.pipeline_parallel.split import (
 )
 from picotron_lightning.parallel.pipeline_parallel.stage import SplitModel, StageModule
 from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
+from picotron_lightning.parallel.pipeline_parallel.tied import (
+    TiedWeights,
+    check_tied_supported,
+    find_tied_across_stages,
+)
 from picotron_lightning.parallel.pipeline_parallel.trace import TracedStage, trace_pipe
 
 if TYPE_CHECKING:
@@ -100,6 +104,10 @@ class PipelineRuntime:
         self.meter = BubbleMeter()
         self.device = torch.device("cpu")
         self._pending_grads: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        held = set(my_stages)
+        # Weights tied across the first and last stage: one copy per end, kept identical (tied.py).
+        self.tied = TiedWeights(find_tied_across_stages(root, parts), mesh, self.last_stage_rank,
+                                holds_first=0 in held, holds_last=self.num_stages - 1 in held)
         # pipeline_split="trace": the unpruned model's modules (to trace again per input shape) and the
         # traced stages per input signature.
         self._full_blocks: OrderedDict[str, nn.Module] | None = None
@@ -173,13 +181,13 @@ class PipelineRuntime:
             sm.attach()
         # "auto" shards: DDP cannot follow a schedule's microbatches (refused in the strategy's arguments).
         mode = "fsdp" if config.mode == "auto" else config.mode
-        if layout.dp == 1:
-            return self.root, "none"
-        dp_mesh = mesh["dp_replicate", "dp_shard"] if mode == "hsdp" else mesh["dp"]
-        for sm in self.stage_modules:
-            units = [*sm.blocks.values(), *sm.first.values(), *sm.last.values()]
-            fully_shard_units(sm, units, dp_mesh, config)
-        return self.root, mode
+        if layout.dp > 1:
+            dp_mesh = mesh["dp_replicate", "dp_shard"] if mode == "hsdp" else mesh["dp"]
+            for sm in self.stage_modules:
+                units = [*sm.blocks.values(), *sm.first.values(), *sm.last.values()]
+                fully_shard_units(sm, units, dp_mesh, config)
+        self.tied.attach(self.root)  # after FSDP: the parameters it registered are the ones to tie
+        return self.root, mode if layout.dp > 1 else "none"
 
     # ------------------------------------------------------------------ schedules
     def _schedule(self, training: bool, microbatches: int, signature: tuple) -> tuple[Any, bool]:
@@ -291,6 +299,7 @@ class PipelineRuntime:
     def finish_backward(self) -> None:
         """Add the gradients of the latest training step's schedule (called by the strategy's ``backward``)."""
         pending, self._pending_grads = self._pending_grads or [], None
+        pending = self.tied.reduce(pending)  # the tied copies' gradients summed over their pair of ranks
         for p, grad in pending:
             if p.grad is None:
                 p.grad = grad
@@ -312,7 +321,7 @@ def plan_pipeline(root: nn.Module, pp: int, options: PipelineOptions) -> tuple[P
     """Find the parts and balance the stages; raises before anything is changed or communicated."""
     parts = find_pipeline_parts(root)
     check_stage_count(parts, pp, options.stages_per_rank)
-    check_tied_across_stages(root, parts)
+    check_tied_supported(find_tied_across_stages(root, parts), options)
     blocks, first, last = stage_costs(root, parts)
     return parts, balance_stages(blocks, pp * options.stages_per_rank, first, last)
 
@@ -343,7 +352,7 @@ def check_traceable_layout(root: nn.Module, layout: ParallelLayout) -> None:
 
 
 def check_pipeline_model(root: nn.Module, pp: int, options: PipelineOptions) -> None:
-    """Early check, before any process group: too many stages for the blocks, or tied stage weights.
+    """Early check, before any process group: too many stages for the blocks, or tied weights it cannot keep.
 
     A model whose blocks are not there yet (built later in ``configure_model``) passes here; the
     split in ``setup`` checks it again.
@@ -356,4 +365,4 @@ def check_pipeline_model(root: nn.Module, pp: int, options: PipelineOptions) -> 
             return
         raise
     check_stage_count(parts, pp, options.stages_per_rank)
-    check_tied_across_stages(root, parts)
+    check_tied_supported(find_tied_across_stages(root, parts), options)

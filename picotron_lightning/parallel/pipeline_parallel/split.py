@@ -132,19 +132,6 @@ def find_pipeline_parts(root: nn.Module) -> PipelineParts:
     return PipelineParts(inner, stack.name, stack.container, first, last)
 
 
-def check_tied_across_stages(root: nn.Module, parts: PipelineParts) -> None:
-    """Refuse parameters shared between the first and last stage (tied embeddings)."""
-    first = {id(p) for n in parts.first for p in root.get_submodule(n).parameters()}
-    for name in parts.last:
-        for pname, p in root.get_submodule(name).named_parameters():
-            if id(p) in first:
-                raise PipelineSplitError(
-                    f"`{name}.{pname}` is shared with a first-stage module (tied input/output embeddings). "
-                    "Pipeline stages cannot share parameters: untie them (e.g. `tie_embeddings=False`, "
-                    "`tie_word_embeddings=False`) or use pipeline_parallel_size=1."
-                )
-
-
 def balance_stages(block_costs: list[float], num_stages: int, first_cost: float = 0.0,
                    last_cost: float = 0.0) -> list[range]:
     """Contiguous runs of blocks, one per stage, minimising the most expensive stage.
