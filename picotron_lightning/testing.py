@@ -192,6 +192,19 @@ def _first_error(output: str) -> str:
     return f"first error:\n{output[start:start + 4000]}\n...\n"
 
 
+class TokenDataset:
+    """A map-style dataset over the rows of a token tensor (what :func:`token_data` makes)."""
+
+    def __init__(self, data: Any) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.data[i]
+
+
 def token_data(num_samples: int, seq_len: int = 16, vocab_size: int = 256, seed: int = 1234):  # noqa: ANN201
     """``num_samples`` random token rows of ``seq_len + 1`` (inputs and shifted targets), reproducible by seed."""
     import torch

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from picotron_lightning.testing import COLLECTIVE_TIMEOUT
+from picotron_lightning.testing import COLLECTIVE_TIMEOUT, TokenDataset, token_data
 from tests.fitting import fit_and_record
 
 RTOL = 1e-4
@@ -22,19 +22,7 @@ SEQ = 16
 
 
 def make_data(num_samples: int, seed: int = 1234) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, VOCAB, (num_samples, SEQ + 1), generator=g)
-
-
-class TokenDataset(torch.utils.data.Dataset):
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i]
+    return token_data(num_samples, SEQ, VOCAB, seed)
 
 
 def make_module(preset: str = "tiny", config: dict | None = None, lr: float = 1e-2):

@@ -22,25 +22,14 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from user_models import VOCAB, build_module
 
 import picotron_lightning  # noqa: F401 - registers "picotron3d"
 from picotron_lightning import Picotron3DFabricStrategy, Picotron3DStrategy
-from picotron_lightning.testing import token_data
+from picotron_lightning.testing import TokenDataset, token_data
 
 TIMEOUT = timedelta(seconds=120)  # a collective that waits longer than this fails the run instead of hanging
-
-
-class Tokens(Dataset):
-    def __init__(self, data: torch.Tensor) -> None:
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self.data[i]
 
 
 def write_result(out: Path, name: str, result: dict) -> None:
@@ -109,7 +98,7 @@ def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
     )
     module = build_module(run.get("model", {}))
     data = token_data(run["samples"])
-    trainer.fit(module, DataLoader(Tokens(data), batch_size=run["micro_batch"], shuffle=False), ckpt_path=resume)
+    trainer.fit(module, DataLoader(TokenDataset(data), batch_size=run["micro_batch"], shuffle=False), ckpt_path=resume)
 
 
 def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
@@ -119,7 +108,8 @@ def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
     module = build_module(run.get("model", {}))
     optimizer = module.configure_optimizers()
     model, optimizer = fabric.setup(module, optimizer)
-    loader = fabric.setup_dataloaders(DataLoader(Tokens(token_data(run["samples"])), batch_size=run["micro_batch"]))
+    data = TokenDataset(token_data(run["samples"]))
+    loader = fabric.setup_dataloaders(DataLoader(data, batch_size=run["micro_batch"]))
     losses = []
     batches = iter(loader)
     for _ in range(run["steps"]):
