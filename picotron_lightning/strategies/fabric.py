@@ -116,6 +116,14 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
                 "forward and backward itself. Use the Trainer (`Picotron3DStrategy`) for pipeline parallelism, "
                 "or pipeline_parallel_size=1."
             )
+        if self._options.memory.oom_recovery:
+            # The recovery redoes Lightning's training closure inside the optimizer step; a Fabric script's
+            # loop is its own, so there is nothing the strategy could redo.
+            raise ValueError(
+                "`memory.oom_recovery=True` is not supported with Fabric: the script runs forward, backward and the "
+                "optimizer step itself. Use the Trainer (`Picotron3DStrategy`), or catch torch.OutOfMemoryError "
+                "in the script."
+            )
         self._num_nodes = 1
         self._backward_sync_control = _Picotron3DBackwardSyncControl(self)
         self._module: Module | None = None

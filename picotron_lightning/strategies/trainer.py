@@ -7,6 +7,7 @@ import sys
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -20,6 +21,7 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.loops.optimization.automatic import Closure
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -38,6 +40,7 @@ from picotron_lightning.strategies.checkpoint import (
     save_sharded,
 )
 from picotron_lightning.strategies.core import Picotron3DCore
+from picotron_lightning.strategies.oom_step import OOMRecoveryStep
 from picotron_lightning.topology import SizeArg
 
 
@@ -185,6 +188,9 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+        self._oom: OOMRecoveryStep | None = None
+        if trainer.state.fn == TrainerFn.FITTING and self._options.memory.oom_recovery:
+            self._oom = OOMRecoveryStep(self, trainer, self._options.memory)
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -229,9 +235,43 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             return closure_loss
         # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
         with self._step_context():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
+            weight = self._oom.loss_weight if self.oom_recovery is not None else None
+            if weight is None:
+                return super().backward(closure_loss, optimizer, *args, **kwargs)
+            return self._weighted_backward(closure_loss, weight, optimizer, *args, **kwargs)
+
+    def _weighted_backward(self, closure_loss: Tensor, weight: float, optimizer: Optimizer | None, *args: Any,
+                           **kwargs: Any) -> Tensor:
+        """Lightning's backward for one micro-batch of an OOM-split step: hooks see the micro-batch's own loss,
+        the gradient is weighted by its share of the samples (so the pieces add up to the whole batch's)."""
+        assert self.lightning_module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.precision_plugin.backward(closure_loss * weight, self.lightning_module, optimizer, *args, **kwargs)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @property
+    def oom_recovery(self) -> OOMRecoveryStep | None:
+        """The OOM recovery of this fit (``memory.oom_recovery=True``): its split, retries and their history."""
+        return getattr(self, "_oom", None)
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        if self.oom_recovery is not None:
+            self.oom_recovery.batch = batch  # the global batch a recovered step splits
+        return batch
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        recovery = self.oom_recovery
+        if recovery is not None and isinstance(closure, Closure):
+            closure = partial(recovery.run, closure)
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.oom_recovery is not None and self.oom_recovery.micro_batch is not None:
+            args = (self.oom_recovery.micro_batch, *args[1:])  # one piece of an OOM-split step
         with self.precision_plugin.train_step_context():
             return self._redirect("training_step", *args, **kwargs)
 
@@ -271,8 +311,13 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     ) -> Tensor | Any:
         # Over the world: tensor-parallel ranks hold equal copies, so the mean is the data-parallel mean.
         if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+            if self.oom_recovery is not None and self.oom_recovery.defer(tensor, group, reduce_op):
+                return tensor  # inside an OOM-recoverable attempt: reduced in place at the agreement point
+            return self._reduce_now(tensor, group, reduce_op)
         return tensor
+
+    def _reduce_now(self, tensor: Tensor, group: Any | None, reduce_op: ReduceOp | str | None) -> Tensor:
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
 
     # ------------------------------------------------------------------ checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
