@@ -10,28 +10,43 @@ from torch.utils.data import DataLoader
 from picotron_lightning.testing_memory import OOMAt
 
 
-def random_plan(world: int, steps: int, count: int, seed: int, max_op: int = 60) -> list[OOMAt]:
-    """``count`` scripted OOMs over ``world`` ranks and ``steps`` steps: random rank, step, phase, op and retries.
+def random_plan(world: int, steps: int, count: int, micro: int, retry_larger_after: int, seed: int,
+                max_op: int = 60) -> tuple[list[OOMAt], list[int]]:
+    """``count`` scripted OOMs over ``world`` ranks and ``steps`` steps, and the split each step should end with.
 
-    Each entry fires once per attempt it covers (``attempts``); the plan's OOMs add up to ``count``.
-    Steps 0 and ``steps - 1`` get one each, so the first and the last step are recovered too.
+    Random ranks (up to two per step), phase, op and number of failing attempts; the plan is drawn while
+    simulating the agreed schedule (:class:`SplitSchedule`), so no step runs out of splits. The first and
+    the last step always get an OOM. Raises if ``count`` does not fit in ``steps``.
     """
+    from picotron_lightning.memory.oom import SplitSchedule
+
     rng = random.Random(seed)
+    schedule = SplitSchedule(retry_larger_after)
     plan: list[OOMAt] = []
-    used: set[tuple[int, int]] = set()
+    splits: list[int] = []
     fired = 0
-    forced = [0, steps - 1]
-    while fired < count:
-        step = forced.pop(0) if forced else rng.randrange(steps)
-        rank = rng.randrange(world)
-        if (rank, step) in used:
-            continue
-        attempts = min(rng.choice([1, 1, 1, 2, 3]), count - fired)
-        used.add((rank, step))
-        plan.append(OOMAt(rank=rank, step=step, phase=rng.choice(["forward", "backward"]),
-                          op=rng.randrange(max_op), attempts=attempts))
-        fired += attempts
-    return plan
+    for step in range(steps):
+        chosen = step in (0, steps - 1) or rng.random() < 0.8
+        ranks = rng.sample(range(world), k=rng.choice([1, world, world])) if chosen else []
+        retries = 0
+        for rank in ranks:
+            room = count - fired
+            attempts = min(rng.choice([1, 1, 2]), room)
+            while attempts > retries and schedule.split * 2 ** attempts > micro:  # would run out of splits
+                attempts -= 1
+            if attempts == 0:
+                continue
+            plan.append(OOMAt(rank=rank, step=step, phase=rng.choice(["forward", "backward"]),
+                              op=rng.randrange(max_op), attempts=attempts))
+            fired += attempts
+            retries = max(retries, attempts)
+        for _ in range(retries):
+            assert schedule.on_oom(micro) is not None
+        splits.append(schedule.split)
+        schedule.on_success()
+    if fired != count:
+        raise ValueError(f"only {fired} of {count} OOMs fit in {steps} steps")
+    return plan, splits
 
 
 def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list[OOMAt], budget: int | None = None,
@@ -65,7 +80,8 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
                 reported[step] = (metrics["memory/oom_retries"], metrics["memory/oom_micro_batches"])
     return {
         "losses": fitted.losses, "fired": injector.fired, "budget_fired": injector.budget_fired,
-        "events": recovery.events if recovery is not None else [], "state": {k: v.detach().clone() for k, v in state.items()},
+        "events": recovery.events if recovery is not None else [],
+        "state": {k: v.detach().clone() for k, v in state.items()},
         "alerts": dict(alerts.counts) if alerts is not None else {}, "metrics": reported,
         "final_split": recovery.schedule.split if recovery is not None else None,
     }

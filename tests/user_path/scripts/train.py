@@ -6,7 +6,8 @@ the per-step global-batch losses (``strategy.reduce(loss, "mean")``, the data-pa
 
     {"name": ..., "strategy": {Picotron3DStrategy arguments}, "model": {"kind": "llama" | "moe" | "gpt"},
      "steps": 6, "micro_batch": 2, "samples": 48, "precision": {AdaptivePrecision arguments} (optional),
-     "monitoring": true (optional), "checkpoint_every": n (optional), "resume": "<run name>@<step>" (optional)}
+     "monitoring": true (optional), "checkpoint_every": n (optional), "resume": "<run name>@<step>" (optional),
+     "inject_oom": [{OOMAt arguments}, ...] (optional: test tooling that raises torch.OutOfMemoryError there)}
 
 Nothing here sets up processes or environment variables: it is the script a user would write.
 Several runs share one launch, as several ``Trainer.fit`` calls in one script do under Lightning's ``ddp``.
@@ -48,6 +49,7 @@ class RecordLoss(L.Callback):
     def __init__(self, out: Path, name: str) -> None:
         self.out, self.name = out, name
         self.losses: list[float] = []
+        self.extra: dict[str, Any] = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")))
@@ -58,7 +60,8 @@ class RecordLoss(L.Callback):
             write_result(self.out, self.name, {
                 "losses": self.losses, "layout": str(strategy.layout), "world_size": trainer.world_size,
                 "data_parallel_mode": strategy.data_parallel_mode,
-                "precision_mode": getattr(getattr(trainer.precision_plugin, "plan", None), "mode", None)})
+                "precision_mode": getattr(getattr(trainer.precision_plugin, "plan", None), "mode", None),
+                **self.extra})
 
 
 def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
@@ -80,6 +83,10 @@ def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
         logger = TensorBoardLogger(str(out_dir / "tb"), name=run["name"])
         callbacks += [MetricsCollector(log_every_n_steps=1, histogram_every_n_steps=2), AnomalyDetector(),
                       AlertManager()]
+    if run.get("inject_oom"):
+        from picotron_lightning.testing_memory import InjectOOM, OOMAt
+
+        callbacks.append(InjectOOM([OOMAt(**entry) for entry in run["inject_oom"]]))
     ckpt_dir = out_dir / "checkpoints" / run["name"]
     if run.get("checkpoint_every"):
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -98,6 +105,21 @@ def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
     )
     module = build_module(run.get("model", {}))
     data = token_data(run["samples"])
+    if strategy.options.memory.oom_recovery:  # what the recovery agreed, and what the monitors received
+        recorder = callbacks[0]
+        recorder.extra["oom_events"] = []
+        recorder.extra["alerts"] = {}
+
+        class RecordRecovery(L.Callback):
+            def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
+                recorder.extra["oom_events"] = strategy.oom_recovery.events
+                alerts = [c for c in trainer.callbacks if hasattr(c, "counts")]
+                recorder.extra["alerts"] = dict(alerts[0].counts) if alerts else {}
+                collectors = [c for c in trainer.callbacks if hasattr(c, "history")]
+                recorder.extra["oom_metrics"] = [m.get("memory/oom_retries") for _, m in collectors[0].history
+                                                 if "memory/oom_retries" in m] if collectors else []
+
+        trainer.callbacks.insert(0, RecordRecovery())
     trainer.fit(module, DataLoader(TokenDataset(data), batch_size=run["micro_batch"], shuffle=False), ckpt_path=resume)
 
 
