@@ -125,7 +125,8 @@ def test_memory_history_only_on_cuda() -> None:
     assert memory_history_kwargs(torch.device("cuda", 0), 0) is None
     kwargs = memory_history_kwargs(torch.device("cuda", 0), 5000)
     assert kwargs is not None and kwargs["max_entries"] == 5000 and kwargs["enabled"] == "all"
-    assert snapshot_path("/logs", rank=3, step=12, attempt=2) == Path("/logs/oom_snapshots/rank3_step12_attempt2.pickle")
+    expected = Path("/logs/oom_snapshots/rank3_step12_attempt2.pickle")
+    assert snapshot_path("/logs", rank=3, step=12, attempt=2) == expected
 
 
 def test_oom_options_are_validated() -> None:
