@@ -146,14 +146,14 @@ class InjectOOM(Callback):
         self._modes: list[Any] = []
 
     def _attempt_of(self, trainer: Any) -> Any:
-        start = [None]
+        start: list[int | None] = [None]
 
         def attempt() -> int:
             recovery = getattr(trainer.strategy, "oom_recovery", None)
             retries = recovery.retries if recovery is not None else 0
             if start[0] is None:
                 start[0] = retries
-            return retries - start[0]
+            return retries - (start[0] or 0)
 
         return attempt
 

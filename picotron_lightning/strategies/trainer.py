@@ -235,7 +235,8 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             return closure_loss
         # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
         with self._step_context():
-            weight = self._oom.loss_weight if self.oom_recovery is not None else None
+            recovery = self.oom_recovery
+            weight = recovery.loss_weight if recovery is not None else None
             if weight is None:
                 return super().backward(closure_loss, optimizer, *args, **kwargs)
             return self._weighted_backward(closure_loss, weight, optimizer, *args, **kwargs)
