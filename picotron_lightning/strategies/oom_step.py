@@ -5,8 +5,8 @@ backward) inside ``optimizer.step``. With ``memory.oom_recovery`` the strategy r
 
 1. **Local attempt**, with no collective: DDP's gradient sync is deferred (``no_sync``), DDP's buffer
    broadcast is moved to step 3, and reductions that ``training_step`` asks for (``self.log(...,
-   sync_dist=True)`` calls ``strategy.reduce``) are recorded instead of run. The first protected
-   step runs under :class:`~picotron_lightning.memory.oom.CollectiveGuard`, which stops every rank
+   sync_dist=True)`` calls ``strategy.reduce``) are recorded instead of run. Attempts up to the first
+   that succeeds on every rank run under :class:`~picotron_lightning.memory.oom.CollectiveGuard`, which stops every rank
    alike if anything else communicates. A ``torch.OutOfMemoryError`` is caught; the step's graph,
    gradients and outputs are dropped.
 2. **Agreement**: one all-reduce (MAX) of a small vector: which ranks failed, how many reductions each
@@ -84,6 +84,7 @@ class OOMRecoveryStep:
             if not failed_ranks:
                 assert result is not None
                 self._finish(has_grad)
+                self._guarded = True
                 self.schedule.on_success()
                 closure._result = result
                 return result.loss
@@ -104,8 +105,7 @@ class OOMRecoveryStep:
         if not first:
             _clear_gradients(module)
         self.deferred = []
-        guard = contextlib.nullcontext() if self._guarded else CollectiveGuard()
-        self._guarded = True
+        guard = contextlib.nullcontext() if self._guarded else CollectiveGuard()  # until one attempt succeeded
         try:
             with guard, self.strategy._no_gradient_sync(self.strategy.model):
                 if split == 1 and first:
