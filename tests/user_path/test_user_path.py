@@ -180,6 +180,44 @@ def test_monitoring_callbacks_write_their_tensorboard_tags(with_plugins):
     assert any(t.startswith("weights/") for t in acc.Tags()["histograms"])
 
 
+# --------------------------------------------------------------------------- torch.compile per block
+# Each block compiled (inductor) after tensor parallelism and checkpointing, before data parallelism;
+# parity against the eager one-process loop at fp32 1e-4.
+COMPILE_RUNS = [
+    _run("compile_ddp", 2, strategy={"compile": True, "data_parallel_mode": "ddp"}),
+    _run("compile_fsdp_selective", 2, strategy={"compile": True, "data_parallel_mode": "fsdp",
+                                                "memory": {"activation_checkpointing": "selective"}}),
+    _run("compile_pp2", 1, strategy={"compile": True, "pipeline_parallel_size": 2}),
+    _run("compile_bf16", 2, model=BF16_MODEL, strategy={"compile": True}, precision={"mode": "bf16"}),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("compiled"), {"devices": 2, "runs": COMPILE_RUNS}, timeout=1800)
+
+
+@pytest.mark.parametrize("run", COMPILE_RUNS[:3], ids=[r["name"] for r in COMPILE_RUNS[:3]])
+def test_compiled_blocks_match_eager_one_process(compiled, run):
+    blocks_per_rank = 4 // run["strategy"].get("pipeline_parallel_size", 1)
+    assert compiled[run["name"]]["compiled_blocks"] == blocks_per_rank, compiled[run["name"]]
+    dp = 2 // run["strategy"].get("tensor_parallel_size", 1) // run["strategy"].get("pipeline_parallel_size", 1)
+    _assert_parity(compiled, run, dp)
+
+
+def test_compiled_blocks_with_the_precision_plugin(compiled):
+    from torch.utils.data import DataLoader
+
+    from picotron_lightning import AdaptivePrecision
+
+    data = _global_order(token_data(STEPS * MICRO * 2))
+    eager = fit_and_record(build_module(BF16_MODEL), DataLoader(list(data), batch_size=4),
+                           plugins=[AdaptivePrecision(mode="bf16")], max_steps=STEPS).losses
+    got = compiled["compile_bf16"]
+    assert got["precision_mode"] == "bf16" and got["compiled_blocks"] == 4, got
+    assert max_relative_diff(got["losses"], eager) <= 1e-3, (got["losses"], eager)
+
+
 # --------------------------------------------------------------------------- other ways to start the ranks
 def test_fabric_launch_from_a_plain_script(tmp_path):
     runs = [_run("fabric_dp", 2), _run("fabric_tp2", 1, strategy={"tensor_parallel_size": 2})]

@@ -27,6 +27,7 @@ from user_models import VOCAB, build_module
 
 import picotron_lightning  # noqa: F401 - registers "picotron3d"
 from picotron_lightning import Picotron3DFabricStrategy, Picotron3DStrategy, forward_backward
+from picotron_lightning.parallel.compile import compiled_blocks
 from picotron_lightning.testing import TokenDataset, token_data
 
 TIMEOUT = timedelta(seconds=120)  # a collective that waits longer than this fails the run instead of hanging
@@ -58,7 +59,8 @@ class RecordLoss(L.Callback):
             write_result(self.out, self.name, {
                 "losses": self.losses, "layout": str(strategy.layout), "world_size": trainer.world_size,
                 "data_parallel_mode": strategy.data_parallel_mode,
-                "precision_mode": getattr(getattr(trainer.precision_plugin, "plan", None), "mode", None)})
+                "precision_mode": getattr(getattr(trainer.precision_plugin, "plan", None), "mode", None),
+                "compiled_blocks": compiled_blocks(pl_module)})
 
 
 def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
