@@ -19,6 +19,7 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from picotron_lightning.memory.options import MemoryOptions
+from picotron_lightning.parallel.compile import CompileOptions
 from picotron_lightning.parallel.data import DataParallelOptions
 from picotron_lightning.parallel.pipeline_parallel import PipelineOptions
 from picotron_lightning.parallel.tensor_parallel import TensorParallelOptions
@@ -70,6 +71,9 @@ class Picotron3DOptions:
     memory: MemoryOptions = field(default_factory=MemoryOptions, metadata={"flat": "memory"})
     """``memory=`` (a ``MemoryOptions`` or a dict of its fields: checkpointing mode, garbage collection,
     allocator), and the flat ``activation_checkpointing``."""
+
+    compile: CompileOptions = field(default_factory=CompileOptions, metadata={"flat": "compile"})
+    """``compile=``: ``True`` or a dict of ``torch.compile`` arguments compiles each transformer block."""
 
     process: ProcessOptions = field(default_factory=ProcessOptions)
     """``process_group_backend``, ``timeout``, ``start_method``."""

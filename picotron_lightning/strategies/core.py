@@ -156,6 +156,7 @@ class Picotron3DCore:
         self._resolve_layout(self._world_size_from_environment())
         show_library_warnings_once(rank)
         self._check_pipeline_model(module)  # more stages than blocks fails here, not in a collective
+        self._check_compilable(module)
         device = self.root_device
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             device
@@ -219,6 +220,17 @@ class Picotron3DCore:
         if module is None or self.layout.pp == 1:
             return
         check_pipeline_model(module, self.layout.pp, self._options.pipeline)
+
+    def _check_compilable(self, module: nn.Module | None) -> None:
+        """Refuse ``compile=`` for a model it cannot handle (MoE, no block stack); no collective involved."""
+        if module is None or not self._options.compile.enabled:
+            return
+        from picotron_lightning.parallel.compile import check_compilable
+        from picotron_lightning.parallel.expert import find_moe_layers
+
+        traced = self.layout.pp > 1 and self._options.pipeline.split == "trace"
+        check_compilable(module, self._options.compile, moe=bool(find_moe_layers(module)), traced_pipeline=traced,
+                         tensor_parallel_size=self.layout.tp)
 
     def _resolve_layout(self, world_size: int) -> ParallelLayout:
         """Check the sizes against the world size; raises before any process group exists."""

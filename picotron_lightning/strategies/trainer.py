@@ -116,6 +116,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
         memory: MemoryOptions | dict[str, Any] | None = None,
+        compile: bool | dict[str, Any] = False,
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,

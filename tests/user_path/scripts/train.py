@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from user_models import VOCAB, build_module
 
 import picotron_lightning  # noqa: F401 - registers "picotron3d"
-from picotron_lightning import Picotron3DFabricStrategy, Picotron3DStrategy
+from picotron_lightning import Picotron3DFabricStrategy, Picotron3DStrategy, forward_backward
+from picotron_lightning.parallel.compile import compiled_blocks
 from picotron_lightning.testing import TokenDataset, token_data
 
 TIMEOUT = timedelta(seconds=120)  # a collective that waits longer than this fails the run instead of hanging
@@ -61,7 +62,7 @@ class RecordLoss(L.Callback):
                 "losses": self.losses, "layout": str(strategy.layout), "world_size": trainer.world_size,
                 "data_parallel_mode": strategy.data_parallel_mode,
                 "precision_mode": getattr(getattr(trainer.precision_plugin, "plan", None), "mode", None),
-                **self.extra})
+                "compiled_blocks": compiled_blocks(pl_module), **self.extra})
 
 
 def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
@@ -123,7 +124,14 @@ def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
     trainer.fit(module, DataLoader(TokenDataset(data), batch_size=run["micro_batch"], shuffle=False), ckpt_path=resume)
 
 
+def next_token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
+
+
 def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
+    """A plain Fabric loop. ``forward_backward`` runs it under every layout; ``clip``, ``save_at`` (a step
+    after which ``fabric.save`` writes model, optimizer and step) and ``resume`` ("<run>@<step>": ``fabric.load``
+    that checkpoint, then train the remaining steps) exercise the rest of a Fabric loop."""
     fabric = L.Fabric(accelerator="cpu", devices=spec["devices"], num_nodes=spec.get("num_nodes", 1),
                       strategy=Picotron3DFabricStrategy(timeout=TIMEOUT, **run.get("strategy", {})))
     fabric.launch()
@@ -132,19 +140,41 @@ def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
     model, optimizer = fabric.setup(module, optimizer)
     data = TokenDataset(token_data(run["samples"]))
     loader = fabric.setup_dataloaders(DataLoader(data, batch_size=run["micro_batch"]))
+    checkpoints = out.parent / "fabric_checkpoints"
+    start = 0
+    if run.get("resume"):
+        name, step = run["resume"].split("@")
+        state = {"model": model, "optimizer": optimizer, "step": 0}
+        fabric.load(checkpoints / name / f"step={step}", state)
+        start = state["step"]
     losses = []
     batches = iter(loader)
-    for _ in range(run["steps"]):
+    direct_call_error = None
+    if run.get("try_direct_call"):  # under pp a rank holds only its stages: `model(x)` must say what to do instead
+        try:
+            model(data[0][None, :-1])
+        except RuntimeError as error:
+            direct_call_error = str(error)
+    for _ in range(start):
+        next(batches)  # the batches the checkpointed run already trained on (Fabric keeps the loader's order)
+    for step in range(start, run["steps"]):
         batch = next(batches)
-        logits = model(batch[:, :-1])
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), batch[:, 1:].reshape(-1))
-        fabric.backward(loss)
+        if run.get("forward_backward"):  # the loop that runs under every layout, pipelines included
+            loss = forward_backward(fabric, model, batch[:, :-1], batch[:, 1:], next_token_loss)
+        else:  # the plain Fabric loop
+            loss = next_token_loss(model(batch[:, :-1]), batch[:, 1:])
+            fabric.backward(loss)
+        if run.get("clip"):
+            fabric.clip_gradients(model, optimizer, max_norm=run["clip"])
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(fabric.all_reduce(loss.detach(), reduce_op="mean")))
+        if run.get("save_at") == step + 1:
+            fabric.save(checkpoints / run["name"] / f"step={step + 1}",
+                        {"model": model, "optimizer": optimizer, "step": step + 1})
     if fabric.is_global_zero:
         write_result(out, run["name"], {"losses": losses, "layout": str(fabric.strategy.layout),
-                                        "world_size": fabric.world_size})
+                                        "world_size": fabric.world_size, "direct_call_error": direct_call_error})
 
 
 def main() -> None:
