@@ -71,20 +71,17 @@ class CheckpointWriter:
         self._in_flight: deque[Future] = deque()
         self._group: Any = None  # the async writes' own gloo group: their collectives run on a background thread
         self._errors: list[BaseException] = []
+        self.async_saves = 0
+        """Saves started with DCP's ``async_save`` by this writer."""
 
     def save(self, path: str | Path, state: dict[str, Any], metadata: dict[str, Any] | None = None) -> Path:
         """Write ``state`` (DCP state dicts) and ``metadata`` (rank 0's, any picklable object) as ``path``."""
-        from picotron_lightning.strategies.checkpoint import CheckpointError
-
         path = Path(path)
         partial = path.with_name(path.name + PARTIAL_SUFFIX)
         if self.asynchronous:
             while len(self._in_flight) >= self.max_in_flight:
                 self._wait_oldest()
         if _rank() == 0:
-            if path.exists() and not path.is_dir():
-                raise CheckpointError(f"Checkpoint path {path} exists and is a file; sharded checkpoints are "
-                                      "directories. Choose another path or remove the file.")
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         _barrier()

@@ -30,6 +30,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
 
+from picotron_lightning.fault_tolerance.completeness import MARKER_FILE, is_complete
+from picotron_lightning.fault_tolerance.writer import CheckpointWriter
+
 METADATA_FILE = "meta.pt"
 DCP_METADATA_FILE = ".metadata"
 MODEL_KEY = "model"
@@ -89,8 +92,10 @@ def save_sharded(
     retention; by default the save is synchronous. The checkpoint counts as complete only once its marker
     is written, last (see ``picotron_lightning/fault_tolerance/completeness.py``).
     """
-    from picotron_lightning.fault_tolerance.writer import CheckpointWriter
-
+    path = Path(path)
+    if _rank() == 0 and path.exists() and not path.is_dir():
+        raise CheckpointError(f"Checkpoint path {path} exists and is a file; sharded checkpoints are directories. "
+                              "Choose another path or remove the file.")
     return (writer or CheckpointWriter()).save(path, state, metadata)
 
 
@@ -173,14 +178,11 @@ def load_sharded(
         )
     if not (path / METADATA_FILE).is_file():
         raise CheckpointError(f"Checkpoint {path} is incomplete: {METADATA_FILE} is missing. Nothing was loaded.")
-    # --- fault tolerance: only a checkpoint whose completeness marker was written (last) is loaded
-    from picotron_lightning.fault_tolerance.completeness import MARKER_FILE, is_complete
-
+    # Fault tolerance: only a checkpoint whose completeness marker was written (last) is loaded.
     if not is_complete(path):
         raise CheckpointError(f"Checkpoint {path} is incomplete: its marker {MARKER_FILE} (written after every "
                               "rank's part) is missing, so a rank died while writing it. Nothing was loaded; "
                               "use an earlier checkpoint.")
-    # ---
     keys = list(optimizer_keys or [f"optimizer_{i}" for i in range(len(optimizers))])
     live = collect_state(module, optimizers, keys)
     expected = live if strict else {MODEL_KEY: live[MODEL_KEY]}
