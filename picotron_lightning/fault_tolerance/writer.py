@@ -101,6 +101,7 @@ class CheckpointWriter:
         if self._group is None and _distributed():
             self._group = dist.new_group(backend="gloo")
         written = dcp.async_save(state, checkpoint_id=str(partial), process_group=self._group)
+        self.async_saves += 1
         done: Future = Future()
 
         def on_written(result: Future) -> None:  # on DCP's background thread
