@@ -30,7 +30,7 @@ def uses_launcher_store() -> bool:
     return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
-def restart_scoped_store(timeout: timedelta) -> dist.Store | None:
+def restart_scoped_store(timeout: timedelta | None) -> dist.Store | None:
     """The launcher's store seen through a namespace of this start, or None when no launcher store is shared.
 
     Pass it as ``store=`` to ``init_process_group`` (with ``rank`` and ``world_size``). Every worker of one
@@ -43,5 +43,5 @@ def restart_scoped_store(timeout: timedelta) -> dist.Store | None:
         host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     except (KeyError, ValueError):
         return None  # not a complete torchrun environment: let init_process_group report what is missing
-    launcher_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    launcher_store = dist.TCPStore(host, port, is_master=False, timeout=timeout or timedelta(minutes=30))
     return dist.PrefixStore(f"{KEY_PREFIX}_{restart_count()}", launcher_store)
