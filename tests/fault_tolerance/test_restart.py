@@ -73,7 +73,7 @@ def uninterrupted_weights(tmp: Path, spec: dict[str, Any], nproc: int) -> dict[s
 
 
 def check_against_reference(tmp: Path, attempts: dict[str, Any], spec: dict[str, Any], nproc: int,
-                            dp: int | None = None) -> None:
+                            dp: int | None = None, weights_atol: float = 1e-6) -> None:
     """Per-step losses equal one process's (fp32 1e-4); final weights equal an uninterrupted run's on ``nproc``.
 
     The weights are compared with a run of the same layout, not with one process: Adam divides by sqrt(v), so
@@ -88,7 +88,7 @@ def check_against_reference(tmp: Path, attempts: dict[str, Any], spec: dict[str,
     expected = uninterrupted_weights(tmp, spec, nproc)
     assert sorted(resumed) == sorted(expected)
     for name, want in expected.items():
-        torch.testing.assert_close(resumed[name], want, rtol=RTOL, atol=1e-6, msg=name)
+        torch.testing.assert_close(resumed[name], want, rtol=RTOL, atol=weights_atol, msg=name)
 
 
 @pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2", "3d"])
@@ -136,7 +136,10 @@ def test_restart_with_half_the_data_parallel_ranks(tmp_path):
     attempts = attempts_of(tmp_path)
     assert (attempts["0"]["world_size"], attempts["1"]["world_size"]) == (4, 2)
     assert attempts["1"]["resumed_from"].endswith("step=2.ckpt")
-    check_against_reference(tmp_path, attempts, spec, 2)  # weights: against an uninterrupted run on 2 ranks
+    # Weights: against an uninterrupted run on 2 ranks. Steps 1-2 ran on 4 ranks, whose gradient sums add in
+    # another order, and Adam magnifies that noise in near-zero gradients: measured 1.9e-5 max abs (7e-6 relative
+    # norm), hence atol 1e-4 here and 1e-6 where the layout does not change.
+    check_against_reference(tmp_path, attempts, spec, 2, weights_atol=1e-4)
 
 
 def test_async_checkpoints_resume_with_the_uninterrupted_trajectory(tmp_path):

@@ -6,7 +6,7 @@ SPEC: ``{"strategy": {...}, "model": {...}, "steps": 6, "micro_batch": 2, "sampl
 "checkpoint_every": 2, "kill": {"rank": 1, "step": 3, "during_save": false}, "late_start": {"rank": 1,
 "seconds": 8}, "attempt": 0, "devices": 2}``.
 
-* ``kill`` applies to the first start only (``TORCHELASTIC_RESTART_COUNT``, else ``attempt``, is 0): that
+* ``kill`` applies to the first start only (``TORCHELASTIC_RESTART_COUNT`` + ``attempt`` is 0): that
   rank SIGKILLs itself at the end of that step, or, with ``during_save``, while it writes that step's
   checkpoint: a thread kills the process as soon as this rank's DCP shard file appears in the ``.partial``
   directory (the shards of the others may or may not be written; the marker never is).
@@ -41,7 +41,8 @@ from picotron_lightning import Picotron3DStrategy  # noqa: E402
 from picotron_lightning.testing import token_data  # noqa: E402
 
 SPEC = json.loads(Path(sys.argv[1]).read_text())
-ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", SPEC.get("attempt", 0)))
+# This start of the run: the launcher's restarts plus the starts the test made by hand (``attempt``).
+ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) + int(SPEC.get("attempt", 0))
 
 
 class Tokens(Dataset):
