@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
+from picotron_lightning.fault_tolerance.options import FaultToleranceOptions
 from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.parallel.compile import CompileOptions
 from picotron_lightning.parallel.data import DataParallelOptions
@@ -77,6 +78,10 @@ class Picotron3DOptions:
 
     process: ProcessOptions = field(default_factory=ProcessOptions)
     """``process_group_backend``, ``timeout``, ``start_method``."""
+
+    fault_tolerance: FaultToleranceOptions = field(default_factory=FaultToleranceOptions)
+    """``resume``, ``async_checkpointing``, ``max_checkpoints_in_flight``, ``keep_last_checkpoints``,
+    ``heartbeat_timeout``."""
 
     def __post_init__(self) -> None:
         # Rules that involve two sections; each section checked its own fields already.

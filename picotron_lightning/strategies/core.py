@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from picotron_lightning.fault_tolerance.launcher_store import restart_scoped_store
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.parallel import ParallelModel, PipelineRuntime, parallelize
 from picotron_lightning.parallel.data import DataParallelOptions, set_gradient_sync
@@ -164,6 +165,10 @@ class Picotron3DCore:
         kwargs: dict[str, Any] = {"timeout": self._options.process.timeout}
         if device.type != "cpu":
             kwargs["device_id"] = device
+        # torchrun keeps one store across restarts: a restarted group must not read the keys of the last start.
+        store = restart_scoped_store(self._options.process.timeout)
+        if store is not None:
+            kwargs["store"] = store
         _init_dist_connection(env, self._process_group_backend, **kwargs)
         self._build_mesh(device, self.num_processes)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -26,6 +27,7 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from picotron_lightning.fault_tolerance.runtime import FaultToleranceRuntime
 from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import collect_state, load_sharded, save_sharded
@@ -118,6 +120,11 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         memory: MemoryOptions | dict[str, Any] | None = None,
         compile: bool | dict[str, Any] = False,
         start_method: Literal["popen", "spawn"] = "popen",
+        resume: Literal["on_restart", "auto", "never"] = "on_restart",
+        async_checkpointing: bool = False,
+        max_checkpoints_in_flight: int = 1,
+        keep_last_checkpoints: int | None = None,
+        heartbeat_timeout: float | None = 15.0,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -132,6 +139,9 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             precision=precision,
         )
         self._init_core(Picotron3DOptions.from_arguments(locals()))  # validated here, at construction
+        # Fault tolerance: complete-only (optionally asynchronous) checkpoints and heartbeats. A Fabric script
+        # chooses where it resumes itself (`picotron_lightning.fault_tolerance.newest_complete_checkpoint`).
+        self._fault_tolerance = FaultToleranceRuntime(self._options.fault_tolerance)
         if self._options.memory.oom_recovery:
             # The recovery redoes Lightning's training closure inside the optimizer step; a Fabric script's
             # loop is its own, so there is nothing the strategy could redo.
@@ -168,6 +178,8 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._setup_processes(None)
+        self._fault_tolerance.start()  # fault tolerance: heartbeats (stopped at interpreter exit)
+        atexit.register(self._fault_tolerance.stop_at_exit)
 
     # ------------------------------------------------------------------ module and optimizers
     def setup_module_and_optimizers(
@@ -318,7 +330,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         rest = {k: v for k, v in state.items() if k not in modules and k not in optimizers}
         rest["__model_key__"] = model_key
         tensors = collect_state(module, list(optimizers.values()), list(optimizers))
-        save_sharded(Path(self.broadcast(str(path))), tensors, metadata=rest)
+        save_sharded(Path(self.broadcast(str(path))), tensors, metadata=rest, writer=self._fault_tolerance.writer)
 
     def load_checkpoint(
         self,

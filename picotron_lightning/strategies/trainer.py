@@ -25,11 +25,12 @@ from lightning.pytorch.loops.optimization.automatic import Closure
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from picotron_lightning.fault_tolerance.runtime import FaultToleranceRuntime
 from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import (
@@ -118,6 +119,11 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         memory: MemoryOptions | dict[str, Any] | None = None,
         compile: bool | dict[str, Any] = False,
         start_method: Literal["popen", "spawn"] = "popen",
+        resume: Literal["on_restart", "auto", "never"] = "on_restart",
+        async_checkpointing: bool = False,
+        max_checkpoints_in_flight: int = 1,
+        keep_last_checkpoints: int | None = None,
+        heartbeat_timeout: float | None = 15.0,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -133,6 +139,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         )
         self._init_core(Picotron3DOptions.from_arguments(locals()))  # validated here, at construction
         self.num_nodes = 1
+        self._fault_tolerance = FaultToleranceRuntime(self._options.fault_tolerance)  # fault tolerance
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -158,6 +165,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._setup_processes(self.lightning_module)
+        self._fault_tolerance.start()  # fault tolerance: heartbeats, once the process group exists
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self.device_mesh  # `pl_module.device_mesh`, as Lightning does
         # Garbage collection at the same steps on every rank, allocator fragmentation: a callback observes steps.
@@ -192,6 +200,14 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         self._oom: OOMRecoveryStep | None = None
         if trainer.state.fn == TrainerFn.FITTING and self._options.memory.oom_recovery:
             self._oom = OOMRecoveryStep(self, trainer, self._options.memory)
+        self._fault_tolerance.resume(trainer, self)  # fault tolerance: the newest complete checkpoint, if asked
+
+    def process_dataloader(self, dataloader: object) -> object:
+        # Fault tolerance: the training sampler's position inside the epoch is saved and resumed.
+        assert self.lightning_module is not None
+        if self.lightning_module.trainer.training:
+            return self._fault_tolerance.process_dataloader(dataloader)
+        return dataloader
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -346,17 +362,26 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         state = {"model": checkpoint.pop("state_dict")}
         for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{i}"] = optim_state
-        save_sharded(path, state, metadata=checkpoint)
+        assert self.lightning_module is not None
+        self._fault_tolerance.add_to_checkpoint(checkpoint, self.lightning_module.trainer)  # RNG, data position
+        save_sharded(path, state, metadata=checkpoint, writer=self._fault_tolerance.writer)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
-        return load_sharded(
+        self._fault_tolerance.writer.wait()  # an asynchronous save of this run may still be writing
+        checkpoint = load_sharded(
             path, self.lightning_module, optimizer_list(self.optimizers), strict=self.lightning_module.strict_loading
         )
+        self._fault_tolerance.restore_from_checkpoint(checkpoint, self.global_rank)  # RNG, data position
+        return checkpoint
 
     def remove_checkpoint(self, filepath: Any) -> None:
         remove_checkpoint(filepath)
 
     def teardown(self) -> None:
+        # Fault tolerance: finish asynchronous saves and stop heartbeats (after a failure, silently: the others
+        # then report this rank within the heartbeat timeout instead of waiting for the collective timeout).
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        self._fault_tolerance.stop(succeeded=trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED)
         super().teardown()
