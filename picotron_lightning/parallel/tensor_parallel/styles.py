@@ -28,7 +28,6 @@ from torch.distributed.tensor.parallel import ParallelStyle, RowwiseParallel
 
 from picotron_lightning.parallel.tensor_parallel.linears import (
     bias_of,
-    in_features,
     local_indices,
     out_dim,
     out_features,
@@ -142,7 +141,6 @@ class LocalLinearParallel(ParallelStyle):
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         if not isinstance(getattr(module, "weight", None), torch.Tensor) or weight_of(module).dim() != 2:
             raise ValueError(f"LocalLinearParallel needs a linear-like layer, got {type(module).__name__}.")
-        width_in = in_features(module)
         distribute_module(module, device_mesh, self._partition)
         style = self
 
@@ -150,7 +148,6 @@ class LocalLinearParallel(ParallelStyle):
             return style._forward(module, device_mesh, x)
 
         module.forward = forward  # type: ignore[method-assign]  # the layer's own math, on local shards
-        module._tp_global_in_features = width_in  # type: ignore[assignment]  # for messages and probes
         return module
 
     def __repr__(self) -> str:
