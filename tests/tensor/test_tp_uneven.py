@@ -42,11 +42,15 @@ def _world2(rank: int, world: int, ckpt_dir: str) -> dict:
 
 def _world4(rank: int, world: int, ckpt_dir: str) -> dict:
     tp4 = {"tensor_parallel_size": 4}
+    tp2_dp2 = {"tensor_parallel_size": 2, "data_parallel_mode": "fsdp"}
     return {
         "odd_tp4": fit(world, "gpt_odd", _data("gpt_odd"), MICRO, STEPS, tp4),
         "odd_fabric_tp4": fabric_fit(world, "gpt_odd", _data("gpt_odd"), MICRO, STEPS, tp4),
         "odd_resumed_tp4": fit(world, "gpt_odd", _data("gpt_odd", MICRO), MICRO, STEPS, tp4,
                                resume_from=f"{ckpt_dir}/epoch=3-step=4.ckpt"),
+        # tp=2 x dp=2: FSDP2 shards the uneven and the fused (Conv1D) tensor-parallel parameters further.
+        "odd_tp2_dp2": fit(world, "gpt_odd", _data("gpt_odd"), MICRO // 2, STEPS, tp2_dp2),
+        "gpt2_tp2_dp2": fit(world, "gpt2", _data("gpt2"), MICRO // 2, STEPS, tp2_dp2),
     }
 
 
@@ -65,12 +69,13 @@ def world4(world2, ckpt_dir) -> list[dict]:  # resumes the world-2 checkpoint
     return run_ranks(_world4, 4, ckpt_dir, timeout=900)
 
 
-def _assert_parity(results: list[dict], name: str, kind: str, shuffle: bool = True) -> None:
+def _assert_parity(results: list[dict], name: str, kind: str, shuffle: bool = True, tp: int | None = None) -> None:
     got = mean_over_ranks([r[name]["losses"] for r in results])
     ref = reference(kind, _data(kind), STEPS, MICRO, shuffle=shuffle)["losses"]
     assert len(got) == STEPS
     assert max_relative_diff(got, ref) <= RTOL, (name, got, ref)
-    assert all(r[name]["losses"] == results[0][name]["losses"] for r in results), name
+    tp = tp or len(results)  # the ranks of one tensor-parallel group report the same loss
+    assert all(r[name]["losses"] == results[0][name]["losses"] for r in results[:tp]), name
 
 
 def _one_process_shapes(kind: str) -> dict[str, tuple]:
@@ -107,6 +112,11 @@ def test_odd_sizes_tp4_trainer_and_fabric_match_one_process(world4):
     assert [s["net.tok.weight"][0] for s in shapes] == [25, 25, 25, 22]  # 97 over 4
     assert [s["net.cells.1.spread.widen.weight"][0] for s in shapes] == [33, 33, 33, 30]  # 129 over 4
     assert ODD_VOCAB == 97 and ODD_FFN == 129
+
+
+@pytest.mark.parametrize("name, kind", [("odd_tp2_dp2", "gpt_odd"), ("gpt2_tp2_dp2", "gpt2")])
+def test_uneven_and_fused_shards_under_fsdp2_tp2_dp2_match_one_process(world4, name, kind):
+    _assert_parity(world4, name, kind, tp=2)
 
 
 def test_uneven_checkpoint_saved_at_tp2_resumes_at_tp4(world2, world4):
