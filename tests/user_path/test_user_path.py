@@ -30,7 +30,7 @@ from tests.parity import RTOL, max_relative_diff, train_reference
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from user_models import build_module  # noqa: E402
+from user_models import build_module, vocab_size  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def _reference(run: dict[str, Any], dp: int, shuffle: bool = True) -> list[float
     chunks = 1
     if run["model"].get("kind") == "moe" and run["strategy"].get("pipeline_parallel_size", 1) > 1:
         chunks = run["micro_batch"]  # the MoE auxiliary loss is per pipeline microbatch
-    data = token_data(run["samples"])
+    data = token_data(run["samples"], vocab_size=vocab_size(run["model"]))
     return train_reference(build_module(run["model"]), data, run["steps"], run["micro_batch"] * dp,
                            shuffle=shuffle, chunks=chunks)["losses"]
 
@@ -93,6 +93,28 @@ def test_lightning_launcher_2_processes(lightning2, run):
     dp = 2 // run["strategy"].get("tensor_parallel_size", 1) // run["strategy"].get("pipeline_parallel_size", 1)
     assert lightning2[run["name"]]["world_size"] == 2
     _assert_parity(lightning2, run, dp)
+
+
+# --------------------------------------------------------------------------- models users bring, tp=2
+# Hugging Face GPT-2 (Conv1D projections, fused c_attn) with an odd vocabulary, tied as GPT-2 ships
+# (the vocabulary then stays whole) and untied (sharded unevenly, 101 -> 51 + 50), and a plain GPT whose
+# vocabulary (97) and MLP width (129) tp does not divide.
+RUNS_MODELS = [
+    _run("tp2_gpt2", 1, model={"kind": "gpt2", "tied": False}, strategy={"tensor_parallel_size": 2}),
+    _run("tp2_gpt2_tied", 1, model={"kind": "gpt2", "tied": True}, strategy={"tensor_parallel_size": 2}),
+    _run("tp2_gpt_odd", 1, model={"kind": "gpt", "vocab": 97, "ffn": 129}, strategy={"tensor_parallel_size": 2}),
+]
+
+
+@pytest.fixture(scope="module")
+def models_users_bring(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("models"), {"devices": 2, "runs": RUNS_MODELS})
+
+
+@pytest.mark.parametrize("run", RUNS_MODELS, ids=[r["name"] for r in RUNS_MODELS])
+def test_models_users_bring_tp2(models_users_bring, run):
+    assert models_users_bring[run["name"]]["world_size"] == 2
+    _assert_parity(models_users_bring, run, dp=1)
 
 
 # --------------------------------------------------------------------------- Lightning's launcher, 8 processes

@@ -4,7 +4,7 @@ SPEC is ``{"devices": N, "num_nodes": 1, "api": "trainer" | "fabric", "start_met
 "runs": [RUN, ...]}``; each RUN trains one layout on the same fixed tokens and global rank 0 writes
 the per-step global-batch losses (``strategy.reduce(loss, "mean")``, the data-parallel mean) to OUT:
 
-    {"name": ..., "strategy": {Picotron3DStrategy arguments}, "model": {"kind": "llama" | "moe" | "gpt"},
+    {"name": ..., "strategy": {Picotron3DStrategy arguments}, "model": {"kind": "llama" | "moe" | "gpt" | "gpt2"},
      "steps": 6, "micro_batch": 2, "samples": 48, "precision": {AdaptivePrecision arguments} (optional),
      "monitoring": true (optional), "checkpoint_every": n (optional), "resume": "<run name>@<step>" (optional),
      "inject_oom": [{OOMAt arguments}, ...] (optional: test tooling that raises torch.OutOfMemoryError there)}
@@ -24,7 +24,7 @@ from typing import Any
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
-from user_models import VOCAB, build_module
+from user_models import build_module, vocab_size
 
 import picotron_lightning  # noqa: F401 - registers "picotron3d"
 from picotron_lightning import Picotron3DFabricStrategy, Picotron3DStrategy, forward_backward
@@ -105,7 +105,7 @@ def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
         enable_model_summary=False,
     )
     module = build_module(run.get("model", {}))
-    data = token_data(run["samples"])
+    data = token_data(run["samples"], vocab_size=vocab_size(run.get("model", {})))
     if strategy.options.memory.oom_recovery:  # what the recovery agreed, and what the monitors received
         recorder = callbacks[0]
         recorder.extra["oom_events"] = []
@@ -125,7 +125,7 @@ def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
 
 
 def next_token_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
 
 
 def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
@@ -138,7 +138,7 @@ def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
     module = build_module(run.get("model", {}))
     optimizer = module.configure_optimizers()
     model, optimizer = fabric.setup(module, optimizer)
-    data = TokenDataset(token_data(run["samples"]))
+    data = TokenDataset(token_data(run["samples"], vocab_size=vocab_size(run.get("model", {}))))
     loader = fabric.setup_dataloaders(DataLoader(data, batch_size=run["micro_batch"]))
     checkpoints = out.parent / "fabric_checkpoints"
     start = 0
