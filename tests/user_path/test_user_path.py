@@ -276,8 +276,9 @@ FABRIC_3D = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}
 FABRIC_8 = [
     _run("fabric_3d", 2, strategy=FABRIC_3D, forward_backward=True, clip=0.5),
     _run("fabric_3d_saved", 2, strategy=FABRIC_3D, forward_backward=True, save_at=2),
-    # dp4 x one sample per rank: the same global batches, in the same order, as dp2 x two samples.
-    {**_run("fabric_3d_resumed", 4, strategy={"pipeline_parallel_size": 2}, forward_backward=True,
+    # dp4 x one sample per rank (one microbatch: gpipe): the same global batches, in the same order, as dp2 x two.
+    {**_run("fabric_3d_resumed", 4, strategy={"pipeline_parallel_size": 2, "pipeline_schedule": "gpipe"},
+            forward_backward=True,
             resume="fabric_3d_saved@2"), "micro_batch": 1, "samples": STEPS * MICRO * 2},
 ]
 
