@@ -29,7 +29,8 @@ from picotron_lightning.planner.model_spec import ModelSpec, ceil_div
 from picotron_lightning.planner.search import Candidate
 
 FACTORS = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-           "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0}
+           "reduce_scatter": lambda n: (n - 1) / n, "all_to_all": lambda n: (n - 1) / n, "send": lambda n: 1.0,
+           "broadcast": lambda n: 1.0}
 
 
 @dataclass(frozen=True)
@@ -52,75 +53,123 @@ class Collective:
         return self.count * (link.latency + FACTORS[self.kind](self.group_size) * self.nbytes / link.bandwidth)
 
 
-def tp_collectives(spec: ModelSpec, c: Candidate, sequence_parallel: bool = True) -> list[Collective]:
+def _ends(c: Candidate, stage: int | None) -> tuple[bool, bool]:
+    """(holds the embedding, holds the head) for pipeline rank ``stage`` (None: the most loaded, the last)."""
+    if c.pp == 1:
+        return True, True
+    stage = c.pp - 1 if stage is None else stage
+    return stage == 0, stage == c.pp - 1
+
+
+def tp_collectives(spec: ModelSpec, c: Candidate, stage: int | None = None,
+                   sequence_parallel: bool = True) -> list[Collective]:
     if c.tp == 1:
         return []
     act = c.micro_batch_size * spec.seq_len * spec.hidden * 4
-    per_step = c.num_microbatches * blocks_per_rank(spec, c.pp)
+    m = c.num_microbatches
+    per_step = m * blocks_per_rank(spec, c.pp)
     out: list[Collective] = []
-    if sequence_parallel:
+    if sequence_parallel:  # each of attention and MLP: gather the sequence in, reduce-scatter out; mirrored
         out += [Collective("tp", "all_gather", act, 4 * per_step, c.tp),
                 Collective("tp", "reduce_scatter", act, 4 * per_step, c.tp)]
     else:
         out += [Collective("tp", "all_reduce", act, 4 * per_step, c.tp)]
-    # Around the stack: embedding output (first stage) and head input (last stage), mirrored in backward,
-    # and the logits' gather. With pp == 1 one rank does both ends.
-    ends = c.num_microbatches * (2 if c.pp == 1 else 1)
-    out += [Collective("tp", "reduce_scatter", act, ends, c.tp), Collective("tp", "all_gather", act, ends, c.tp)]
-    logits = c.micro_batch_size * spec.seq_len * spec.vocab * 4
-    out.append(Collective("tp", "all_gather", logits, c.num_microbatches, c.tp))
+    embedding, head = _ends(c, stage)
+    # The vocabulary-parallel embedding all-reduces its partial output; the head gathers its input and its
+    # gradient is all-reduced; each mirrored in backward by an all-gather / all-reduce of the same size.
+    ends = int(embedding) + int(head)
+    out += [Collective("tp", "all_reduce", act, m * ends, c.tp), Collective("tp", "all_gather", act, m * ends, c.tp)]
+    if head:
+        out.append(Collective("tp", "all_gather", c.micro_batch_size * spec.seq_len * spec.vocab * 4, m, c.tp))
+    if c.pp > 1:
+        # A stage's sequence-sharded output is gathered before it is sent on, and the gradient it sends
+        # back is gathered too: one all-gather per pipeline send.
+        out.append(Collective("tp", "all_gather", act, _pipeline_sends(c, stage), c.tp))
+    if c.dp > 1 and c.dp_mode in ("fsdp", "hsdp"):
+        # FSDP reduce-scatters plain shards: the blocks' replicated norm weights have tp-partial gradients,
+        # all-reduced over tp first (once per step, after the last microbatch).
+        norms = blocks_per_rank(spec, c.pp) * max(spec.block_norm_params) * 4
+        out.append(Collective("tp", "all_reduce", norms, 1, c.tp))
     return out
 
 
 def dp_collectives(spec: ModelSpec, c: Candidate, reshard_after_forward: bool = True) -> list[Collective]:
-    if c.dp == 1:
-        return []
+    """FSDP2 / DDP over dp; routed experts are not FSDP-sharded: they are reduced over ``ep_replicate``."""
     held, unit = rank_params(spec, c)
-    replicas = c.dp // c.hsdp_shard if c.dp_mode == "hsdp" else 1
-    if c.dp_mode == "ddp":
-        return [Collective("dp", "all_reduce", held * 4, 1, c.dp)]
-    shard = c.dp if c.dp_mode == "fsdp" else c.hsdp_shard
     blocks = blocks_per_rank(spec, c.pp)
-    padded_unit = ceil_div(unit, shard) * shard * 4  # whole-parameter padding is below this bound's resolution
-    rest = max(held - blocks * unit, 0)
-    padded_rest = ceil_div(rest, shard) * shard * 4
+    expert_unit = max(spec.block_expert_params) // c.ep
+    dense_unit = unit - expert_unit
+    dense_held = held - blocks * expert_unit
+    out: list[Collective] = []
+    replicas = c.dp // c.ep
+    if expert_unit and replicas > 1:
+        out.append(Collective("ep_replicate", "all_reduce", blocks * expert_unit * 4, 1, replicas))
+    if c.dp == 1:
+        return out
+    if c.dp_mode == "ddp":
+        return [*out, Collective("dp", "all_reduce", dense_held * 4, 1, c.dp)]
+    shard = c.dp if c.dp_mode == "fsdp" else c.hsdp_shard
+    rest = dense_held - blocks * dense_unit
     gathers = 2 if reshard_after_forward else 1
-    out = [Collective("dp", "all_gather", padded_unit, blocks * gathers, shard),
-           Collective("dp", "all_gather", padded_rest, 1 if rest else 0, shard),
-           Collective("dp", "reduce_scatter", padded_unit, blocks, shard),
-           Collective("dp", "reduce_scatter", padded_rest, 1 if rest else 0, shard)]
-    if replicas > 1:
-        out.append(Collective("dp", "all_reduce", ceil_div(held, shard) * 4, 1, replicas))
+    padded_unit = ceil_div(dense_unit, shard) * shard * 4  # exact when each parameter's rows divide by shard
+    padded_rest = ceil_div(rest, shard) * shard * 4
+    out += [Collective("dp", "all_gather", padded_unit, blocks * gathers, shard),
+            Collective("dp", "all_gather", padded_rest, gathers if rest else 0, shard),
+            Collective("dp", "reduce_scatter", padded_unit, blocks, shard),
+            Collective("dp", "reduce_scatter", padded_rest, 1 if rest else 0, shard)]
+    if c.dp_mode == "hsdp" and c.dp // shard > 1:
+        out.append(Collective("dp", "all_reduce", ceil_div(dense_held, shard) * 4, 1, c.dp // shard))
     return out
 
 
-def pp_collectives(spec: ModelSpec, c: Candidate) -> list[Collective]:
+def _pipeline_sends(c: Candidate, stage: int | None) -> int:
+    """Point-to-point sends of pipeline rank ``stage`` in one step (None: a middle rank, the most loaded)."""
+    stages = c.pp * c.virtual_stages
+    rank = min(1, c.pp - 1) if stage is None else stage
+    own = range(rank, stages, c.pp)  # the stages this rank holds (interleaved: every pp-th)
+    return sum(int(s < stages - 1) + int(s > 0) for s in own) * c.num_microbatches
+
+
+def pp_collectives(spec: ModelSpec, c: Candidate, stage: int | None = None) -> list[Collective]:
+    """Sends of pipeline rank ``stage`` (None: a middle rank, the most loaded)."""
     if c.pp == 1:
         return []
     act = c.micro_batch_size * spec.seq_len * spec.hidden * 4
-    # A middle rank sends every microbatch's activation forward and its gradient backward, once per virtual stage.
-    return [Collective("pp", "send", act, 2 * c.num_microbatches * c.virtual_stages, 2)]
+    sends = _pipeline_sends(c, stage)
+    # The loss goes from the last stage to the others as a pickled object (a size, then the payload).
+    return [Collective("pp", "send", act, sends, 2), Collective("pp", "broadcast", 0, 2, c.pp)]
 
 
 def ep_collectives(spec: ModelSpec, c: Candidate) -> list[Collective]:
-    if c.ep == 1 or not spec.num_experts:
+    """Per MoE block and microbatch: the expert-count exchange, dispatch and combine (and their backward),
+    and the routing statistics' all-reduce. Received rows depend on routing: this is the ep group's mean."""
+    if not spec.num_experts:
         return []
     moe_blocks = sum(1 for e in spec.block_expert_params if e) * blocks_per_rank(spec, c.pp) // spec.num_blocks
+    calls = c.num_microbatches * moe_blocks
     routed = c.micro_batch_size * spec.seq_len * spec.top_k * spec.hidden * 4
-    return [Collective("ep", "all_to_all", routed, 4 * c.num_microbatches * max(moe_blocks, 1), c.ep)]
+    stats = (2 * spec.num_experts + 4) * 4
+    out = [Collective("ep", "all_reduce", stats, calls, c.ep)]
+    if c.dp // c.ep > 1:
+        out.append(Collective("ep_replicate", "all_reduce", stats, calls, c.dp // c.ep))
+    if c.ep > 1:
+        out += [Collective("ep", "all_to_all", spec.num_experts * 8, calls, c.ep),
+                Collective("ep", "all_to_all", routed, 4 * calls, c.ep)]
+    return out
 
 
-def collectives(spec: ModelSpec, c: Candidate, reshard_after_forward: bool = True) -> list[Collective]:
-    """Every collective of one optimizer step on the most loaded rank."""
-    return (tp_collectives(spec, c) + dp_collectives(spec, c, reshard_after_forward)
-            + pp_collectives(spec, c) + ep_collectives(spec, c))
+def collectives(spec: ModelSpec, c: Candidate, reshard_after_forward: bool = True,
+                stage: int | None = None) -> list[Collective]:
+    """Every collective of one optimizer step on pipeline rank ``stage`` (None: the most loaded)."""
+    return (tp_collectives(spec, c, stage) + dp_collectives(spec, c, reshard_after_forward)
+            + pp_collectives(spec, c, stage) + ep_collectives(spec, c))
 
 
 def bytes_per_dim(items: list[Collective]) -> dict[str, dict[str, int]]:
     """``{dim: {kind: total bytes}}``, the shape the counting on real ranks produces."""
     out: dict[str, dict[str, int]] = {}
     for item in items:
-        if item.count and item.group_size > 1:
+        if item.count and item.group_size > 1 and item.nbytes:
             kinds = out.setdefault(item.dim, {})
             kinds[item.kind] = kinds.get(item.kind, 0) + item.total_bytes
     return out
@@ -129,5 +178,5 @@ def bytes_per_dim(items: list[Collective]) -> dict[str, dict[str, int]]:
 def link_of(dim: str, c: Candidate, device: DeviceSpec, devices_per_node: int) -> Link:
     """Which link a dimension's group crosses: mesh order is pp, dp, tp (tp innermost)."""
     span = {"tp": c.tp, "dp": c.tp * (c.hsdp_shard if c.dp_mode == "hsdp" else c.dp), "ep": c.tp * c.ep,
-            "pp": c.tp * c.dp * c.pp}[dim]
+            "ep_replicate": c.tp * c.dp, "pp": c.tp * c.dp * c.pp}[dim]
     return device.intra_node if span <= devices_per_node else device.inter_node

@@ -143,9 +143,10 @@ def describe_model(module: nn.Module, seq_len: int, name: str = "model") -> Mode
     other = _params(module, seen)
     dims = {f"{n}": m.out_features for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
     vocab, hidden = embedding.num_embeddings, embedding.embedding_dim
-    tokens = torch.zeros(1, seq_len, dtype=torch.long, device=embedding.weight.device)
-    flops, forward_flops, linear_flops, outer_flops = _count_flops(module, blocks, tokens, vocab)
-    saved, matmul_out, outer_saved, logits_bytes = _count_saved(module, blocks, tokens, vocab)
+    tokens = torch.zeros(1, seq_len, dtype=torch.long, device="meta")
+    forward, meta_params = _meta_forward(module)
+    flops, forward_flops, linear_flops, outer_flops = _count_flops(forward, blocks, tokens, vocab)
+    saved, matmul_out, outer_saved, logits_bytes = _count_saved(forward, meta_params, blocks, tokens, vocab)
     return ModelSpec(
         name=name, seq_len=seq_len, num_blocks=len(blocks), block_params=tuple(block_params),
         block_expert_params=tuple(expert_params), block_norm_params=tuple(norm_params),
@@ -160,7 +161,17 @@ def describe_model(module: nn.Module, seq_len: int, name: str = "model") -> Mode
     )
 
 
-def _count_flops(module: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
+def _meta_forward(module: nn.Module) -> tuple[Callable[[torch.Tensor], object], list[torch.Tensor]]:
+    """``module``'s forward on meta stand-ins of its parameters and buffers (a real model is not touched)."""
+    if all(t.device.type == "meta" for t in (*module.parameters(), *module.buffers())):
+        return module, list(module.parameters())
+    state = {name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+             for name, t in (*module.named_parameters(), *module.named_buffers())}
+    params = [state[name] for name, _ in module.named_parameters()]
+    return (lambda tokens: torch.func.functional_call(module, state, (tokens,), tie_weights=True)), params
+
+
+def _count_flops(module: Callable[[torch.Tensor], object], blocks: list[nn.Module], tokens: torch.Tensor,
                  vocab: int) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], float]:
     """Exact FLOPs: forward+backward per block, forward per block, Linear forward per block, outside blocks."""
     names = {id(b): f"block{i}" for i, b in enumerate(blocks)}
@@ -200,7 +211,6 @@ def _count_flops(module: nn.Module, blocks: list[nn.Module], tokens: torch.Tenso
     finally:
         for h in handles:
             h.remove()
-    module.zero_grad(set_to_none=True)
     total = counter.get_total_flops()
     block_forward = tuple(float(forward[names[id(b)]]) for b in blocks)
     # Backward FLOPs of a block are (total backward) split in proportion to its forward share of the
@@ -215,11 +225,12 @@ def _count_flops(module: nn.Module, blocks: list[nn.Module], tokens: torch.Tenso
     return flops, block_forward, tuple(linear), float(outer_forward + outer_backward)
 
 
-def _count_saved(module: nn.Module, blocks: list[nn.Module], tokens: torch.Tensor,
+def _count_saved(module: Callable[[torch.Tensor], object], parameters: list[torch.Tensor],
+                 blocks: list[nn.Module], tokens: torch.Tensor,
                  vocab: int) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:
     """Bytes autograd saves per block and outside the blocks; matmul outputs per block."""
     # Parameters are saved too (often as transposed views): they are counted as parameters, not here.
-    params = {p.untyped_storage()._cdata for p in module.parameters()}
+    params = {p.untyped_storage()._cdata for p in parameters}
     seq_len = tokens.size(-1)
     current: list[int | None] = [None]
     saved = [0] * len(blocks)

@@ -36,7 +36,7 @@ class PlanResult:
     device: DeviceSpec
     world_size: int
     devices_per_node: int
-    global_batch: int
+    global_batch: int | None
     budget: int
     ranked: list[PlannedLayout] = field(default_factory=list)
     rejected: list[Rejection] = field(default_factory=list)
@@ -49,7 +49,8 @@ class PlanResult:
         """The ranked table (``top`` rows; None: all) and, below it, every rejected candidate and why."""
         lines = [
             f"{self.spec.name}: {self.spec.total_params / 1e9:.3f}B parameters, {self.spec.num_blocks} blocks, "
-            f"seq {self.spec.seq_len}, global batch {self.global_batch}; {self.world_size} x {self.device.name} "
+            f"seq {self.spec.seq_len}, global batch {self.global_batch or 'per-rank'}; "
+            f"{self.world_size} x {self.device.name} "
             f"({self.devices_per_node} per node), budget {self.budget / GiB:.2f} GiB per rank",
             f"{'#':>3}  {'layout':<58} {'mem GiB':>8} {'step ms':>10} {'compute':>9} {'tp':>7} {'dp':>7} "
             f"{'pp':>7} {'ep':>7} {'bubble':>8}  settings",
@@ -67,10 +68,9 @@ class PlanResult:
         return "\n".join(lines)
 
 
-def check_inputs(world_size: int, devices_per_node: int, global_batch: int, constraints: Constraints) -> None:
+def check_inputs(world_size: int, devices_per_node: int, batch: int, constraints: Constraints) -> None:
     """Refuse contradictory inputs before any search (and long before any process group)."""
-    for name, value in (("devices", world_size), ("devices_per_node", devices_per_node),
-                        ("global_batch", global_batch)):
+    for name, value in (("devices", world_size), ("devices_per_node", devices_per_node), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PlanError(f"`{name}` must be a positive integer, got {value!r}.")
     if world_size > devices_per_node and world_size % devices_per_node:
@@ -91,14 +91,21 @@ def check_inputs(world_size: int, devices_per_node: int, global_batch: int, cons
         raise PlanError(f"expert_parallel_size={constraints.ep} must divide data_parallel_size={constraints.dp}.")
 
 
-def plan_layout(spec: ModelSpec, *, devices: int, devices_per_node: int, device: DeviceSpec, global_batch: int,
-                memory_budget: int | None = None, constraints: Constraints | None = None,
-                precision: str = "fp32") -> PlanResult:
-    """Every layout of ``devices`` ranks for ``spec``, ranked by predicted step time; raises PlanError if none fits."""
+def plan_layout(spec: ModelSpec, *, devices: int, devices_per_node: int, device: DeviceSpec,
+                global_batch: int | None, local_batch: int | None = None, memory_budget: int | None = None,
+                constraints: Constraints | None = None, precision: str = "fp32") -> PlanResult:
+    """Every layout of ``devices`` ranks for ``spec``, fastest per sample first; raises PlanError if none fits.
+
+    Give ``global_batch`` (samples per step over all replicas) or ``local_batch`` (per data-parallel rank,
+    as a Lightning loader's ``batch_size``).
+    """
     constraints = constraints or Constraints()
-    check_inputs(devices, devices_per_node, global_batch, constraints)
+    if (global_batch is None) == (local_batch is None):
+        raise PlanError("give exactly one of `global_batch` and `local_batch`.")
+    check_inputs(devices, devices_per_node, global_batch or local_batch or 0, constraints)
     budget = memory_budget if memory_budget is not None else int(device.memory_bytes * BUDGET_SHARE)
-    space = SearchSpace(spec, devices, min(devices_per_node, devices), global_batch, constraints)
+    space = SearchSpace(spec, devices, min(devices_per_node, devices), global_batch, constraints,
+                        local_batch=local_batch)
     result = PlanResult(spec, device, devices, devices_per_node, global_batch, budget)
     smallest: tuple[int, str] | None = None
     for c in space.candidates():
@@ -121,5 +128,7 @@ def plan_layout(spec: ModelSpec, *, devices: int, devices_per_node: int, device:
                 if smallest else "")
         reasons = sorted({r.reason for r in space.rejected})[:8]
         raise PlanError(f"No layout of {devices} devices fits {spec.name}{hint}. Reasons: {reasons}")
-    result.ranked.sort(key=lambda p: (p.time.total, p.memory.peak, p.candidate.describe()))
+    # Per sample: with a per-rank batch the global batch differs between layouts.
+    result.ranked.sort(key=lambda p: (p.time.total / space.batch_of(p.candidate.dp), p.memory.peak,
+                                      p.candidate.describe()))
     return result

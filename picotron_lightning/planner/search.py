@@ -80,9 +80,19 @@ class SearchSpace:
     spec: ModelSpec
     world_size: int
     devices_per_node: int
-    global_batch: int
+    global_batch: int | None
+    """Samples per optimizer step over all replicas; or None with ``local_batch`` (Lightning's loaders give
+    each data-parallel rank its own batch, so the global batch grows with dp)."""
     constraints: Constraints = field(default_factory=Constraints)
     rejected: list[Rejection] = field(default_factory=list)
+    local_batch: int | None = None
+
+    def batch_of(self, dp: int) -> int:
+        """The global batch at data-parallel size ``dp``."""
+        if self.global_batch is not None:
+            return self.global_batch
+        assert self.local_batch is not None
+        return self.local_batch * dp
 
     def _reject(self, layout: str, reason: str) -> None:
         self.rejected.append(Rejection(layout, reason))
@@ -130,8 +140,8 @@ class SearchSpace:
                 dp = world // (tp * pp)
                 if c.dp is not None and dp != c.dp:
                     continue
-                if self.global_batch % dp:
-                    self._reject(f"dp={dp} tp={tp} pp={pp}", f"global batch {self.global_batch} does not divide "
+                if self.batch_of(dp) % dp:
+                    self._reject(f"dp={dp} tp={tp} pp={pp}", f"global batch {self.batch_of(dp)} does not divide "
                                  f"over dp={dp} data-parallel ranks")
                     continue
                 yield from self._with_sizes(dp, tp, pp)
@@ -153,14 +163,14 @@ class SearchSpace:
                     continue
                 micros = self._microbatches(dp, pp)
                 if not micros:
-                    self._reject(f"dp={dp} tp={tp} pp={pp}", f"the local batch {self.global_batch // dp} has no "
+                    self._reject(f"dp={dp} tp={tp} pp={pp}", f"the local batch {self.batch_of(dp) // dp} has no "
                                  f"microbatch count >= pp={pp} that divides it (fix num_microbatches or the batch)")
                     continue
                 for mode, shard in self._dp_modes(dp, tp, pp):
                     for micro in micros:
                         for ckpt in (c.checkpointing,) if c.checkpointing else CHECKPOINTING:
                             yield Candidate(dp, tp, pp, ep, mode, ckpt, schedule, virtual, micro,
-                                            self.global_batch // dp // micro, shard)
+                                            self.batch_of(dp) // dp // micro, shard)
 
     def _schedules(self, pp: int) -> list[tuple[str, int]]:
         c = self.constraints
@@ -188,7 +198,7 @@ class SearchSpace:
         return modes
 
     def _microbatches(self, dp: int, pp: int) -> list[int]:
-        local = self.global_batch // dp
+        local = self.batch_of(dp) // dp
         if self.constraints.num_microbatches is not None:
             return [self.constraints.num_microbatches] if local % self.constraints.num_microbatches == 0 else []
         if pp == 1:
