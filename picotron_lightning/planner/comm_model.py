@@ -62,10 +62,10 @@ def _ends(c: Candidate, stage: int | None) -> tuple[bool, bool]:
 
 
 def tp_collectives(spec: ModelSpec, c: Candidate, stage: int | None = None,
-                   sequence_parallel: bool = True) -> list[Collective]:
+                   sequence_parallel: bool = True, act_bytes: int = 4) -> list[Collective]:
     if c.tp == 1:
         return []
-    act = c.micro_batch_size * spec.seq_len * spec.hidden * 4
+    act = c.micro_batch_size * spec.seq_len * spec.hidden * act_bytes
     m = c.num_microbatches
     per_step = m * blocks_per_rank(spec, c.pp)
     out: list[Collective] = []
@@ -80,7 +80,8 @@ def tp_collectives(spec: ModelSpec, c: Candidate, stage: int | None = None,
     ends = int(embedding) + int(head)
     out += [Collective("tp", "all_reduce", act, m * ends, c.tp), Collective("tp", "all_gather", act, m * ends, c.tp)]
     if head:
-        out.append(Collective("tp", "all_gather", c.micro_batch_size * spec.seq_len * spec.vocab * 4, m, c.tp))
+        out.append(Collective("tp", "all_gather", c.micro_batch_size * spec.seq_len * spec.vocab * act_bytes, m,
+                              c.tp))
     if c.pp > 1:
         # A stage's sequence-sharded output is gathered before it is sent on, and the gradient it sends
         # back is gathered too: one all-gather per pipeline send.
@@ -130,24 +131,24 @@ def _pipeline_sends(c: Candidate, stage: int | None) -> int:
     return sum(int(s < stages - 1) + int(s > 0) for s in own) * c.num_microbatches
 
 
-def pp_collectives(spec: ModelSpec, c: Candidate, stage: int | None = None) -> list[Collective]:
+def pp_collectives(spec: ModelSpec, c: Candidate, stage: int | None = None, act_bytes: int = 4) -> list[Collective]:
     """Sends of pipeline rank ``stage`` (None: a middle rank, the most loaded)."""
     if c.pp == 1:
         return []
-    act = c.micro_batch_size * spec.seq_len * spec.hidden * 4
+    act = c.micro_batch_size * spec.seq_len * spec.hidden * act_bytes
     sends = _pipeline_sends(c, stage)
     # The loss goes from the last stage to the others as a pickled object (a size, then the payload).
     return [Collective("pp", "send", act, sends, 2), Collective("pp", "broadcast", 0, 2, c.pp)]
 
 
-def ep_collectives(spec: ModelSpec, c: Candidate) -> list[Collective]:
+def ep_collectives(spec: ModelSpec, c: Candidate, act_bytes: int = 4) -> list[Collective]:
     """Per MoE block and microbatch: the expert-count exchange, dispatch and combine (and their backward),
     and the routing statistics' all-reduce. Received rows depend on routing: this is the ep group's mean."""
     if not spec.num_experts:
         return []
     moe_blocks = sum(1 for e in spec.block_expert_params if e) * blocks_per_rank(spec, c.pp) // spec.num_blocks
     calls = c.num_microbatches * moe_blocks
-    routed = c.micro_batch_size * spec.seq_len * spec.top_k * spec.hidden * 4
+    routed = c.micro_batch_size * spec.seq_len * spec.top_k * spec.hidden * act_bytes
     stats = (2 * spec.num_experts + 4) * 4
     out = [Collective("ep", "all_reduce", stats, calls, c.ep)]
     if c.dp // c.ep > 1:
@@ -159,10 +160,13 @@ def ep_collectives(spec: ModelSpec, c: Candidate) -> list[Collective]:
 
 
 def collectives(spec: ModelSpec, c: Candidate, reshard_after_forward: bool = True,
-                stage: int | None = None) -> list[Collective]:
-    """Every collective of one optimizer step on pipeline rank ``stage`` (None: the most loaded)."""
-    return (tp_collectives(spec, c, stage) + dp_collectives(spec, c, reshard_after_forward)
-            + pp_collectives(spec, c, stage) + ep_collectives(spec, c))
+                stage: int | None = None, act_bytes: int = 4) -> list[Collective]:
+    """Every collective of one optimizer step on pipeline rank ``stage`` (None: the most loaded).
+
+    ``act_bytes``: 2 when activations are bf16/fp16; gradients and weights stay fp32 (the training dtype).
+    """
+    return (tp_collectives(spec, c, stage, act_bytes=act_bytes) + dp_collectives(spec, c, reshard_after_forward)
+            + pp_collectives(spec, c, stage, act_bytes) + ep_collectives(spec, c, act_bytes))
 
 
 def bytes_per_dim(items: list[Collective]) -> dict[str, dict[str, int]]:

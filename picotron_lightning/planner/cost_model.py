@@ -56,7 +56,7 @@ def step_time(spec: ModelSpec, c: Candidate, device: DeviceSpec, devices_per_nod
     forward = compute / 3.0
     backward = compute - forward
     exposed: dict[str, float] = {}
-    items = collectives(spec, c, reshard_after_forward)
+    items = collectives(spec, c, reshard_after_forward, act_bytes=2 if precision in ("bf16", "fp16") else 4)
     by_dim: dict[str, list[Collective]] = {}
     for item in items:
         by_dim.setdefault(item.dim, []).append(item)
