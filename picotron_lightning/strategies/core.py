@@ -63,6 +63,7 @@ class Picotron3DCore:
         self._layout: ParallelLayout | None = None
         self._device_mesh: DeviceMesh | None = None
         self._parallel_model: ParallelModel | None = None
+        self._plan: Any = None  # the planner's PlanResult when sizes were "auto"
 
     @property
     def options(self) -> Picotron3DOptions:
@@ -154,6 +155,7 @@ class Picotron3DCore:
         env.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
         rank = self.global_rank
         rank_zero_only.rank = pl_rank_zero_only.rank = utils_rank_zero_only.rank = rank  # type: ignore[attr-defined]
+        self._plan_auto_sizes(module, self._world_size_from_environment())
         self._resolve_layout(self._world_size_from_environment())
         show_library_warnings_once(rank)
         self._check_pipeline_model(module)  # more stages than blocks fails here, not in a collective
@@ -206,6 +208,11 @@ class Picotron3DCore:
         return self._parallel_model.data_parallel_mode if self._parallel_model else None
 
     @property
+    def plan(self) -> Any:
+        """The planner's ranked result (``PlanResult``) when sizes were ``"auto"``; None otherwise."""
+        return self._plan
+
+    @property
     def parallel_model(self) -> ParallelModel | None:
         """What parallelization produced (pipeline runtime, tensor plan, expert mesh...); None before setup."""
         return self._parallel_model
@@ -237,8 +244,37 @@ class Picotron3DCore:
         check_compilable(module, self._options.compile, moe=bool(find_moe_layers(module)), traced_pipeline=traced,
                          tensor_parallel_size=self.layout.tp)
 
+    def _plan_auto_sizes(self, module: nn.Module | None, world_size: int) -> None:
+        """Sizes left to ``"auto"`` (tensor, pipeline, expert): the planner chooses them from the model.
+
+        Every rank plans the same layout (arithmetic on the model's shapes and fixed tables); the options
+        are replaced by the planned ones before anything reads them.
+        """
+        if not self._options.layout.needs_plan:
+            return
+        from picotron_lightning.planner.strategy_plan import plan_strategy_options
+
+        if module is None:
+            raise ValueError("tensor/pipeline/expert_parallel_size='auto' needs the model to plan from; pass integers "
+                             "(`python -m picotron_lightning.plan` suggests them).")
+        self._options, self._plan = plan_strategy_options(self._options, module, world_size, self.num_processes,
+                                                          self.root_device)
+
     def _resolve_layout(self, world_size: int) -> ParallelLayout:
         """Check the sizes against the world size; raises before any process group exists."""
+        if self._options.layout.needs_plan:  # before launch: planned in each rank, from the model
+            from picotron_lightning.planner.ranking import check_inputs
+            from picotron_lightning.planner.search import Constraints
+
+            layout = self._options.layout
+
+            def fixed(value: Any) -> int | None:
+                return None if value == "auto" else int(value)
+
+            constraints = Constraints(dp=fixed(layout.data_parallel_size), tp=fixed(layout.tensor_parallel_size),
+                                      pp=fixed(layout.pipeline_parallel_size), ep=fixed(layout.expert_parallel_size))
+            check_inputs(world_size, max(getattr(self, "num_processes", world_size), 1), 1, constraints)
+            return layout
         self._layout = self._options.layout.resolve(world_size)
         self._hsdp_shard_size(self._layout, getattr(self, "num_processes", world_size))
         return self._layout

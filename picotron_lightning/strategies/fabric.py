@@ -98,9 +98,9 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def __init__(
         self,
         data_parallel_size: SizeArg = "auto",
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        expert_parallel_size: int = 1,
+        tensor_parallel_size: SizeArg = 1,
+        pipeline_parallel_size: SizeArg = 1,
+        expert_parallel_size: SizeArg = 1,
         *,
         data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
         hsdp_shard_size: SizeArg = "auto",
@@ -149,6 +149,13 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
                 "`memory.oom_recovery=True` is not supported with Fabric: the script runs forward, backward and the "
                 "optimizer step itself. Use the Trainer (`Picotron3DStrategy`), or catch torch.OutOfMemoryError "
                 "in the script."
+            )
+        if self._options.layout.needs_plan:
+            # Fabric sets up processes before the script hands over the model: nothing to plan from yet.
+            raise ValueError(
+                "tensor_parallel_size/expert_parallel_size='auto' is planned from the model, which Fabric receives "
+                "only after launch; pass integers (`python -m picotron_lightning.plan --model ...` suggests them) "
+                "or use the Trainer's Picotron3DStrategy, which plans them."
             )
         self._num_nodes = 1
         self._backward_sync_control = _Picotron3DBackwardSyncControl(self)

@@ -97,9 +97,9 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     def __init__(
         self,
         data_parallel_size: SizeArg = "auto",
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        expert_parallel_size: int = 1,
+        tensor_parallel_size: SizeArg = 1,
+        pipeline_parallel_size: SizeArg = 1,
+        expert_parallel_size: SizeArg = 1,
         *,
         data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
         hsdp_shard_size: SizeArg = "auto",
