@@ -114,7 +114,7 @@ def test_a_lost_node_resumes_at_half_the_data_parallel_ranks_under_elastic_torch
     assert set(attempts) == {"0", "1"}, (context, attempts)  # the survivor restarted its workers once
     assert (attempts["0"]["world_size"], attempts["1"]["world_size"]) == (4, 2), (context, attempts)
     assert sorted(map(int, attempts["0"]["losses"])) == list(range(1, kill_step + 1)), (context, attempts)
-    assert attempts["1"]["resumed_from"].endswith(f"step={resume_step}.ckpt"), (context, attempts)
+    assert str(attempts["1"]["resumed_from"]).endswith(f"step={resume_step}.ckpt"), (context, attempts)
     assert sorted(map(int, attempts["1"]["losses"])) == list(range(resume_step + 1, steps + 1)), context
 
     reference = train_reference(build_module(MODEL), token_data(spec["samples"]), steps, global_batch)

@@ -132,7 +132,7 @@ def test_killed_rank_resumes_with_the_uninterrupted_trajectory(tmp_path, layout)
     # The restarted group's store holds none of the killed start's keys (fault_tolerance/launcher_store.py).
     assert attempts["1"]["saw_first_start_key"] is False, (context, attempts)
     assert sorted(map(int, attempts["0"]["losses"])) == list(range(1, kill_step + 1)), (context, attempts)
-    assert attempts["1"]["resumed_from"].endswith(f"step={resume_step}.ckpt"), (context, attempts)
+    assert str(attempts["1"]["resumed_from"]).endswith(f"step={resume_step}.ckpt"), (context, attempts)
     assert sorted(map(int, attempts["1"]["losses"])) == list(range(resume_step + 1, steps + 1)), context
     check_against_reference(tmp_path, attempts, spec, nproc, dp)
 
