@@ -21,8 +21,8 @@ What composes with it (checked before any process group by :func:`check_traceabl
   so the parameters the optimizer holds are never swapped, whichever input shape is traced later.
   FSDP2 is refused: it replaces the parameters when it shards them, and the traced stages exist only
   from the first step on (after the optimizer took the parameters), once per input shape.
-* tensor parallelism is refused: the exported graph hard-codes global sizes (``view(x, [b, t,
-  heads, -1])``, ``reshape(y, [b, t, d])``), which a tensor-parallel rank's local shards do not have.
+* tensor parallelism is refused: the exported graph hard-codes global sizes (``split(qkv, d)``,
+  ``view(q, [b, t, heads, -1])``), which a tensor-parallel rank's local shards do not have.
 * MoE layers are refused: ``torch.export`` cannot trace their routing (data-dependent shapes).
 """
 
@@ -58,8 +58,10 @@ def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_paralle
     if layout.tp > 1:
         raise PipelineSplitError(
             f"pipeline_split='trace' does not support tensor_parallel_size={layout.tp}: the torch.export graph it "
-            "runs hard-codes the global shapes of the model (e.g. view(q, [batch, seq, heads, -1]) and "
-            "reshape(y, [batch, seq, hidden])), which a tensor-parallel rank's local shards do not have. Use "
+            "runs hard-codes the global sizes of the model (e.g. split(qkv, hidden) and view(q, [batch, seq, heads, "
+            "-1])), which a tensor-parallel rank's local shards do not have (measured on a GPT block with a fused qkv: "
+            "IndexError: list index out of range in that split; a view with the global head count and -1 would "
+            "silently make heads of the wrong size). Use "
             f"tensor_parallel_size=1 with the traced split. {structural}."
         )
     if layout.ep > 1 or find_moe_layers(root):
