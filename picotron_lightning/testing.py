@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import pickle
 import queue
+import re
 import signal
 import socket
 import subprocess
@@ -189,7 +190,18 @@ def _first_error(output: str) -> str:
     start = output.find("Traceback (most recent call last)")
     if start < 0:
         return ""
-    return f"first error:\n{output[start:start + 4000]}\n...\n"
+    # The traceback ends at its first unindented line after the header (the exception itself); ranks prefix
+    # their lines with "[rankN]: ", so that prefix is skipped when looking at the indentation.
+    end = len(output)
+    for line in output[start:].splitlines(keepends=True)[1:]:
+        body = re.sub(r"^\[rank\d+\]: ", "", line)
+        if body.strip() and not body[0].isspace() and not body.startswith("Traceback"):
+            end = output.index(line, start) + len(line)
+            break
+    first = output[start:end]
+    if len(first) > 8000:  # keep where it started and the exception itself
+        first = f"{first[:3000]}\n[...]\n{first[-5000:]}"
+    return f"first error:\n{first}\n...\n"
 
 
 class TokenDataset:

@@ -172,6 +172,19 @@ def test_traced_split_with_data_parallelism_from_a_plain_script(traced4, run):
     _assert_parity(traced4, run, dp=2)
 
 
+def test_structural_split_refuses_a_second_stream_between_blocks(tmp_path):
+    """The same two-stream GPT with the default (structural) split at pp=2: it carries one tensor across the
+    boundary, so the running sum would restart from zeros on stage 2. It trained 9e-4 off one process before
+    this check; now the run stops on its first step with a message naming the traced split."""
+    run = _run("structural_two_stream_pp2", 1, model={"kind": "two_stream"}, strategy={"pipeline_parallel_size": 2})
+    with pytest.raises(RuntimeError) as failed:
+        _launch(tmp_path, {"devices": 2, "runs": [run]}, timeout=300)
+    message = str(failed.value)
+    assert "PipelineSplitError" in message and "passes one tensor (the hidden state) between stages" in message, \
+        message[-3000:]
+    assert 'pipeline_split="trace"' in message, message[-3000:]
+
+
 # --------------------------------------------------------------------------- precision plugin and monitoring
 BF16_MODEL = {"kind": "llama", "config": {"num_layers": 4}, "lr": 3e-3}
 

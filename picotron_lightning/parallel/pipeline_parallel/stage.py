@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from picotron_lightning.parallel.pipeline_parallel.split import PipelineParts, replace_submodule
+from picotron_lightning.parallel.pipeline_parallel.split import PipelineParts, PipelineSplitError, replace_submodule
 from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
 
 
@@ -58,6 +58,26 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, name: hidden}
 
 
+def _second_streams(values: Any, hidden: torch.Tensor, label: str) -> list[str]:
+    """Where ``values`` hold another floating tensor of the hidden state's shape (a second activation stream)."""
+    items = values.items() if isinstance(values, dict) else enumerate(values)
+    return [f"{label} {key!r}" for key, value in items
+            if isinstance(value, torch.Tensor) and value is not hidden and value.is_floating_point()
+            and value.shape == hidden.shape]
+
+
+def _refuse_second_stream(block: nn.Module, where: str, found: list[str], shape: torch.Size) -> None:
+    """The structural split carries one tensor across a stage boundary; a block that needs more would train wrong."""
+    if found:
+        raise PipelineSplitError(
+            f"The structural pipeline split passes one tensor (the hidden state) between stages, but the "
+            f"{type(block).__name__} at a stage boundary {where} another tensor of the hidden state's shape "
+            f"({', '.join(found)}, {tuple(shape)}): that second stream would be recomputed from nothing on the "
+            "next stage and training would silently diverge from one process. Use pipeline_split=\"trace\" (every "
+            "tensor the traced graph passes crosses the boundary), or change the blocks to take and return one tensor."
+        )
+
+
 class BlockView(nn.Module):
     """A block as one stage sees it: input from the previous stage, and/or the end of the stage.
 
@@ -72,11 +92,19 @@ class BlockView(nn.Module):
         object.__setattr__(self, "_last", last)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        block = object.__getattribute__(self, "_block")
         if self._hidden is not None:
             args, kwargs = _with_hidden(args, kwargs, self._hidden)
+            found = (_second_streams(args, self._hidden, "positional argument")
+                     + _second_streams(kwargs, self._hidden, "keyword argument"))
+            _refuse_second_stream(block, "takes, besides it,", found, self._hidden.shape)
         out = self._block(*args, **kwargs)
         if self._last:
-            raise _StageExit(out[0] if isinstance(out, (tuple, list)) else out)
+            hidden = out[0] if isinstance(out, (tuple, list)) else out
+            if isinstance(out, (tuple, list)) and isinstance(hidden, torch.Tensor):
+                found = _second_streams(out, hidden, "output")
+                _refuse_second_stream(block, "returns, besides it,", found, hidden.shape)
+            raise _StageExit(hidden)
         return out
 
     def __getattr__(self, name: str) -> Any:
