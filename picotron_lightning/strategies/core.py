@@ -7,7 +7,10 @@ the two strategy classes only adapt it to their framework's hooks.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import sys
 import warnings
 from contextlib import contextmanager
@@ -17,9 +20,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from picotron_lightning.memory.estimate import RankEstimate, estimate_memory, estimate_policies
+from picotron_lightning.memory.offload import ActivationOffload
+from picotron_lightning.memory.policy import (
+    MemoryBudgetError,
+    PolicyEstimate,
+    choose_policy,
+    format_policy_table,
+    resolve_budget,
+)
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.parallel import ParallelModel, PipelineRuntime, parallelize
-from picotron_lightning.parallel.data import DataParallelOptions, set_gradient_sync
+from picotron_lightning.parallel.data import DataParallelOptions, resolve_mode, set_gradient_sync
 from picotron_lightning.parallel.expert import reduce_expert_gradients
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
 from picotron_lightning.parallel.pipeline_parallel import check_pipeline_model
@@ -62,6 +74,11 @@ class Picotron3DCore:
         self._layout: ParallelLayout | None = None
         self._device_mesh: DeviceMesh | None = None
         self._parallel_model: ParallelModel | None = None
+        self._activation_offload: ActivationOffload | None = None
+        self.memory_policy: PolicyEstimate | None = None
+        """The policy ``memory_budget`` chose (with every rank's estimate), or None without a budget."""
+        self.memory_policy_reason = ""
+        """Why that policy: its estimated peak, its cost, and why each cheaper one did not fit."""
 
     @property
     def options(self) -> Picotron3DOptions:
@@ -156,6 +173,7 @@ class Picotron3DCore:
         self._resolve_layout(self._world_size_from_environment())
         show_library_warnings_once(rank)
         self._check_pipeline_model(module)  # more stages than blocks fails here, not in a collective
+        self._apply_memory_budget(module)  # fake process group: before the real one exists
         device = self.root_device
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             device
@@ -255,6 +273,8 @@ class Picotron3DCore:
             )
         options = dataclasses.replace(self._options, data_parallel=self._data_parallel_options(precision, device))
         self._parallel_model = parallelize(module, self.device_mesh, self.layout, options, device, local_processes)
+        if options.memory.activation_offload:
+            self._activation_offload = ActivationOffload(device)
         return self._parallel_model.module
 
     def _data_parallel_options(self, precision: Any, device: torch.device) -> DataParallelOptions:
@@ -276,9 +296,71 @@ class Picotron3DCore:
 
     @contextmanager
     def _step_context(self):  # noqa: ANN202
-        """Every per-step context, entered around each step and its backward in one place (loss parallel today)."""
-        with self.loss_parallel():
+        """Every per-step context, entered around each step and its backward in one place (loss parallel, offload)."""
+        offload = self._activation_offload
+        with self.loss_parallel(), offload if offload is not None else contextlib.nullcontext():
             yield
+
+    # ------------------------------------------------------------------ memory policy
+    @property
+    def offloaded_activation_bytes(self) -> int:
+        """Bytes of saved tensors activation offload has copied to the host so far (0 without it)."""
+        return self._activation_offload.packed_bytes if self._activation_offload is not None else 0
+
+    def _sample_batch(self) -> Any:
+        """One training batch for the memory estimate (each strategy knows where its data comes from)."""
+        raise ValueError("`memory_budget` needs a training batch to estimate with; it is supported by the Trainer "
+                         "strategy (Picotron3DStrategy) only.")
+
+    def _estimate_options(self, module: nn.Module) -> Picotron3DOptions:
+        """The options the estimate traces: data-parallel mode resolved as setup will resolve it, dtypes filled in."""
+        device = self.root_device
+        dp = self._data_parallel_options(getattr(self, "precision_plugin", None), device)
+        mode = "none" if self.layout.dp == 1 else resolve_mode(dp.mode, module, device, self.num_processes,
+                                                              tensor_parallel=self.layout.tp > 1)
+        return dataclasses.replace(self._options, data_parallel=dataclasses.replace(
+            dp, mode=mode if mode != "none" else dp.mode))
+
+    def estimate_memory(self, model: nn.Module, batch: Any, **kwargs: Any) -> list[RankEstimate]:
+        """Per-rank peak memory of one training step of ``model`` on ``batch`` (one rank's micro-batch) in this
+        strategy's layout and memory policy, before launch. ``kwargs`` go to
+        :func:`picotron_lightning.memory.estimate.estimate_memory` (``ranks``, ``allow_real_trace``...)."""
+        if self._layout is None:
+            raise RuntimeError("The layout is resolved when the strategy joins a Trainer (or Fabric): create "
+                               "`Trainer(strategy=strategy, devices=...)` first, then call `estimate_memory`.")
+        return estimate_memory(functools.partial(_copy_module, model), batch, self.layout,
+                               options=self._estimate_options(model), memory=self._options.memory, **kwargs)
+
+    def _apply_memory_budget(self, module: nn.Module | None) -> None:
+        """With ``memory_budget``: estimate the policies in turn, apply the first that fits, log why (rank 0)."""
+        from lightning.fabric.utilities.rank_zero import rank_zero_info
+
+        memory = self._options.memory
+        if memory.memory_budget is None or self.memory_policy is not None:
+            return
+        assert module is not None
+        device = self.root_device
+        total = memory.device_memory
+        if total is None and device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+        budget = resolve_budget(memory.memory_budget, device.type, total)
+        options = self._estimate_options(module)
+        try:
+            results = estimate_policies(functools.partial(_copy_module, module), self._sample_batch(), self.layout,
+                                        options=options, device_type=device.type, estimate_skipped=False,
+                                        stop_at_budget=budget)
+        except MemoryBudgetError:
+            raise
+        except Exception as error:
+            raise RuntimeError(
+                f"`memory_budget` could not estimate {self.layout.describe()} on fake tensors ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}); choose the policy yourself: "
+                "`strategy.estimate_memory(model, batch, allow_real_trace=True)` shows each one's peak."
+            ) from error
+        chosen, reason = choose_policy(results, budget)  # the same estimates on every rank: the same choice
+        self.memory_policy, self.memory_policy_reason = chosen, reason
+        self._options = dataclasses.replace(self._options, memory=chosen.policy.applied_to(memory))
+        rank_zero_info(f"picotron3d: {reason}\n{format_policy_table(results, budget)}")
 
     @contextmanager
     def loss_parallel(self):  # noqa: ANN201
@@ -332,3 +414,8 @@ class Picotron3DCore:
 
     def _norm_module(self) -> nn.Module:  # overridden by each strategy
         raise NotImplementedError
+
+
+def _copy_module(template: nn.Module) -> nn.Module:
+    """A copy of ``template`` for the estimate: under the trace's fake-tensor mode its tensors are fake (no memory)."""
+    return copy.deepcopy(template)

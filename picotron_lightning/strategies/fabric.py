@@ -93,6 +93,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
         memory: MemoryOptions | dict[str, Any] | None = None,
+        memory_budget: int | float | None = None,
         start_method: Literal["popen", "spawn"] = "popen",
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
@@ -108,6 +109,14 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             precision=precision,
         )
         self._init_core(Picotron3DOptions.from_arguments(locals()))  # validated here, at construction
+        if self._options.memory.memory_budget is not None:
+            # The budget is estimated with a training batch before the process group exists; a Fabric script
+            # has none to give at that point.
+            raise ValueError(
+                f"`memory_budget={self._options.memory.memory_budget!r}` is not supported with Fabric; call "
+                "`strategy.estimate_memory(model, batch)` per policy and pass the policy's fields in `memory=`, or "
+                "use the Trainer (`Picotron3DStrategy`)."
+            )
         if pipeline_parallel_size != 1:
             # A Fabric script calls the model and `fabric.backward` itself, one batch at a time, so no
             # pipeline schedule can interleave its microbatches across stages.
@@ -162,6 +171,10 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             module.to(self.root_device)
         wrapped = self._parallelize(module, self.root_device, self.num_processes, self.precision)
         _materialize_distributed_module(module, self.root_device)
+        offload = self._activation_offload
+        if offload is not None:  # a Fabric script calls forward itself: offload what forward saves
+            wrapped.register_forward_pre_hook(lambda *_: offload.__enter__())
+            wrapped.register_forward_hook(lambda *_: offload.__exit__(), always_call=True)
         self._module = module
         return wrapped
 
