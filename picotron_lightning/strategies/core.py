@@ -8,9 +8,7 @@ the two strategy classes only adapt it to their framework's hooks.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
-import functools
 import sys
 import warnings
 from contextlib import contextmanager
@@ -20,22 +18,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from picotron_lightning.memory.estimate import RankEstimate, estimate_memory, estimate_policies
 from picotron_lightning.memory.offload import ActivationOffload
-from picotron_lightning.memory.policy import (
-    MemoryBudgetError,
-    PolicyEstimate,
-    choose_policy,
-    format_policy_table,
-    resolve_budget,
-)
+from picotron_lightning.memory.policy import PolicyEstimate
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.parallel import ParallelModel, PipelineRuntime, parallelize
-from picotron_lightning.parallel.data import DataParallelOptions, resolve_mode, set_gradient_sync
+from picotron_lightning.parallel.data import DataParallelOptions, set_gradient_sync
 from picotron_lightning.parallel.expert import reduce_expert_gradients
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
 from picotron_lightning.parallel.pipeline_parallel import check_pipeline_model
 from picotron_lightning.parallel.tensor_parallel import loss_parallel_context
+from picotron_lightning.strategies.memory_policy import MemoryPolicyMixin
 from picotron_lightning.topology import ParallelLayout
 
 if TYPE_CHECKING:
@@ -57,7 +49,7 @@ def show_library_warnings_once(rank: int) -> None:
     warnings.filterwarnings("ignore", module=_LIBRARY_MODULES)
 
 
-class Picotron3DCore:
+class Picotron3DCore(MemoryPolicyMixin):
     """Parallelism shared by :class:`Picotron3DStrategy` and :class:`Picotron3DFabricStrategy`.
 
     The strategies' flat keyword arguments become one :class:`~picotron_lightning.options.Picotron3DOptions`
@@ -182,6 +174,7 @@ class Picotron3DCore:
         if device.type != "cpu":
             kwargs["device_id"] = device
         _init_dist_connection(env, self._process_group_backend, **kwargs)
+        self._agree_on_memory_policy()  # every rank applies rank 0's choice
         self._build_mesh(device, self.num_processes)
 
     def _barrier(self) -> None:
@@ -301,67 +294,6 @@ class Picotron3DCore:
         with self.loss_parallel(), offload if offload is not None else contextlib.nullcontext():
             yield
 
-    # ------------------------------------------------------------------ memory policy
-    @property
-    def offloaded_activation_bytes(self) -> int:
-        """Bytes of saved tensors activation offload has copied to the host so far (0 without it)."""
-        return self._activation_offload.packed_bytes if self._activation_offload is not None else 0
-
-    def _sample_batch(self) -> Any:
-        """One training batch for the memory estimate (each strategy knows where its data comes from)."""
-        raise ValueError("`memory_budget` needs a training batch to estimate with; it is supported by the Trainer "
-                         "strategy (Picotron3DStrategy) only.")
-
-    def _estimate_options(self, module: nn.Module) -> Picotron3DOptions:
-        """The options the estimate traces: data-parallel mode resolved as setup will resolve it, dtypes filled in."""
-        device = self.root_device
-        dp = self._data_parallel_options(getattr(self, "precision_plugin", None), device)
-        mode = "none" if self.layout.dp == 1 else resolve_mode(dp.mode, module, device, self.num_processes,
-                                                              tensor_parallel=self.layout.tp > 1)
-        return dataclasses.replace(self._options, data_parallel=dataclasses.replace(
-            dp, mode=mode if mode != "none" else dp.mode))
-
-    def estimate_memory(self, model: nn.Module, batch: Any, **kwargs: Any) -> list[RankEstimate]:
-        """Per-rank peak memory of one training step of ``model`` on ``batch`` (one rank's micro-batch) in this
-        strategy's layout and memory policy, before launch. ``kwargs`` go to
-        :func:`picotron_lightning.memory.estimate.estimate_memory` (``ranks``, ``allow_real_trace``...)."""
-        if self._layout is None:
-            raise RuntimeError("The layout is resolved when the strategy joins a Trainer (or Fabric): create "
-                               "`Trainer(strategy=strategy, devices=...)` first, then call `estimate_memory`.")
-        return estimate_memory(functools.partial(_copy_module, model), batch, self.layout,
-                               options=self._estimate_options(model), memory=self._options.memory, **kwargs)
-
-    def _apply_memory_budget(self, module: nn.Module | None) -> None:
-        """With ``memory_budget``: estimate the policies in turn, apply the first that fits, log why (rank 0)."""
-        from lightning.fabric.utilities.rank_zero import rank_zero_info
-
-        memory = self._options.memory
-        if memory.memory_budget is None or self.memory_policy is not None:
-            return
-        assert module is not None
-        device = self.root_device
-        total = memory.device_memory
-        if total is None and device.type == "cuda":
-            total = torch.cuda.get_device_properties(device).total_memory
-        budget = resolve_budget(memory.memory_budget, device.type, total)
-        options = self._estimate_options(module)
-        try:
-            results = estimate_policies(functools.partial(_copy_module, module), self._sample_batch(), self.layout,
-                                        options=options, device_type=device.type, estimate_skipped=False,
-                                        stop_at_budget=budget)
-        except MemoryBudgetError:
-            raise
-        except Exception as error:
-            raise RuntimeError(
-                f"`memory_budget` could not estimate {self.layout.describe()} on fake tensors ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}); choose the policy yourself: "
-                "`strategy.estimate_memory(model, batch, allow_real_trace=True)` shows each one's peak."
-            ) from error
-        chosen, reason = choose_policy(results, budget)  # the same estimates on every rank: the same choice
-        self.memory_policy, self.memory_policy_reason = chosen, reason
-        self._options = dataclasses.replace(self._options, memory=chosen.policy.applied_to(memory))
-        rank_zero_info(f"picotron3d: {reason}\n{format_policy_table(results, budget)}")
-
     @contextmanager
     def loss_parallel(self):  # noqa: ANN201
         """Where losses on vocabulary-sharded logits are computed (and backpropagated) with ``loss_parallel=True``.
@@ -415,7 +347,3 @@ class Picotron3DCore:
     def _norm_module(self) -> nn.Module:  # overridden by each strategy
         raise NotImplementedError
 
-
-def _copy_module(template: nn.Module) -> nn.Module:
-    """A copy of ``template`` for the estimate: under the trace's fake-tensor mode its tensors are fake (no memory)."""
-    return copy.deepcopy(template)

@@ -42,8 +42,8 @@ def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples:
     module = build_module()
     loader = DataLoader(TokenDataset(make_data(data_samples)), batch_size=MICRO, shuffle=False)
     fitted = fit_and_record(module, loader, callbacks=[probe], strategy=strategy, devices=world, max_steps=STEPS)
-    offload_policies = {type(m._get_fsdp_state()._fsdp_param_group.offload_policy).__name__
-                        for m in module.modules() if isinstance(m, FSDPModule) and m._get_fsdp_state()._fsdp_param_group}
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in module.modules() if isinstance(m, FSDPModule)]
+    offload_policies = {type(group.offload_policy).__name__ for group in groups if group is not None}
     chosen = strategy.memory_policy
     return {
         "losses": fitted.losses, "peak": probe.peak,
