@@ -15,7 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from picotron_lightning.memory.estimate import RankEstimate, estimate_memory, estimate_policies
 from picotron_lightning.memory.policy import (
     MemoryBudgetError,
     PolicyEstimate,
@@ -26,6 +25,7 @@ from picotron_lightning.memory.policy import (
 from picotron_lightning.parallel.data import DataParallelOptions, resolve_mode
 
 if TYPE_CHECKING:
+    from picotron_lightning.memory.estimate import RankEstimate
     from picotron_lightning.memory.offload import ActivationOffload
     from picotron_lightning.options import Picotron3DOptions
     from picotron_lightning.topology import ParallelLayout
@@ -75,6 +75,7 @@ class MemoryPolicyMixin:
         """Per-rank peak memory of one training step of ``model`` on ``batch`` (one rank's micro-batch) in this
         strategy's layout and memory policy, before launch. ``kwargs`` go to
         :func:`picotron_lightning.memory.estimate.estimate_memory` (``ranks``, ``allow_real_trace``...)."""
+        from picotron_lightning.memory.estimate import estimate_memory  # not at import: `python -m ...estimate`
         if self._layout is None:
             raise RuntimeError("The layout is resolved when the strategy joins a Trainer (or Fabric): create "
                                "`Trainer(strategy=strategy, devices=...)` first, then call `estimate_memory`.")
@@ -84,6 +85,8 @@ class MemoryPolicyMixin:
     def _apply_memory_budget(self, module: nn.Module | None) -> None:
         """With ``memory_budget``: estimate the policies in turn, apply the first that fits, log why (rank 0)."""
         from lightning.fabric.utilities.rank_zero import rank_zero_info
+
+        from picotron_lightning.memory.estimate import estimate_policies
 
         memory = self._options.memory
         if memory.memory_budget is None or self.memory_policy is not None:
