@@ -298,13 +298,10 @@ def _trace_in_group(
             tracker.register(p.grad for p in module.parameters() if p.grad is not None)
             tracker.register(v for state in optimizer.state.values() for v in state.values())
             tracker.reset_peak()
-            with tracker:
+            flop_counter = FlopCounterMode(display=False)
+            with tracker, flop_counter:
                 run(local_batch)
             breakdown = tracker.breakdown(module, [optimizer])
-            # FLOPs in a step of their own: FlopCounterMode's module hooks would change what the measured step holds.
-            flop_counter = FlopCounterMode(display=False)
-            with flop_counter:
-                run(local_batch)
             sizes = tracker.peak_sizes()
             state = _offloaded_state(module, breakdown) if config.memory.cpu_offload else 0
         buckets = 0
