@@ -7,6 +7,7 @@ Fabric, so ``Trainer(strategy="picotron3d")`` and ``Fabric(strategy="picotron3d"
 from picotron_lightning.monitoring import AlertManager, AnomalyDetector, MetricsCollector
 from picotron_lightning.precision import AdaptivePrecision, FabricAdaptivePrecision
 from picotron_lightning.strategies import CheckpointError, Picotron3DFabricStrategy, Picotron3DStrategy
+from picotron_lightning.strategies.fabric_steps import evaluate, forward_backward
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
 __version__ = "0.1.0"
@@ -36,4 +37,6 @@ __all__ = [
     "Picotron3DFabricStrategy",
     "Picotron3DStrategy",
     "__version__",
+    "evaluate",
+    "forward_backward",
 ]

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
+from picotron_lightning.fault_tolerance.options import FaultToleranceOptions
 from picotron_lightning.memory.options import MemoryOptions
+from picotron_lightning.parallel.compile import CompileOptions
 from picotron_lightning.parallel.data import DataParallelOptions
 from picotron_lightning.parallel.pipeline_parallel import PipelineOptions
 from picotron_lightning.parallel.tensor_parallel import TensorParallelOptions
@@ -71,8 +73,15 @@ class Picotron3DOptions:
     """``memory=`` (a ``MemoryOptions`` or a dict of its fields: checkpointing mode, garbage collection,
     allocator), and the flat ``activation_checkpointing``."""
 
+    compile: CompileOptions = field(default_factory=CompileOptions, metadata={"flat": "compile"})
+    """``compile=``: ``True`` or a dict of ``torch.compile`` arguments compiles each transformer block."""
+
     process: ProcessOptions = field(default_factory=ProcessOptions)
     """``process_group_backend``, ``timeout``, ``start_method``."""
+
+    fault_tolerance: FaultToleranceOptions = field(default_factory=FaultToleranceOptions)
+    """``resume``, ``async_checkpointing``, ``max_checkpoints_in_flight``, ``keep_last_checkpoints``,
+    ``heartbeat_timeout``."""
 
     def __post_init__(self) -> None:
         # Rules that involve two sections; each section checked its own fields already.

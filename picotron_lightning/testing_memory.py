@@ -1,15 +1,21 @@
-"""Test tooling for memory: measure a real training step's live bytes (and, later, inject OOMs).
+"""Test tooling for memory: measure a real training step's live bytes, and inject out-of-memory errors.
 
-Not part of training: the tests and ``benchmarks/memory_estimate.py`` use :class:`PeakProbe` to
+Not part of training. The tests and ``benchmarks/memory_estimate.py`` use :class:`PeakProbe` to
 measure what :func:`picotron_lightning.memory.estimate.estimate_memory` predicts, on real ranks
-started by Lightning (or by ``picotron_lightning.testing.run_ranks``).
+started by Lightning (or by ``picotron_lightning.testing.run_ranks``). :class:`InjectOOM` makes a
+real run raise ``torch.OutOfMemoryError`` deterministically, on CPU, to test OOM recovery
+(``memory.oom_recovery``): at scripted places (:class:`OOMAt`: rank, step, forward or backward,
+k-th op) and/or past a budget of live bytes created in the step (:class:`BudgetOOM`).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import torch
 from lightning.pytorch.callbacks import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import override
 
 from picotron_lightning.memory.tracker import LiveBytes
@@ -50,3 +56,138 @@ class PeakProbe(Callback):
         tracker.__exit__(None, None, None)
         self.peak = tracker.peak
         self.breakdown = tracker.breakdown(pl_module, trainer.optimizers).as_dict()
+
+
+# ---------------------------------------------------------------------------- OOM injection (test tooling)
+Phase = Literal["forward", "backward"]
+
+
+def current_phase() -> Phase:
+    """``"backward"`` while autograd's engine runs a backward pass on this thread, else ``"forward"``."""
+    return "backward" if torch._C._current_graph_task_id() >= 0 else "forward"
+
+
+@dataclass(frozen=True)
+class OOMAt:
+    """Raise ``torch.OutOfMemoryError`` on ``rank`` in optimizer step ``step`` (``trainer.global_step`` when the
+    batch starts), at the ``op``-th dispatched op (0-based) of ``phase``, in each of the step's first ``attempts``
+    attempts (an OOM-recovered step is attempted again; ``attempts`` > 1 makes the retries fail too)."""
+
+    rank: int
+    step: int
+    phase: Phase = "forward"
+    op: int = 0
+    attempts: int = 1
+
+
+class ScriptedOOM(TorchDispatchMode):
+    """Counts ops by phase within one attempt and raises at the scripted ones; ``fired`` lists what it raised."""
+
+    def __init__(self, plan: list[OOMAt], attempt_of: Any = lambda: 0) -> None:
+        super().__init__()
+        self.plan = plan
+        self.attempt_of = attempt_of  # () -> the current attempt's number within the step
+        self.armed = True
+        self.fired: list[tuple[int, str, int, int]] = []  # (step, phase, op, attempt)
+        self._attempt = -1
+        self._counts = {"forward": 0, "backward": 0}
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if self.armed:
+            attempt = self.attempt_of()
+            if attempt != self._attempt:  # a new attempt counts its ops from 0
+                self._attempt, self._counts = attempt, {"forward": 0, "backward": 0}
+            phase = current_phase()
+            index = self._counts[phase]
+            self._counts[phase] += 1
+            for entry in self.plan:
+                if entry.phase == phase and entry.op == index and attempt < entry.attempts:
+                    self.fired.append((entry.step, phase, index, attempt))
+                    raise torch.OutOfMemoryError(
+                        f"injected OOM: rank {entry.rank} step {entry.step} {phase} op {index} attempt {attempt} "
+                        f"({func})")
+        return func(*args, **(kwargs or {}))
+
+
+class BudgetOOM(LiveBytes):
+    """:class:`LiveBytes` that raises ``torch.OutOfMemoryError`` when the bytes created in the step pass ``budget``."""
+
+    def __init__(self, budget: int) -> None:
+        super().__init__()
+        self.budget = budget
+        self.armed = True
+        self.fired = 0
+
+    def _on_allocate(self, nbytes: int) -> None:
+        if self.armed and self.current + nbytes > self.budget:
+            self.fired += 1
+            raise torch.OutOfMemoryError(
+                f"injected OOM: {self.current + nbytes} live bytes would pass the budget of {self.budget}")
+
+
+class InjectOOM(Callback):
+    """Make a real ``Trainer.fit`` run out of memory where a test says, on CPU (test tooling).
+
+    Entered from ``on_train_batch_start`` to ``on_train_batch_end``; it raises only until
+    ``on_before_optimizer_step`` (forward and backward, not the optimizer update). Each rank keeps
+    the entries of ``plan`` for its own rank. After ``fit``: ``fired`` (scripted OOMs raised on this
+    rank, ``(step, phase, op, attempt)``) and ``budget_fired``.
+
+    Args:
+        plan: scripted OOMs (:class:`OOMAt`); entries for other ranks are ignored.
+        budget: bytes created within a step (activations, temporaries, gradients) past which any op raises.
+    """
+
+    def __init__(self, plan: list[OOMAt] | tuple[OOMAt, ...] = (), budget: int | None = None) -> None:
+        self.plan = list(plan)
+        self.budget = budget
+        self.fired: list[tuple[int, str, int, int]] = []
+        self.budget_fired = 0
+        self._modes: list[Any] = []
+
+    def _attempt_of(self, trainer: Any) -> Any:
+        start: list[int | None] = [None]
+
+        def attempt() -> int:
+            recovery = getattr(trainer.strategy, "oom_recovery", None)
+            retries = recovery.retries if recovery is not None else 0
+            if start[0] is None:
+                start[0] = retries
+            return retries - (start[0] or 0)
+
+        return attempt
+
+    @override
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        step, rank = trainer.global_step, trainer.global_rank
+        entries = [e for e in self.plan if e.rank == rank and e.step == step]
+        modes: list[Any] = []
+        if entries:
+            modes.append(ScriptedOOM(entries, self._attempt_of(trainer)))
+        if self.budget is not None:
+            modes.append(BudgetOOM(self.budget))
+        for mode in modes:
+            mode.__enter__()
+        self._modes = modes
+
+    @override
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        for mode in self._modes:
+            mode.armed = False
+
+    def _exit(self) -> None:
+        for mode in reversed(self._modes):
+            mode.__exit__(None, None, None)
+            if isinstance(mode, ScriptedOOM):
+                self.fired.extend(mode.fired)
+            else:
+                self.budget_fired += mode.fired
+        self._modes = []
+
+    @override
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._exit()
+
+    @override
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._exit()

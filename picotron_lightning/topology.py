@@ -59,17 +59,18 @@ class ParallelLayout:
     """
 
     data_parallel_size: SizeArg = "auto"
-    tensor_parallel_size: int = 1
-    pipeline_parallel_size: int = 1
-    expert_parallel_size: int = 1
+    tensor_parallel_size: SizeArg = 1
+    pipeline_parallel_size: SizeArg = 1
+    expert_parallel_size: SizeArg = 1
     # Reserved, not a strategy argument yet: context parallelism is not implemented.
     context_parallel_size: int = field(default=1, metadata={"flat": None})
 
     def __post_init__(self) -> None:
         _check_positive_int("data_parallel_size", self.data_parallel_size, allow_auto=True)
-        _check_positive_int("tensor_parallel_size", self.tensor_parallel_size)
-        _check_positive_int("pipeline_parallel_size", self.pipeline_parallel_size)
-        _check_positive_int("expert_parallel_size", self.expert_parallel_size)
+        # "auto" here means: the layout planner (picotron_lightning.planner) chooses it from the model.
+        _check_positive_int("tensor_parallel_size", self.tensor_parallel_size, allow_auto=True)
+        _check_positive_int("pipeline_parallel_size", self.pipeline_parallel_size, allow_auto=True)
+        _check_positive_int("expert_parallel_size", self.expert_parallel_size, allow_auto=True)
         if self.context_parallel_size != 1:
             raise LayoutError(
                 f"`context_parallel_size={self.context_parallel_size}` is not supported yet; use 1."
@@ -78,7 +79,7 @@ class ParallelLayout:
     # ------------------------------------------------------------------ resolution
     @property
     def is_resolved(self) -> bool:
-        return self.data_parallel_size != "auto"
+        return self.data_parallel_size != "auto" and not self.needs_plan
 
     @property
     def dp(self) -> int:
@@ -87,16 +88,28 @@ class ParallelLayout:
         return self.data_parallel_size
 
     @property
+    def needs_plan(self) -> bool:
+        """Whether a tensor, pipeline or expert size is ``"auto"``: the planner must choose it first."""
+        return "auto" in (self.tensor_parallel_size, self.pipeline_parallel_size, self.expert_parallel_size)
+
+    def _planned(self, name: str, value: SizeArg) -> int:
+        if value == "auto":
+            raise LayoutError(f"`{name}='auto'` has not been planned yet: the strategy plans it from the model "
+                              "before the process group exists (picotron_lightning.planner).")
+        assert isinstance(value, int)
+        return value
+
+    @property
     def tp(self) -> int:
-        return self.tensor_parallel_size
+        return self._planned("tensor_parallel_size", self.tensor_parallel_size)
 
     @property
     def pp(self) -> int:
-        return self.pipeline_parallel_size
+        return self._planned("pipeline_parallel_size", self.pipeline_parallel_size)
 
     @property
     def ep(self) -> int:
-        return self.expert_parallel_size
+        return self._planned("expert_parallel_size", self.expert_parallel_size)
 
     @property
     def world_size(self) -> int:
@@ -201,6 +214,9 @@ class ParallelLayout:
         return DeviceMesh(device_type, ranks, mesh_dim_names=EXPERT_MESH_DIM_NAMES)
 
     def describe(self) -> str:
+        if self.needs_plan:
+            return (f"dp={self.data_parallel_size} tp={self.tensor_parallel_size} pp={self.pipeline_parallel_size} "
+                    f"ep={self.expert_parallel_size} (to be planned)")
         if not self.is_resolved:
             return f"dp=auto tp={self.tp} pp={self.pp} ep={self.ep}"
         return f"pp={self.pp} x dp={self.dp} x tp={self.tp} (ep={self.ep} within dp) = {self.world_size} ranks"

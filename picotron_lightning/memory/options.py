@@ -62,6 +62,22 @@ class MemoryOptions:
     """Bytes a fractional ``memory_budget`` is a fraction of. Default: the CUDA device's total memory. A CPU run
     has no device memory of its own (the ranks share the host), so there a fraction needs this stated."""
 
+    oom_recovery: bool = field(default=False, metadata={"flat": None})
+    """Recover from ``torch.OutOfMemoryError`` in forward or backward on any rank (Trainer, data_parallel_mode
+    ``"ddp"``): every rank agrees at one fixed point of the step, frees what the step held and redoes the same
+    global batch in twice as many micro-batches (accumulated inside the step), so the update is the one without
+    the OOM. Stops on every rank, with the estimate command and what to turn on, at one sample per
+    micro-batch. See docs/memory.md ("OOM recovery") for the layouts it covers and why."""
+
+    oom_retry_larger_after: int = field(default=50, metadata={"flat": None})
+    """With ``oom_recovery``: clean steps after which a split step tries half as many (larger) micro-batches
+    again. 0 keeps a split for the rest of the run."""
+
+    oom_memory_history: int = field(default=100_000, metadata={"flat": None})
+    """With ``oom_recovery`` on CUDA: entries of the allocator's memory-history ring buffer
+    (``torch.cuda.memory._record_memory_history``), dumped to ``<log_dir>/oom_snapshots/`` on every OOM.
+    0 records nothing. Ignored on CPU."""
+
     def __post_init__(self) -> None:
         if isinstance(self.activation_checkpointing, bool):  # the strategy's flat True/False
             object.__setattr__(self, "activation_checkpointing", "full" if self.activation_checkpointing else "none")
@@ -83,6 +99,10 @@ class MemoryOptions:
             )
         _positive_int("fragmentation_min_bytes", self.fragmentation_min_bytes, minimum=0)
         _positive_int("fragmentation_check_every_n_steps", self.fragmentation_check_every_n_steps)
+        if not isinstance(self.oom_recovery, bool):
+            raise ValueError(f"`memory.oom_recovery` must be True or False, got {self.oom_recovery!r}.")
+        _positive_int("oom_retry_larger_after", self.oom_retry_larger_after, minimum=0, extra=" (0: keep the split)")
+        _positive_int("oom_memory_history", self.oom_memory_history, minimum=0, extra=" (0: no history)")
         for name in ("activation_offload", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`memory.{name}` must be True or False, got {getattr(self, name)!r}.")

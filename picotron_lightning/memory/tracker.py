@@ -5,7 +5,7 @@ storage (views share their base's bytes) until its storage is freed. Tensors tha
 the mode is entered (parameters, gradients, optimizer state, the batch) are registered with
 :meth:`LiveBytes.register`. It works the same on real and on fake tensors, which is what makes it
 useful twice: the estimator traces a step on fake tensors with it, and the tests measure real
-steps with it (and inject out-of-memory errors with a subclass, ``picotron_lightning.testing_oom``).
+steps with it (and inject out-of-memory errors with a subclass, ``picotron_lightning.testing_memory.BudgetOOM``).
 
 At every new peak the set of live storages is remembered, so the peak can be broken down into
 parameters, gradients, optimizer state, activations (tensors autograd saved for backward, and, at

@@ -117,6 +117,7 @@ class MetricsCollector(Callback):
         self._window_start: float | None = None
         self._reset_window()
         self._norms: dict[str, float] = {}
+        self._reported: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ setup
     def attach(self, ctx: RunContext, module: nn.Module) -> None:
@@ -152,6 +153,13 @@ class MetricsCollector(Callback):
     def record_loss(self, loss: torch.Tensor) -> None:
         """Call with each micro-batch's loss (kept on device; read only on logging steps)."""
         self._losses.append(loss.detach().float().reshape(()))
+
+    def record_metric(self, name: str, value: float) -> None:
+        """A value another part of the run reports (e.g. ``memory/oom_retries``), written with the next logged step.
+
+        Not reduced over ranks: the reporter gives every rank the same value (an agreed decision).
+        """
+        self._reported[name] = float(value)
 
     def _is_log_step(self, step: int) -> bool:
         return step % self.log_every_n_steps == 0
@@ -210,6 +218,7 @@ class MetricsCollector(Callback):
             metrics[f"{THROUGHPUT}/mfu"] = achieved / peak
             metrics[f"{THROUGHPUT}/tflops_per_device"] = achieved / 1e12
         metrics.update(self._norms)
+        metrics.update(self._reported)
         metrics.update({f"{OPTIM}/{k}": v for k, v in ctx.learning_rates().items()})
         if self.log_memory:
             metrics.update({f"{MEMORY}/{k}": v for k, v in memory_stats(ctx.device).items()})
@@ -230,6 +239,7 @@ class MetricsCollector(Callback):
         self.last_metrics = metrics
         self.history.append((step, metrics))
         self._norms = {}
+        self._reported = {}
         self._reset_window()
         self._window_start = time.perf_counter()
         return metrics

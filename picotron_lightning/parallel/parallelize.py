@@ -2,12 +2,13 @@
 
 The order is fixed and visible here, one function per concern:
 
-    pipeline split -> tensor parallel -> expert parallel -> memory policies -> data parallel
+    pipeline split -> tensor parallel -> expert parallel -> memory policies -> compile -> data parallel
 
 Each later step works on what the earlier one produced: tensor parallelism shards the blocks a
 pipeline stage kept, expert parallelism runs after TP so expert weights are not TP-sharded by
-accident, and data parallelism comes last because FSDP2 shards whatever parameters (plain or
-DTensor) the model holds by then. A step whose size is 1 leaves the model untouched.
+accident, compilation sees the blocks as they will run (sharded, checkpointed), and data
+parallelism comes last because FSDP2 shards whatever parameters (plain or DTensor) the model
+holds by then. A step whose size is 1 (or an option that is off) leaves the model untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from picotron_lightning.memory import apply_activation_checkpointing
+from picotron_lightning.parallel.compile import apply_compile, check_compilable
 from picotron_lightning.parallel.data import DataParallelOptions, apply_ddp, apply_fsdp, resolve_mode
 from picotron_lightning.parallel.expert import convert_moe_layers, find_moe_layers, validate_expert_parallel
 from picotron_lightning.parallel.pipeline_parallel import PipelineRuntime, split_into_stages
@@ -171,12 +173,16 @@ def parallelize(
     local_processes: int = 1,
 ) -> ParallelModel:
     """Apply every step, in the order of this module's docstring, to ``root`` in place."""
+    check_compilable(root, options.compile, moe=bool(find_moe_layers(root)),
+                     traced_pipeline=layout.pp > 1 and options.pipeline.split == "trace",
+                     tensor_parallel_size=layout.tp)
     tensor_plan = plan_tensor_parallel(root, layout, options)  # on the whole model: every block visible
     block_classes = tuple({stack.block_class for stack in find_block_stacks(root)})  # before the split, too
     pipeline = apply_pipeline_split(root, mesh, layout, options)
     apply_tensor_parallel(root, mesh, options, tensor_plan)
     expert_mesh = apply_expert_parallel(root, layout, device)
     apply_memory_policies(root, options, block_classes)
+    apply_compile(root, options.compile, pipeline)
     dp_options = dataclasses.replace(options.data_parallel, cpu_offload=options.memory.cpu_offload)
     module, mode = apply_data_parallel(root, mesh, layout, dp_options, device, local_processes, pipeline=pipeline)
     if options.memory.cpu_offload and mode not in ("fsdp", "hsdp"):

@@ -152,7 +152,9 @@ class PrecisionAnalyzer:
                 self._hook_backward(name, both, args, kwargs, outs)
             return replacement
 
-        return hook
+        # Statistics and repairs are Python-side bookkeeping with data-dependent branches: under compile=True
+        # they run eagerly between the compiled pieces instead of being traced (and recompiled per module).
+        return torch.compiler.disable(hook)
 
     def _repair_or_record(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         if self.repair is not None:

@@ -44,6 +44,23 @@ def _to_fp32(x: Any) -> Any:
     return x
 
 
+class _ForwardWrapper:
+    """Installs ``wrapper`` as ``module.forward``; ``remove()`` puts the previous forward back (a hook-like handle)."""
+
+    def __init__(self, module: nn.Module, wrapper: Any) -> None:
+        self.module, self.wrapper = module, wrapper
+        self.previous = module.__dict__.get("forward")  # None: the class's forward
+        module.forward = wrapper  # type: ignore[method-assign]
+
+    def remove(self) -> None:
+        if self.module.__dict__.get("forward") is not self.wrapper:
+            return  # removed already, or wrapped again since: leave the newer wrapper in place
+        if self.previous is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.previous  # type: ignore[method-assign]
+
+
 class PromotionManager:
     """Applies, records and (optionally) reverts fp32 promotions on one model.
 
@@ -165,21 +182,17 @@ class PromotionManager:
         self._handles[name] = handles
 
     def _fp32_hooks(self, module: nn.Module) -> list[Any]:
+        # A wrapper around the module's forward rather than a pre-hook entering autocast and a post-hook
+        # leaving it: one `with` block is traceable by torch.compile (compile=True compiles blocks that
+        # contain promoted modules), a context entered in one hook and left in another is not.
         device_type = self.device_type
-        stack: list[torch.autocast] = []
+        inner = module.forward
 
-        def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            ctx = torch.autocast(device_type, enabled=False)
-            ctx.__enter__()
-            stack.append(ctx)
-            return tree_map(_to_fp32, args), tree_map(_to_fp32, kwargs)
+        def fp32_forward(*args: Any, **kwargs: Any) -> Any:
+            with torch.autocast(device_type, enabled=False):
+                return inner(*tree_map(_to_fp32, args), **tree_map(_to_fp32, kwargs))
 
-        def post(mod: nn.Module, args: tuple, output: Any) -> None:
-            if stack:
-                stack.pop().__exit__(None, None, None)
-
-        return [module.register_forward_pre_hook(pre, with_kwargs=True),
-                module.register_forward_hook(post, always_call=True)]
+        return [_ForwardWrapper(module, fp32_forward)]
 
     def _watch(self, name: str) -> Any:
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:
@@ -189,7 +202,7 @@ class PromotionManager:
                     prev = self._absmax.get(name)
                     self._absmax[name] = peak if prev is None else torch.maximum(prev, peak)
 
-        return hook
+        return torch.compiler.disable(hook)  # bookkeeping: run eagerly under compile=True
 
     def _remove_all_hooks(self) -> None:
         for handles in self._handles.values():

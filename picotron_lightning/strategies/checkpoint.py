@@ -8,7 +8,8 @@ model (a different data-parallel, tensor-parallel or pipeline size).
 Two promises about bad input:
 
 * **Saving never destroys the previous checkpoint.** Shards go to ``<path>.partial`` first; only
-  when every rank has finished is the old directory swapped out and removed.
+  when every rank has finished is the completeness marker written and the old directory swapped out
+  (``picotron_lightning.fault_tolerance``: a directory without the marker is never loaded).
 * **Loading a wrong checkpoint changes nothing.** Keys and shapes are compared with the live
   model before any tensor is read, and tensors are read into scratch copies that replace the live
   state only once the whole read succeeded.
@@ -28,6 +29,9 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.optim import Optimizer
+
+from picotron_lightning.fault_tolerance.completeness import MARKER_FILE, is_complete
+from picotron_lightning.fault_tolerance.writer import CheckpointWriter
 
 METADATA_FILE = "meta.pt"
 DCP_METADATA_FILE = ".metadata"
@@ -78,34 +82,21 @@ def collect_state(
     return state
 
 
-def save_sharded(path: str | Path, state: dict[str, Any], metadata: dict[str, Any] | None = None) -> Path:
+def save_sharded(
+    path: str | Path, state: dict[str, Any], metadata: dict[str, Any] | None = None, writer: Any = None
+) -> Path:
     """Write ``state`` (see :func:`collect_state`) as a sharded checkpoint in the directory ``path``.
 
-    Every rank must call this. ``metadata`` (any picklable object) is written by rank 0.
+    Every rank must call this. ``metadata`` (any picklable object) is written by rank 0. ``writer`` (a
+    :class:`~picotron_lightning.fault_tolerance.writer.CheckpointWriter`) chooses asynchronous saving and
+    retention; by default the save is synchronous. The checkpoint counts as complete only once its marker
+    is written, last (see ``picotron_lightning/fault_tolerance/completeness.py``).
     """
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
-    if _rank() == 0:
-        if path.exists() and not path.is_dir():
-            raise CheckpointError(
-                f"Checkpoint path {path} exists and is a file; sharded checkpoints are directories. "
-                "Choose another path or remove the file."
-            )
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
-    _barrier()
-    dcp.save(state, checkpoint_id=str(partial))
-    if _rank() == 0:
-        torch.save(metadata or {}, partial / METADATA_FILE)
-        # Swap in the new checkpoint only now that all shards are on disk.
-        old = path.with_name(path.name + ".old")
-        if path.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-        partial.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return path
+    if _rank() == 0 and path.exists() and not path.is_dir():
+        raise CheckpointError(f"Checkpoint path {path} exists and is a file; sharded checkpoints are directories. "
+                              "Choose another path or remove the file.")
+    return (writer or CheckpointWriter()).save(path, state, metadata)
 
 
 def _tensor_shapes(state: Any, prefix: str = "") -> dict[str, torch.Size]:
@@ -187,6 +178,11 @@ def load_sharded(
         )
     if not (path / METADATA_FILE).is_file():
         raise CheckpointError(f"Checkpoint {path} is incomplete: {METADATA_FILE} is missing. Nothing was loaded.")
+    # Fault tolerance: only a checkpoint whose completeness marker was written (last) is loaded.
+    if not is_complete(path):
+        raise CheckpointError(f"Checkpoint {path} is incomplete: its marker {MARKER_FILE} (written after every "
+                              "rank's part) is missing, so a rank died while writing it. Nothing was loaded; "
+                              "use an earlier checkpoint.")
     keys = list(optimizer_keys or [f"optimizer_{i}" for i in range(len(optimizers))])
     live = collect_state(module, optimizers, keys)
     expected = live if strict else {MODEL_KEY: live[MODEL_KEY]}

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from picotron_lightning.fault_tolerance.launcher_store import restart_scoped_store
 from picotron_lightning.memory.offload import ActivationOffload
 from picotron_lightning.memory.policy import PolicyEstimate
 from picotron_lightning.options import Picotron3DOptions
@@ -71,6 +72,7 @@ class Picotron3DCore(MemoryPolicyMixin):
         """The policy ``memory_budget`` chose (with every rank's estimate), or None without a budget."""
         self.memory_policy_reason = ""
         """Why that policy: its estimated peak, its cost, and why each cheaper one did not fit."""
+        self._plan: Any = None  # the planner's PlanResult when sizes were "auto"
 
     @property
     def options(self) -> Picotron3DOptions:
@@ -162,9 +164,11 @@ class Picotron3DCore(MemoryPolicyMixin):
         env.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
         rank = self.global_rank
         rank_zero_only.rank = pl_rank_zero_only.rank = utils_rank_zero_only.rank = rank  # type: ignore[attr-defined]
+        self._plan_auto_sizes(module, self._world_size_from_environment())
         self._resolve_layout(self._world_size_from_environment())
         show_library_warnings_once(rank)
         self._check_pipeline_model(module)  # more stages than blocks fails here, not in a collective
+        self._check_compilable(module)
         self._apply_memory_budget(module)  # fake process group: before the real one exists
         device = self.root_device
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
@@ -173,6 +177,10 @@ class Picotron3DCore(MemoryPolicyMixin):
         kwargs: dict[str, Any] = {"timeout": self._options.process.timeout}
         if device.type != "cpu":
             kwargs["device_id"] = device
+        # torchrun keeps one store across restarts: a restarted group must not read the keys of the last start.
+        store = restart_scoped_store(self._options.process.timeout)
+        if store is not None:
+            kwargs["store"] = store
         _init_dist_connection(env, self._process_group_backend, **kwargs)
         self._agree_on_memory_policy()  # every rank applies rank 0's choice
         self._build_mesh(device, self.num_processes)
@@ -211,6 +219,11 @@ class Picotron3DCore(MemoryPolicyMixin):
         return self._parallel_model.data_parallel_mode if self._parallel_model else None
 
     @property
+    def plan(self) -> Any:
+        """The planner's ranked result (``PlanResult``) when sizes were ``"auto"``; None otherwise."""
+        return self._plan
+
+    @property
     def parallel_model(self) -> ParallelModel | None:
         """What parallelization produced (pipeline runtime, tensor plan, expert mesh...); None before setup."""
         return self._parallel_model
@@ -231,8 +244,48 @@ class Picotron3DCore(MemoryPolicyMixin):
             return
         check_pipeline_model(module, self.layout.pp, self._options.pipeline)
 
+    def _check_compilable(self, module: nn.Module | None) -> None:
+        """Refuse ``compile=`` for a model it cannot handle (MoE, no block stack); no collective involved."""
+        if module is None or not self._options.compile.enabled:
+            return
+        from picotron_lightning.parallel.compile import check_compilable
+        from picotron_lightning.parallel.expert import find_moe_layers
+
+        traced = self.layout.pp > 1 and self._options.pipeline.split == "trace"
+        check_compilable(module, self._options.compile, moe=bool(find_moe_layers(module)), traced_pipeline=traced,
+                         tensor_parallel_size=self.layout.tp)
+
+    def _plan_auto_sizes(self, module: nn.Module | None, world_size: int) -> None:
+        """Sizes left to ``"auto"`` (tensor, pipeline, expert): the planner chooses them from the model.
+
+        Every rank plans the same layout (arithmetic on the model's shapes and fixed tables); the options
+        are replaced by the planned ones before anything reads them.
+        """
+        if not self._options.layout.needs_plan:
+            return
+        from picotron_lightning.planner.strategy_plan import plan_strategy_options
+
+        if module is None:
+            raise ValueError("tensor/pipeline/expert_parallel_size='auto' needs the model to plan from; pass integers "
+                             "(`python -m picotron_lightning.plan` suggests them).")
+        self._options, self._plan = plan_strategy_options(self._options, module, world_size, self.num_processes,
+                                                          self.root_device)
+
     def _resolve_layout(self, world_size: int) -> ParallelLayout:
         """Check the sizes against the world size; raises before any process group exists."""
+        if self._options.layout.needs_plan:  # before launch: planned in each rank, from the model
+            from picotron_lightning.planner.ranking import check_inputs
+            from picotron_lightning.planner.search import Constraints
+
+            layout = self._options.layout
+
+            def fixed(value: Any) -> int | None:
+                return None if value == "auto" else int(value)
+
+            constraints = Constraints(dp=fixed(layout.data_parallel_size), tp=fixed(layout.tensor_parallel_size),
+                                      pp=fixed(layout.pipeline_parallel_size), ep=fixed(layout.expert_parallel_size))
+            check_inputs(world_size, max(getattr(self, "num_processes", world_size), 1), 1, constraints)
+            return layout
         self._layout = self._options.layout.resolve(world_size)
         self._hsdp_shard_size(self._layout, getattr(self, "num_processes", world_size))
         return self._layout

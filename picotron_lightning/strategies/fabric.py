@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
@@ -26,11 +27,23 @@ from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from picotron_lightning.fault_tolerance.runtime import FaultToleranceRuntime
 from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import collect_state, load_sharded, save_sharded
 from picotron_lightning.strategies.core import Picotron3DCore
 from picotron_lightning.topology import SizeArg
+
+LossFunction = Callable[[Any, Any], Tensor]
+"""``loss_fn(model_output, target) -> loss``, as ``torch.distributed.pipelining`` schedules take it."""
+
+
+def _unwrap(model: Module) -> Module:
+    """The user's module inside Fabric's ``_FabricModule`` wrapper (and ``torch.compile``'s)."""
+    from lightning.fabric.wrappers import _unwrap_objects
+
+    return _unwrap_objects(model)
+
 
 # Lightning 2.6 added the scheduler to `setup_module_and_optimizers` (and to its return value).
 _FABRIC_PASSES_SCHEDULER = "scheduler" in inspect.signature(ParallelStrategy.setup_module_and_optimizers).parameters
@@ -46,11 +59,14 @@ class _Picotron3DBackwardSyncControl(_BackwardSyncControl):
         return self._strategy._no_gradient_sync(module)
 
 
-def _rebind_optimizer(optimizer: Optimizer, before: dict[int, str], after: dict[str, torch.nn.Parameter]) -> None:
+def _rebind_optimizer(optimizer: Optimizer, before: dict[int, list[str]], after: dict[str, torch.nn.Parameter]) -> None:
     """Point ``optimizer`` at the parameters that sharding created in place of the originals.
 
     ``fully_shard`` and tensor parallelism replace each ``nn.Parameter`` with a new (DTensor) one,
     so an optimizer built before ``fabric.setup`` would update tensors the model no longer uses.
+    Under pipeline parallelism a rank keeps only its stages' parameters: the others leave the
+    optimizer, and a weight tied across the first and last stage is found under whichever of its
+    names this rank still holds (the last stage's copy under the output's name).
     """
     if optimizer.state:
         raise RuntimeError(
@@ -58,7 +74,16 @@ def _rebind_optimizer(optimizer: Optimizer, before: dict[int, str], after: dict[
             "`fabric.setup(model)` first and `fabric.setup_optimizers(optimizer)` on a new optimizer."
         )
     for group in optimizer.param_groups:
-        group["params"] = [after[before[id(p)]] if id(p) in before else p for p in group["params"]]
+        params: list[torch.nn.Parameter] = []
+        for p in group["params"]:
+            names = before.get(id(p))
+            if names is None:  # not a parameter of this model: leave it alone
+                params.append(p)
+                continue
+            held = next((after[n] for n in names if n in after), None)
+            if held is not None and all(held is not q for q in params):
+                params.append(held)
+        group["params"] = params
 
 
 class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
@@ -73,9 +98,9 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def __init__(
         self,
         data_parallel_size: SizeArg = "auto",
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        expert_parallel_size: int = 1,
+        tensor_parallel_size: SizeArg = 1,
+        pipeline_parallel_size: SizeArg = 1,
+        expert_parallel_size: SizeArg = 1,
         *,
         data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
         hsdp_shard_size: SizeArg = "auto",
@@ -94,7 +119,13 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         activation_checkpointing: bool = False,
         memory: MemoryOptions | dict[str, Any] | None = None,
         memory_budget: int | float | None = None,
+        compile: bool | dict[str, Any] = False,
         start_method: Literal["popen", "spawn"] = "popen",
+        resume: Literal["on_restart", "auto", "never"] = "on_restart",
+        async_checkpointing: bool = False,
+        max_checkpoints_in_flight: int = 1,
+        keep_last_checkpoints: int | None = None,
+        heartbeat_timeout: float | None = 15.0,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -117,17 +148,28 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
                 "`strategy.estimate_memory(model, batch)` per policy and pass the policy's fields in `memory=`, or "
                 "use the Trainer (`Picotron3DStrategy`)."
             )
-        if pipeline_parallel_size != 1:
-            # A Fabric script calls the model and `fabric.backward` itself, one batch at a time, so no
-            # pipeline schedule can interleave its microbatches across stages.
+        # Fault tolerance: complete-only (optionally asynchronous) checkpoints and heartbeats. A Fabric script
+        # chooses where it resumes itself (`picotron_lightning.fault_tolerance.newest_complete_checkpoint`).
+        self._fault_tolerance = FaultToleranceRuntime(self._options.fault_tolerance)
+        if self._options.memory.oom_recovery:
+            # The recovery redoes Lightning's training closure inside the optimizer step; a Fabric script's
+            # loop is its own, so there is nothing the strategy could redo.
             raise ValueError(
-                f"`pipeline_parallel_size={pipeline_parallel_size}` is not supported with Fabric: the script runs "
-                "forward and backward itself. Use the Trainer (`Picotron3DStrategy`) for pipeline parallelism, "
-                "or pipeline_parallel_size=1."
+                "`memory.oom_recovery=True` is not supported with Fabric: the script runs forward, backward and the "
+                "optimizer step itself. Use the Trainer (`Picotron3DStrategy`), or catch torch.OutOfMemoryError "
+                "in the script."
+            )
+        if self._options.layout.needs_plan:
+            # Fabric sets up processes before the script hands over the model: nothing to plan from yet.
+            raise ValueError(
+                "tensor_parallel_size/expert_parallel_size='auto' is planned from the model, which Fabric receives "
+                "only after launch; pass integers (`python -m picotron_lightning.plan --model ...` suggests them) "
+                "or use the Trainer's Picotron3DStrategy, which plans them."
             )
         self._num_nodes = 1
         self._backward_sync_control = _Picotron3DBackwardSyncControl(self)
         self._module: Module | None = None
+        self._in_pipeline_step = False
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -152,14 +194,18 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._setup_processes(None)
+        self._fault_tolerance.start()  # fault tolerance: heartbeats (stopped at interpreter exit)
+        atexit.register(self._fault_tolerance.stop_at_exit)
 
     # ------------------------------------------------------------------ module and optimizers
     def setup_module_and_optimizers(
         self, module: Module, optimizers: list[Optimizer], scheduler: Any | None = None
     ) -> tuple[Module, list[Optimizer], Any | None]:
-        before = {id(p): name for name, p in module.named_parameters()}
+        before: dict[int, list[str]] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            before.setdefault(id(p), []).append(name)
         wrapped = self.setup_module(module)
-        after = dict(module.named_parameters())
+        after = dict(module.named_parameters(remove_duplicate=False))
         for optimizer in optimizers:
             _rebind_optimizer(optimizer, before, after)
         if not _FABRIC_PASSES_SCHEDULER:
@@ -176,6 +222,8 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             wrapped.register_forward_pre_hook(lambda *_: offload.__enter__())
             wrapped.register_forward_hook(lambda *_: offload.__exit__(), always_call=True)
         self._module = module
+        if self._pipeline is not None:
+            self._refuse_direct_calls(module)
         return wrapped
 
     def module_to_device(self, module: Module) -> None:
@@ -209,6 +257,61 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             super().backward(tensor, module, *args, **kwargs)
         if self._module is not None:
             self._reduce_expert_gradients(self._module)  # skipped inside no_backward_sync
+
+    # ------------------------------------------------------------------ pipeline steps (see fabric_steps.py)
+    def pipeline_step(self, model: Module, inputs: tuple, target: Any, loss_fn: LossFunction,
+                      training: bool = True) -> Tensor:
+        """One batch through the pipeline schedule: forward, ``loss_fn`` on the last stage, and backward.
+
+        Called by :func:`picotron_lightning.forward_backward` and :func:`picotron_lightning.evaluate` when
+        ``pipeline_parallel_size > 1``. The batch (``inputs`` and ``target`` along dim 0) is cut into
+        microbatches; the microbatch losses are averaged as one ``loss.backward()`` on the whole batch
+        would, their gradients added to ``.grad``, and the batch's mean loss returned on every rank.
+        """
+        pipeline = self._pipeline
+        if pipeline is None:
+            raise RuntimeError("`pipeline_step` needs pipeline_parallel_size > 1 and `fabric.setup(model)` first.")
+        if training:
+            self._check_pipeline_precision()
+        root = _unwrap(model)
+        inputs = self.precision.convert_input(inputs)
+
+        def step(microbatch: tuple[tuple, Any]) -> Tensor:
+            return loss_fn(root(*microbatch[0]), microbatch[1])
+
+        grad_mode = torch.enable_grad() if training else torch.no_grad()
+        self._in_pipeline_step = True
+        try:
+            with grad_mode, self.precision.forward_context(), self._step_context():
+                loss = pipeline.run_function(step, (inputs, target), training=training)
+        finally:
+            self._in_pipeline_step = False
+        if training:
+            self._reduce_expert_gradients(root)  # skipped inside no_backward_sync
+        return loss
+
+    def _check_pipeline_precision(self) -> None:
+        engine = getattr(self.precision, "_engine", None)  # AdaptivePrecision's loss scaler lives in its engine
+        scaler = getattr(self.precision, "scaler", None) or getattr(engine, "scaler", None)
+        if scaler is not None and getattr(scaler, "enabled", True):
+            raise ValueError(
+                "fp16 loss scaling cannot scale the losses inside a pipeline schedule yet. With "
+                "pipeline_parallel_size > 1 use precision='bf16-mixed' or '32-true', or AdaptivePrecision(mode='bf16')."
+            )
+
+    def _refuse_direct_calls(self, root: Module) -> None:
+        """Under pp a rank holds only its stages: calling the model outside a pipeline step gets a clear error."""
+
+        def guard(module: Module, args: Any) -> None:
+            if not self._in_pipeline_step:
+                raise RuntimeError(
+                    f"With pipeline_parallel_size={self.layout.pp} this rank holds only its pipeline stages of "
+                    f"{type(module).__name__}, so `model(x)` cannot run here. Replace `loss = loss_fn(model(x), y); "
+                    "fabric.backward(loss)` by `loss = picotron_lightning.forward_backward(fabric, model, x, y, "
+                    "loss_fn)` (and use `picotron_lightning.evaluate` without gradients)."
+                )
+
+        root.register_forward_pre_hook(guard)
 
     def _norm_module(self) -> Module:
         if self._module is None:
@@ -247,7 +350,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         rest = {k: v for k, v in state.items() if k not in modules and k not in optimizers}
         rest["__model_key__"] = model_key
         tensors = collect_state(module, list(optimizers.values()), list(optimizers))
-        save_sharded(Path(self.broadcast(str(path))), tensors, metadata=rest)
+        save_sharded(Path(self.broadcast(str(path))), tensors, metadata=rest, writer=self._fault_tolerance.writer)
 
     def load_checkpoint(
         self,

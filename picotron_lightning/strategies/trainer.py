@@ -7,6 +7,7 @@ import sys
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -20,14 +21,16 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import ReduceOp
+from lightning.pytorch.loops.optimization.automatic import Closure
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
-from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from picotron_lightning.fault_tolerance.runtime import FaultToleranceRuntime
 from picotron_lightning.memory.options import MemoryOptions
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import (
@@ -38,6 +41,7 @@ from picotron_lightning.strategies.checkpoint import (
     save_sharded,
 )
 from picotron_lightning.strategies.core import Picotron3DCore
+from picotron_lightning.strategies.oom_step import OOMRecoveryStep
 from picotron_lightning.topology import SizeArg
 
 
@@ -93,9 +97,9 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     def __init__(
         self,
         data_parallel_size: SizeArg = "auto",
-        tensor_parallel_size: int = 1,
-        pipeline_parallel_size: int = 1,
-        expert_parallel_size: int = 1,
+        tensor_parallel_size: SizeArg = 1,
+        pipeline_parallel_size: SizeArg = 1,
+        expert_parallel_size: SizeArg = 1,
         *,
         data_parallel_mode: Literal["auto", "fsdp", "ddp", "hsdp"] = "auto",
         hsdp_shard_size: SizeArg = "auto",
@@ -114,7 +118,13 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         activation_checkpointing: bool = False,
         memory: MemoryOptions | dict[str, Any] | None = None,
         memory_budget: int | float | None = None,
+        compile: bool | dict[str, Any] = False,
         start_method: Literal["popen", "spawn"] = "popen",
+        resume: Literal["on_restart", "auto", "never"] = "on_restart",
+        async_checkpointing: bool = False,
+        max_checkpoints_in_flight: int = 1,
+        keep_last_checkpoints: int | None = None,
+        heartbeat_timeout: float | None = 15.0,
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -130,6 +140,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         )
         self._init_core(Picotron3DOptions.from_arguments(locals()))  # validated here, at construction
         self.num_nodes = 1
+        self._fault_tolerance = FaultToleranceRuntime(self._options.fault_tolerance)  # fault tolerance
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:
@@ -155,6 +166,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     def setup_environment(self) -> None:
         super().setup_environment()
         self._setup_processes(self.lightning_module)
+        self._fault_tolerance.start()  # fault tolerance: heartbeats, once the process group exists
         assert self.lightning_module is not None
         self.lightning_module._device_mesh = self.device_mesh  # `pl_module.device_mesh`, as Lightning does
         # Garbage collection at the same steps on every rank, allocator fragmentation: a callback observes steps.
@@ -187,6 +199,17 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING and not self._options.memory.cpu_offload:
             # (FSDP2's CPU offload keeps the optimizer state on the host, where the optimizer steps.)
             _optimizers_to_device(self.optimizers, self.root_device)
+        self._oom: OOMRecoveryStep | None = None
+        if trainer.state.fn == TrainerFn.FITTING and self._options.memory.oom_recovery:
+            self._oom = OOMRecoveryStep(self, trainer, self._options.memory)
+        self._fault_tolerance.resume(trainer, self)  # fault tolerance: the newest complete checkpoint, if asked
+
+    def process_dataloader(self, dataloader: object) -> object:
+        # Fault tolerance: the training sampler's position inside the epoch is saved and resumed.
+        assert self.lightning_module is not None
+        if self.lightning_module.trainer.training:
+            return self._fault_tolerance.process_dataloader(dataloader)
+        return dataloader
 
     def _sample_batch(self) -> Any:
         """The first batch of the training data, for ``memory_budget``'s estimate (only its shape matters).
@@ -245,9 +268,44 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             return closure_loss
         # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
         with self._step_context():
-            return super().backward(closure_loss, optimizer, *args, **kwargs)
+            recovery = self.oom_recovery
+            weight = recovery.loss_weight if recovery is not None else None
+            if weight is None:
+                return super().backward(closure_loss, optimizer, *args, **kwargs)
+            return self._weighted_backward(closure_loss, weight, optimizer, *args, **kwargs)
+
+    def _weighted_backward(self, closure_loss: Tensor, weight: float, optimizer: Optimizer | None, *args: Any,
+                           **kwargs: Any) -> Tensor:
+        """Lightning's backward for one micro-batch of an OOM-split step: hooks see the micro-batch's own loss,
+        the gradient is weighted by its share of the samples (so the pieces add up to the whole batch's)."""
+        assert self.lightning_module is not None
+        self.pre_backward(closure_loss)
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        self.precision_plugin.backward(closure_loss * weight, self.lightning_module, optimizer, *args, **kwargs)
+        closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+        self.post_backward(closure_loss)
+        return closure_loss
+
+    @property
+    def oom_recovery(self) -> OOMRecoveryStep | None:
+        """The OOM recovery of this fit (``memory.oom_recovery=True``): its split, retries and their history."""
+        return getattr(self, "_oom", None)
+
+    def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
+        batch = super().batch_to_device(batch, device, dataloader_idx)
+        if self.oom_recovery is not None:
+            self.oom_recovery.batch = batch  # the global batch a recovered step splits
+        return batch
+
+    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+        recovery = self.oom_recovery
+        if recovery is not None and isinstance(closure, Closure):
+            closure = partial(recovery.run, closure)
+        return super().optimizer_step(optimizer, closure, model, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.oom_recovery is not None and self.oom_recovery.micro_batch is not None:
+            args = (self.oom_recovery.micro_batch, *args[1:])  # one piece of an OOM-split step
         with self.precision_plugin.train_step_context():
             return self._redirect("training_step", *args, **kwargs)
 
@@ -287,8 +345,13 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     ) -> Tensor | Any:
         # Over the world: tensor-parallel ranks hold equal copies, so the mean is the data-parallel mean.
         if isinstance(tensor, Tensor):
-            return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+            if self.oom_recovery is not None and self.oom_recovery.defer(tensor, group, reduce_op):
+                return tensor  # inside an OOM-recoverable attempt: reduced in place at the agreement point
+            return self._reduce_now(tensor, group, reduce_op)
         return tensor
+
+    def _reduce_now(self, tensor: Tensor, group: Any | None, reduce_op: ReduceOp | str | None) -> Tensor:
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
 
     # ------------------------------------------------------------------ checkpoints
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -315,17 +378,26 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         state = {"model": checkpoint.pop("state_dict")}
         for i, optim_state in enumerate(checkpoint.pop("optimizer_states", [])):
             state[f"optimizer_{i}"] = optim_state
-        save_sharded(path, state, metadata=checkpoint)
+        assert self.lightning_module is not None
+        self._fault_tolerance.add_to_checkpoint(checkpoint, self.lightning_module.trainer)  # RNG, data position
+        save_sharded(path, state, metadata=checkpoint, writer=self._fault_tolerance.writer)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
-        return load_sharded(
+        self._fault_tolerance.writer.wait()  # an asynchronous save of this run may still be writing
+        checkpoint = load_sharded(
             path, self.lightning_module, optimizer_list(self.optimizers), strict=self.lightning_module.strict_loading
         )
+        self._fault_tolerance.restore_from_checkpoint(checkpoint, self.global_rank)  # RNG, data position
+        return checkpoint
 
     def remove_checkpoint(self, filepath: Any) -> None:
         remove_checkpoint(filepath)
 
     def teardown(self) -> None:
+        # Fault tolerance: finish asynchronous saves and stop heartbeats (after a failure, silently: the others
+        # then report this rank within the heartbeat timeout instead of waiting for the collective timeout).
+        trainer = getattr(self.lightning_module, "_trainer", None)
+        self._fault_tolerance.stop(succeeded=trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED)
         super().teardown()

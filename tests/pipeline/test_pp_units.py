@@ -116,8 +116,10 @@ def test_options_are_checked_at_construction():
         Picotron3DStrategy(pipeline_parallel_size=2, virtual_stages=2)
     with pytest.raises(LayoutError, match="num_microbatches"):
         Picotron3DStrategy(pipeline_parallel_size=2, num_microbatches=0)
-    with pytest.raises(ValueError, match="Fabric"):
-        Picotron3DFabricStrategy(pipeline_parallel_size=2)
+    # Fabric runs pipelines too (through `forward_backward`) and checks the same options.
+    assert Picotron3DFabricStrategy(pipeline_parallel_size=2).layout.pp == 2
+    with pytest.raises(LayoutError, match="pipeline_schedule='pipedream'"):
+        Picotron3DFabricStrategy(pipeline_parallel_size=2, pipeline_schedule="pipedream")
 
 
 def test_microbatch_default_and_bubble_warning():

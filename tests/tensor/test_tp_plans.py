@@ -59,9 +59,76 @@ def test_detector_refuses_a_linear_outside_the_megatron_pattern():
         _classify(_DeepMLP())
 
 
-def test_detector_refuses_fused_qkv_split_by_position():
-    with pytest.raises(LayoutError, match="fused"):
-        _classify(Cell(fused=True))
+def test_detector_keeps_a_fused_qkv_with_its_number_of_parts():
+    block = Cell(fused=True)
+    trace = trace_block(block, (torch.randn(1, 8, WIDTH),), {})
+    assert classify_block(block, trace, "block")["mix.abc"] == "colwise"
+    assert trace.fused == {"mix.abc": 3}
+
+
+def test_fused_qkv_split_by_a_hard_coded_width_is_refused_by_the_dry_run():
+    module = LMModule("gpt_fused")  # `split(WIDTH)`: the rank cannot know its local width
+    with pytest.raises(LayoutError, match=r"dry run.*fused projection\(s\) \['net\.cells\.0\.mix\.abc'\]"):
+        validate_plan(module, resolve_plan(module, None), 2)
+
+
+class _GroupedQKV(nn.Module):
+    """q with more heads than k and v, fused: parts of different sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(WIDTH, 2 * WIDTH)
+        self.out = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).split([WIDTH, WIDTH // 2, WIDTH // 2], dim=-1)
+        return x + self.out(q * torch.cat([k, v], dim=-1))
+
+
+def test_fused_projection_with_unequal_parts_is_refused():
+    with pytest.raises(LayoutError, match=r"\['qkv'\] is split by position into parts of different sizes"):
+        _classify(_GroupedQKV())
+
+
+def test_sizes_tp_does_not_divide_are_accepted_head_counts_still_must_divide():
+    module = LMModule("gpt_odd")  # vocabulary 97, MLP width 129, 4 heads of 16 (not stated: the dry run finds them)
+    plan = resolve_plan(module, None)
+    for tp in (2, 4):
+        validate_plan(module, plan, tp)
+    with pytest.raises(LayoutError, match=r"tensor_parallel_size=3.*dry run.*Sizes that would work.*\[1, 2, 4\]"):
+        validate_plan(module, plan, 3)
+
+
+def test_a_sharded_size_smaller_than_tp_is_refused_by_name():
+    module = TinyGPT(ffn=3)
+    with pytest.raises(LayoutError, match=r"tensor_parallel_size=4 is larger than out_features=3 of "
+                                          r"'cells\.0\.spread\.widen'.*\[1, 2\]"):
+        validate_plan(module, resolve_plan(module, None), 4)
+
+
+def test_hugging_face_gpt2_is_planned_from_its_conv1d_data_flow():
+    module = LMModule("gpt2")
+    plan = resolve_plan(module, None)
+    s = plan.styles
+    assert s["net.transformer.h.0.attn.c_attn"] == s["net.transformer.h.0.mlp.c_fc"] == "colwise"
+    assert s["net.transformer.h.0.attn.c_proj"] == s["net.transformer.h.0.mlp.c_proj"] == "rowwise"
+    assert s["net.transformer.h.0.ln_1"] == s["net.transformer.h.0.ln_2"] == "norm"
+    assert s["net.lm_head"] == "head" and s["net.transformer.wte"] == "embedding"
+    assert plan.fused == {"net.transformer.h.0.attn.c_attn": 3, "net.transformer.h.1.attn.c_attn": 3}
+    assert plan.head_counts == {"num_attention_heads": HEADS}
+    for tp in (2, 4):  # the numeric check runs the regrouped q|k|v shards and the local split_size
+        validate_plan(module, plan, tp)
+    with pytest.raises(LayoutError, match="num_attention_heads=4"):
+        validate_plan(module, plan, 3)
+
+
+def test_gpt2_sharded_contiguously_instead_of_per_part_is_refused():
+    """The per-part regrouping is what makes GPT-2's fused c_attn shardable: without it, validation refuses."""
+    module = LMModule("gpt2")
+    plan = resolve_plan(module, None)
+    plan.fused.clear()
+    with pytest.raises(LayoutError, match="c_attn|attn"):
+        validate_plan(module, plan, 2)
 
 
 class _UnbindFused(nn.Module):

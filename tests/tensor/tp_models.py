@@ -5,6 +5,9 @@
   pre-LayerNorm, biases, GELU MLP; its plan must come from the data-flow detector.
 * ``gpt_fused``: the same GPT with one linear producing q, k and v, split by position.
 * ``gpt_hardcoded``: the same GPT reshaping with a hard-coded head count.
+* ``gpt_odd``: the plain GPT with sizes tp does not divide: vocabulary ``ODD_VOCAB``, MLP width ``ODD_FFN``.
+* ``gpt2``: a tiny Hugging Face ``GPT2LMHeadModel`` (``Conv1D`` projections, fused ``c_attn``) with an odd
+  vocabulary ``GPT2_VOCAB``, head untied so the vocabulary is sharded; ``gpt2_tied``: GPT-2's default tying.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from torch import nn
 VOCAB = 256
 WIDTH = 64
 HEADS = 4
+ODD_VOCAB = 97  # prime: no tp > 1 divides it
+ODD_FFN = 129
+GPT2_VOCAB = 101
 
 
 class Mixer(nn.Module):
@@ -47,22 +53,22 @@ class Mixer(nn.Module):
 
 
 class Spread(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, ffn: int = 4 * WIDTH) -> None:
         super().__init__()
-        self.widen = nn.Linear(WIDTH, 4 * WIDTH)
-        self.narrow = nn.Linear(4 * WIDTH, WIDTH)
+        self.widen = nn.Linear(WIDTH, ffn)
+        self.narrow = nn.Linear(ffn, WIDTH)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.narrow(F.gelu(self.widen(u)))
 
 
 class Cell(nn.Module):
-    def __init__(self, **kw: bool) -> None:
+    def __init__(self, ffn: int = 4 * WIDTH, **kw: bool) -> None:
         super().__init__()
         self.ln_a = nn.LayerNorm(WIDTH)
         self.mix = Mixer(**kw)
         self.ln_b = nn.LayerNorm(WIDTH)
-        self.spread = Spread()
+        self.spread = Spread(ffn)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         u = u + self.mix(self.ln_a(u))
@@ -70,13 +76,13 @@ class Cell(nn.Module):
 
 
 class TinyGPT(nn.Module):
-    def __init__(self, layers: int = 2, **kw: bool) -> None:
+    def __init__(self, layers: int = 2, vocab: int = VOCAB, ffn: int = 4 * WIDTH, **kw: bool) -> None:
         super().__init__()
-        self.tok = nn.Embedding(VOCAB, WIDTH)
+        self.tok = nn.Embedding(vocab, WIDTH)
         self.pos = nn.Parameter(torch.randn(64, WIDTH) * 0.02)
-        self.cells = nn.ModuleList(Cell(**kw) for _ in range(layers))
+        self.cells = nn.ModuleList(Cell(ffn, **kw) for _ in range(layers))
         self.ln_out = nn.LayerNorm(WIDTH)
-        self.unembed = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.unembed = nn.Linear(WIDTH, vocab, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         u = self.tok(idx) + self.pos[: idx.shape[1]]
@@ -95,6 +101,22 @@ def hf_llama() -> nn.Module:
     return LlamaForCausalLM(config)
 
 
+def hf_gpt2(tied: bool = False) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=GPT2_VOCAB, n_embd=WIDTH, n_layer=2, n_head=HEADS, n_positions=64, resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, attn_implementation="sdpa", bos_token_id=0,
+        eos_token_id=0,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def vocab_of(kind: str) -> int:
+    """The vocabulary of a model kind (the token data must stay below it)."""
+    return {"gpt_odd": ODD_VOCAB, "gpt2": GPT2_VOCAB, "gpt2_tied": GPT2_VOCAB}.get(kind, VOCAB)
+
+
 class LMModule(L.LightningModule):
     """Next-token loss over batches (batch, seq + 1) for any of the models above."""
 
@@ -105,13 +127,20 @@ class LMModule(L.LightningModule):
             torch.manual_seed(0)
             if kind == "hf":
                 self.net = hf_llama()
+            elif kind.startswith("gpt2"):
+                self.net = hf_gpt2(tied=kind == "gpt2_tied")
+            elif kind == "gpt_odd":
+                self.net = TinyGPT(vocab=ODD_VOCAB, ffn=ODD_FFN)
             else:
                 self.net = TinyGPT(fused=kind == "gpt_fused", hardcoded=kind == "gpt_hardcoded")
 
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        out = self.net(inputs)
+        return out.logits if hasattr(out, "logits") else out
+
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        out = self.net(inputs)
-        logits = out.logits if hasattr(out, "logits") else out
+        logits = self(inputs)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:

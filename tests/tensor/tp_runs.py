@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -24,10 +25,10 @@ def make(kind: str) -> Any:
     return LMModule(kind)
 
 
-def reference(kind: str, data: torch.Tensor, steps: int, global_batch: int, clip: float | None = None
-              ) -> dict[str, list[float]]:
-    """One process, plain loop, the Trainer's DistributedSampler order (seed 0 + epoch)."""
-    out = train_reference(make(kind), data, steps, global_batch, clip=clip)
+def reference(kind: str, data: torch.Tensor, steps: int, global_batch: int, clip: float | None = None,
+              shuffle: bool = True) -> dict[str, list[float]]:
+    """One process, plain loop, the Trainer's DistributedSampler order (seed 0 + epoch; Fabric: ``shuffle=False``)."""
+    out = train_reference(make(kind), data, steps, global_batch, clip=clip, shuffle=shuffle)
     return {"losses": out["losses"], "norms": out["norms"]}
 
 
@@ -51,6 +52,9 @@ def fit(world: int, kind: str, data: torch.Tensor, micro_batch: int, steps: int,
             probes["source"] = plan.source
             probes["sequence_parallel"] = plan.sequence_parallel
             probes["styles"] = dict(plan.styles)
+            probes["fused"] = dict(plan.fused)
+            probes["local_shapes"] = {n: tuple(_local(p).shape) for n, p in pl_module.named_parameters()}
+            probes["state_shapes"] = {n: tuple(t.shape) for n, t in pl_module.state_dict().items()}
             modules = dict(pl_module.named_modules())
             norms = plan.modules_with("norm")
             if norms:
@@ -68,6 +72,33 @@ def fit(world: int, kind: str, data: torch.Tensor, micro_batch: int, steps: int,
         gradient_clip_val=clip,
     )
     return {"losses": fitted.losses, **probes}
+
+
+def fabric_fit(world: int, kind: str, data: torch.Tensor, micro_batch: int, steps: int, strategy_kwargs: dict,
+               loss_parallel: bool = False) -> dict[str, Any]:
+    """An ordinary Fabric loop (the loader's own order) on this rank; its per-step losses."""
+    import lightning as L
+    import torch.nn.functional as F
+
+    from picotron_lightning import Picotron3DFabricStrategy
+
+    strategy = Picotron3DFabricStrategy(timeout=COLLECTIVE_TIMEOUT, loss_parallel=loss_parallel, **strategy_kwargs)
+    fabric = L.Fabric(strategy=strategy, accelerator="cpu", devices=world)
+    fabric.launch()
+    module = make(kind)
+    model, optimizer = fabric.setup(module, module.configure_optimizers())
+    batches = iter(fabric.setup_dataloaders(DataLoader(TokenDataset(data), batch_size=micro_batch, shuffle=False)))
+    losses = []
+    for _ in range(steps):
+        batch = next(batches)
+        logits = model(batch[:, :-1])
+        with fabric.strategy.loss_parallel() if loss_parallel else contextlib.nullcontext():
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(_local(loss)))
+    return {"losses": losses, "logits_type": type(logits).__name__}
 
 
 def _local(x: Any) -> torch.Tensor:

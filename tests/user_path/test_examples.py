@@ -66,6 +66,15 @@ def test_monitoring_example_and_png_renderer(tmp_path):
     assert list((tmp_path / "img").glob("*.png")), "no PNG rendered"
 
 
+def test_fabric_pipeline_example(tmp_path):
+    """``python examples/fabric_pipeline.py`` (pp=2 on 2 processes, a plain Fabric loop), 11 steps."""
+    out = run_script(EXAMPLES / "fabric_pipeline.py", "--steps", "11", cwd=tmp_path, timeout=600).stdout
+    losses = [float(line.split("loss")[1]) for line in out.splitlines() if line.startswith("step ")]
+    assert len(losses) == 2 and losses[1] < losses[0], out[-2000:]  # steps 0 and 10: it learns
+    assert "pipeline_parallel_size=2" in out and "last batch without gradients" in out, out[-2000:]
+    assert (tmp_path / "checkpoints" / "fabric_pipeline").is_dir()
+
+
 def test_every_example_script_is_exercised():
-    exercised = {"pretrain.py", "monitoring.py", "render_monitoring_pngs.py"}
+    exercised = {"pretrain.py", "monitoring.py", "render_monitoring_pngs.py", "fabric_pipeline.py"}
     assert exercised == {p.name for p in EXAMPLES.glob("*.py")}

@@ -30,7 +30,7 @@ from tests.parity import RTOL, max_relative_diff, train_reference
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
-from user_models import build_module  # noqa: E402
+from user_models import build_module, vocab_size  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def _reference(run: dict[str, Any], dp: int, shuffle: bool = True) -> list[float
     chunks = 1
     if run["model"].get("kind") == "moe" and run["strategy"].get("pipeline_parallel_size", 1) > 1:
         chunks = run["micro_batch"]  # the MoE auxiliary loss is per pipeline microbatch
-    data = token_data(run["samples"])
+    data = token_data(run["samples"], vocab_size=vocab_size(run["model"]))
     return train_reference(build_module(run["model"]), data, run["steps"], run["micro_batch"] * dp,
                            shuffle=shuffle, chunks=chunks)["losses"]
 
@@ -93,6 +93,28 @@ def test_lightning_launcher_2_processes(lightning2, run):
     dp = 2 // run["strategy"].get("tensor_parallel_size", 1) // run["strategy"].get("pipeline_parallel_size", 1)
     assert lightning2[run["name"]]["world_size"] == 2
     _assert_parity(lightning2, run, dp)
+
+
+# --------------------------------------------------------------------------- models users bring, tp=2
+# Hugging Face GPT-2 (Conv1D projections, fused c_attn) with an odd vocabulary, tied as GPT-2 ships
+# (the vocabulary then stays whole) and untied (sharded unevenly, 101 -> 51 + 50), and a plain GPT whose
+# vocabulary (97) and MLP width (129) tp does not divide.
+RUNS_MODELS = [
+    _run("tp2_gpt2", 1, model={"kind": "gpt2", "tied": False}, strategy={"tensor_parallel_size": 2}),
+    _run("tp2_gpt2_tied", 1, model={"kind": "gpt2", "tied": True}, strategy={"tensor_parallel_size": 2}),
+    _run("tp2_gpt_odd", 1, model={"kind": "gpt", "vocab": 97, "ffn": 129}, strategy={"tensor_parallel_size": 2}),
+]
+
+
+@pytest.fixture(scope="module")
+def models_users_bring(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("models"), {"devices": 2, "runs": RUNS_MODELS})
+
+
+@pytest.mark.parametrize("run", RUNS_MODELS, ids=[r["name"] for r in RUNS_MODELS])
+def test_models_users_bring_tp2(models_users_bring, run):
+    assert models_users_bring[run["name"]]["world_size"] == 2
+    _assert_parity(models_users_bring, run, dp=1)
 
 
 # --------------------------------------------------------------------------- Lightning's launcher, 8 processes
@@ -180,12 +202,109 @@ def test_monitoring_callbacks_write_their_tensorboard_tags(with_plugins):
     assert any(t.startswith("weights/") for t in acc.Tags()["histograms"])
 
 
+# --------------------------------------------------------------------------- torch.compile per block
+# Each block compiled (inductor) after tensor parallelism and checkpointing, before data parallelism;
+# parity against the eager one-process loop at fp32 1e-4.
+COMPILE_RUNS = [
+    _run("compile_ddp", 2, strategy={"compile": True, "data_parallel_mode": "ddp"}),
+    _run("compile_fsdp_selective", 2, strategy={"compile": True, "data_parallel_mode": "fsdp",
+                                                "memory": {"activation_checkpointing": "selective"}}),
+    _run("compile_pp2", 1, strategy={"compile": True, "pipeline_parallel_size": 2}),
+    _run("compile_bf16", 2, model=BF16_MODEL, strategy={"compile": True}, precision={"mode": "bf16"}),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("compiled"), {"devices": 2, "runs": COMPILE_RUNS}, timeout=1800)
+
+
+@pytest.mark.parametrize("run", COMPILE_RUNS[:3], ids=[r["name"] for r in COMPILE_RUNS[:3]])
+def test_compiled_blocks_match_eager_one_process(compiled, run):
+    blocks_per_rank = 4 // run["strategy"].get("pipeline_parallel_size", 1)
+    assert compiled[run["name"]]["compiled_blocks"] == blocks_per_rank, compiled[run["name"]]
+    dp = 2 // run["strategy"].get("tensor_parallel_size", 1) // run["strategy"].get("pipeline_parallel_size", 1)
+    _assert_parity(compiled, run, dp)
+
+
+def test_compiled_blocks_with_the_precision_plugin(compiled):
+    from torch.utils.data import DataLoader
+
+    from picotron_lightning import AdaptivePrecision
+
+    data = _global_order(token_data(STEPS * MICRO * 2))
+    eager = fit_and_record(build_module(BF16_MODEL), DataLoader(list(data), batch_size=4),
+                           plugins=[AdaptivePrecision(mode="bf16")], max_steps=STEPS).losses
+    got = compiled["compile_bf16"]
+    assert got["precision_mode"] == "bf16" and got["compiled_blocks"] == 4, got
+    assert max_relative_diff(got["losses"], eager) <= 1e-3, (got["losses"], eager)
+
+
 # --------------------------------------------------------------------------- other ways to start the ranks
 def test_fabric_launch_from_a_plain_script(tmp_path):
     runs = [_run("fabric_dp", 2), _run("fabric_tp2", 1, strategy={"tensor_parallel_size": 2})]
     results = _launch(tmp_path, {"devices": 2, "api": "fabric", "runs": runs})
     for run, dp in zip(runs, (2, 1), strict=True):
         _assert_parity(results, run, dp, shuffle=False)  # Fabric's sampler keeps the loader's order
+
+
+# Pipeline parallelism in a Fabric loop: `forward_backward(fabric, model, x, y, loss_fn)` in place of the
+# forward and `fabric.backward`, every schedule at pp=2 (pp x dp x tp in the 8-process launch below).
+FABRIC_PP = [
+    _run(f"fabric_pp2_{schedule}", 1, strategy={"pipeline_parallel_size": 2, "pipeline_schedule": schedule},
+         forward_backward=True, try_direct_call=True)
+    for schedule in ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
+] + [_run("fabric_dp2_forward_backward", 2, forward_backward=True)]
+
+
+@pytest.fixture(scope="module")
+def fabric_pp(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("fabric_pp"), {"devices": 2, "api": "fabric", "runs": FABRIC_PP})
+
+
+@pytest.mark.parametrize("run", FABRIC_PP, ids=[r["name"] for r in FABRIC_PP])
+def test_fabric_pipeline_schedules(fabric_pp, run):
+    dp = 2 // run["strategy"].get("pipeline_parallel_size", 1)
+    _assert_parity(fabric_pp, run, dp, shuffle=False)
+    if run.get("try_direct_call"):  # rank 0 holds the first stage only: model(x) is refused with the fix
+        assert "picotron_lightning.forward_backward(fabric, model" in fabric_pp[run["name"]]["direct_call_error"]
+
+
+# pp x dp x tp = 2 x 2 x 2 in a Fabric loop, with fabric.clip_gradients, and fabric.save / fabric.load:
+# a run saved after step 2 is resumed by a second run in the same script, at another layout (pp2 x dp4).
+FABRIC_3D = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}
+FABRIC_8 = [
+    _run("fabric_3d", 2, strategy=FABRIC_3D, forward_backward=True, clip=0.5),
+    _run("fabric_3d_saved", 2, strategy=FABRIC_3D, forward_backward=True, save_at=2),
+    # dp4 x one sample per rank (one microbatch: gpipe): the same global batches, in the same order, as dp2 x two.
+    {**_run("fabric_3d_resumed", 4, strategy={"pipeline_parallel_size": 2, "pipeline_schedule": "gpipe"},
+            forward_backward=True,
+            resume="fabric_3d_saved@2"), "micro_batch": 1, "samples": STEPS * MICRO * 2},
+]
+
+
+@pytest.fixture(scope="module")
+def fabric8(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("fabric8"), {"devices": 8, "api": "fabric", "runs": FABRIC_8},
+                   timeout=1200)
+
+
+def test_fabric_3d_with_clipping(fabric8):
+    run = FABRIC_8[0]
+    got = fabric8[run["name"]]["losses"]
+    data = token_data(run["samples"])
+    ref = train_reference(build_module(run["model"]), data, run["steps"], run["micro_batch"] * 2, clip=0.5,
+                          shuffle=False)["losses"]
+    assert fabric8[run["name"]]["world_size"] == 8
+    assert max_relative_diff(got, ref) <= RTOL, (got, ref)
+
+
+def test_fabric_3d_save_and_load_at_another_layout(fabric8):
+    saved, resumed = fabric8["fabric_3d_saved"]["losses"], fabric8["fabric_3d_resumed"]["losses"]
+    assert len(saved) == STEPS and len(resumed) == STEPS - 2, (saved, resumed)
+    _assert_parity(fabric8, FABRIC_8[1], dp=2, shuffle=False)
+    assert fabric8["fabric_3d_resumed"]["layout"] != fabric8["fabric_3d_saved"]["layout"]
+    assert max_relative_diff(resumed, saved[2:]) <= RTOL, (resumed, saved)
 
 
 def test_spawn_start_method(tmp_path):

@@ -17,7 +17,7 @@ ranks hold) and returns a :class:`PipelineRuntime`, which
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -244,15 +244,34 @@ class PipelineRuntime:
                 "Pipeline parallelism drives backward itself, so manual optimization (calling "
                 "`self.manual_backward` in `training_step`) is not supported with pipeline_parallel_size > 1."
             )
-        batch, rest = args[0], args[1:]
-        step = getattr(pl_module, kind)
+        accumulate = getattr(getattr(pl_module, "_trainer", None), "accumulate_grad_batches", 1) or 1
+        out, logs = self._run(getattr(pl_module, kind), kind, args[0], args[1:], kwargs, accumulate)
+        for name, value, log_args, log_kwargs in logs:
+            pl_module.log(name, value, *log_args, **log_kwargs)  # type: ignore[operator]  # a LightningModule
+        return out
+
+    def run_function(self, step: Callable[[Any], torch.Tensor], batch: Any, training: bool) -> torch.Tensor:
+        """Run ``step(microbatch) -> loss`` over ``batch`` through the schedule (Fabric's loop).
+
+        Training adds the batch's gradients (microbatch losses averaged, as one ``loss.backward()`` on
+        the whole batch would) to ``.grad``. Returns the batch's mean loss on every pipeline rank.
+        """
+        kind = "training_step" if training else "validation_step"
+        out, _ = self._run(step, kind, batch, (), {}, accumulate=1)
+        if training:
+            self.finish_backward()
+        return out
+
+    def _run(self, step: Callable[..., Any], kind: str, batch: Any, rest: tuple, kwargs: dict,
+             accumulate: int) -> tuple[Any, list]:
+        """One batch of ``step`` through the schedule; returns the replica-mean output and the averaged logs."""
+        training = kind == "training_step"
         m = self._microbatches(user_step.batch_size_of(batch), training)
         microbatches = user_step.split_batch(batch, m)
         self.state.calls = [
-            user_step.capture_inputs(pl_module, self.inner, step, mb, rest, kwargs, kind, self.parts.inner_name)
+            user_step.capture_inputs(self.root, self.inner, step, mb, rest, kwargs, kind, self.parts.inner_name)
             for mb in microbatches
         ]
-        accumulate = getattr(getattr(pl_module, "_trainer", None), "accumulate_grad_batches", 1) or 1
         self._ctx = _StepContext(kind, step, microbatches, rest, kwargs, scale=float(m * accumulate))
         if training:
             # MoE auxiliary gradients are injected per microbatch: scale them as the loss is scaled.
@@ -277,9 +296,7 @@ class PipelineRuntime:
         finally:
             self._ctx = None
             self.state.end_step()
-        for name, value, log_args, log_kwargs in logs:
-            pl_module.log(name, value, *log_args, **log_kwargs)  # type: ignore[operator]  # a LightningModule
-        return out
+        return out, logs
 
     # Lightning zeroes gradients between a step's forward (``training_step``) and its ``backward``. The
     # schedule computes both inside ``training_step``, so the step's gradients are set aside there and

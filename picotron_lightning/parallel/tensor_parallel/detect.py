@@ -11,10 +11,14 @@ classified by two facts:
   sharded row-wise (o_proj, down).
 
 That is Megatron's pattern: between a group of readers and its writer everything is per-head or
-per-feature, so it can run on a slice. A linear that is both, or neither, or a reader whose output
-is split by position into pieces (a fused qkv / gate_up), breaks the pattern and is refused with a
-message rather than sharded wrongly. The module whose output the readers consume, if it has
-parameters and no linears of its own, is the block's input norm (sequence-parallel candidate).
+per-feature, so it can run on a slice. A linear that is both, or neither, breaks the pattern and is
+refused with a message rather than sharded wrongly. A reader whose whole output is split by position
+into equal parts (a fused qkv / gate_up) is kept, with its number of parts, so that each rank gets
+its shard of every part (``linears.py``); one split into unequal parts is refused.
+
+The module whose output the readers consume, if it has parameters and no linears of its own, is the
+block's input norm (sequence-parallel candidate). "Linear" here means ``nn.Linear`` or a transposed
+linear (HF ``Conv1D``, ``linears.is_linear_like``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from picotron_lightning.parallel.tensor_parallel.linears import in_features, is_linear_like, out_features
 from picotron_lightning.parallel.tensor_parallel.plan_types import TensorParallelPlan
 from picotron_lightning.structure import BlockStack, find_main_block_stack
 from picotron_lightning.topology import LayoutError
@@ -41,6 +46,14 @@ class _BlockCallSeen(Exception):  # noqa: N818 - control flow, not an error
     """Raised by a hook to stop a forward once the wanted call was seen."""
 
 
+def _equal_parts(pieces: Any) -> int:
+    """How many pieces a split produced if they are all the same size, else 0."""
+    if not isinstance(pieces, (tuple, list)) or not pieces:
+        return 0
+    sizes = {tuple(p.shape) for p in pieces if isinstance(p, torch.Tensor)}
+    return len(pieces) if len(sizes) == 1 else 0
+
+
 class _TagMode(TorchFunctionMode):
     """Propagates provenance tags through every torch function; records splits of linear outputs."""
 
@@ -48,7 +61,7 @@ class _TagMode(TorchFunctionMode):
         super().__init__()
         self.tags: dict[int, frozenset[str]] = {}
         self.keep: list[torch.Tensor] = []  # tensor ids stay valid only while the tensors live
-        self.splits: list[tuple[frozenset[str], int]] = []  # (tags of split tensor, size of split dim)
+        self.splits: list[tuple[frozenset[str], int, int]] = []  # (tags, size of split dim, equal parts or 0)
 
     def tag(self, t: torch.Tensor, tags: frozenset[str]) -> None:
         self.tags[id(t)] = tags
@@ -69,7 +82,7 @@ class _TagMode(TorchFunctionMode):
         if tags:
             if func in _SPLITS and args and isinstance(args[0], torch.Tensor):
                 dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
-                self.splits.append((tags, args[0].shape[dim]))
+                self.splits.append((tags, args[0].shape[dim], _equal_parts(out)))
             for leaf in tree_flatten(out)[0]:
                 if isinstance(leaf, torch.Tensor):
                     self.tag(leaf, tags)
@@ -85,7 +98,7 @@ class BlockTrace:
     input_producer: dict[str, str | None] = field(default_factory=dict)  # module that produced the input
     output_tags: frozenset[str] = frozenset()
     producer_inputs: dict[str, frozenset[str]] = field(default_factory=dict)  # module -> tags of its input
-    fused: dict[str, int] = field(default_factory=dict)  # linear -> out_features split by position
+    fused: dict[str, int] = field(default_factory=dict)  # linear split by position -> equal parts (0: unequal)
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:
@@ -109,7 +122,7 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockTrace:
     def pre(name: str):  # noqa: ANN202
         def hook(module: nn.Module, a: tuple, kw: dict) -> None:
             x = _first_tensor((a, kw))
-            if isinstance(module, nn.Linear):
+            if is_linear_like(module):
                 trace.linears.append(name)
                 trace.input_tags[name] = mode.of(x) if x is not None else frozenset()
                 trace.input_producer[name] = producer.get(id(x)) if x is not None else None
@@ -122,7 +135,7 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockTrace:
             for leaf in tree_flatten(out)[0]:
                 if isinstance(leaf, torch.Tensor):
                     producer.setdefault(id(leaf), name)  # innermost module wins (hooks run inner first)
-                    if isinstance(module, nn.Linear):
+                    if is_linear_like(module):
                         mode.tag(leaf, frozenset({name}))
         return hook
 
@@ -140,19 +153,19 @@ def trace_block(block: nn.Module, args: tuple, kwargs: dict) -> BlockTrace:
     finally:
         for h in handles:
             h.remove()
-    for tags, size in mode.splits:
+    for tags, size, parts in mode.splits:
         if len(tags) == 1:
             (name,) = tags
             module = modules.get(name)
-            if isinstance(module, nn.Linear) and size == module.out_features:
-                trace.fused[name] = size
+            if module is not None and is_linear_like(module) and size == out_features(module):
+                trace.fused[name] = parts if parts > 1 else 0
     return trace
 
 
 def _is_norm_like(module: nn.Module) -> bool:
     params = list(module.parameters())
     return bool(params) and all(p.dim() == 1 for p in params) and not any(
-        isinstance(m, nn.Linear) for m in module.modules()
+        is_linear_like(m) for m in module.modules()
     )
 
 
@@ -173,13 +186,13 @@ def classify_block(block: nn.Module, trace: BlockTrace, block_name: str = "block
             f"{block_name}: linear(s) {neither} neither read the block input nor write to the residual "
             "stream (e.g. a middle layer of a deeper MLP); the Megatron split does not cover them. Pass `tp_plan=`."
         )
-    fused = {n: trace.fused[n] for n in readers if n in trace.fused}
-    if fused:
+    unequal = sorted(n for n in readers if trace.fused.get(n) == 0)
+    if unequal:
         raise LayoutError(
-            f"{block_name}: {sorted(fused)} produce(s) {sorted(set(fused.values()))} features that the block then "
-            "splits by position (a fused projection such as one linear for q, k and v, or for gate and up). "
-            "Column-wise sharding would hand each rank a mix of q, k and v. Split it into separate nn.Linear "
-            "modules, or pass `tp_plan=` leaving this block unsharded, or use tensor_parallel_size=1."
+            f"{block_name}: the output of {unequal} is split by position into parts of different sizes (a fused "
+            "projection, e.g. q with fewer k/v heads). Each rank would need its share of every part, which is only "
+            "implemented for equal parts. Split it into separate nn.Linear modules, or pass `tp_plan=` leaving "
+            "this block unsharded, or use tensor_parallel_size=1."
         )
     for w in writers:
         foreign = trace.input_tags[w] - set(readers)
@@ -235,12 +248,12 @@ def example_block_call(root: nn.Module, stack: BlockStack) -> tuple[tuple, dict]
 
 def hidden_size(root: nn.Module, block: nn.Module) -> int:
     """Width of the residual stream: the token embedding's, else the most common linear input width."""
-    widths = [m.in_features for m in block.modules() if isinstance(m, nn.Linear)]
+    widths = [in_features(m) for m in block.modules() if is_linear_like(m)]
     for m in root.modules():
         if isinstance(m, nn.Embedding) and m.embedding_dim in widths:
             return m.embedding_dim
     if not widths:
-        raise LayoutError(f"{type(block).__name__} has no nn.Linear layers; there is nothing to shard.")
+        raise LayoutError(f"{type(block).__name__} has no linear layers; there is nothing to shard.")
     return max(set(widths), key=widths.count)
 
 
@@ -278,17 +291,31 @@ def detect_plan(root: nn.Module) -> TensorParallelPlan:
     stack = _main_stack(root)
     args, kwargs = example_block_call(root, stack)
     block_name = f"{stack.block_name(0)} ({stack.block_class.__name__})"
-    styles_local = classify_block(stack.blocks[0], trace_block(stack.blocks[0], args, kwargs), block_name)
+    trace = trace_block(stack.blocks[0], args, kwargs)
+    styles_local = classify_block(stack.blocks[0], trace, block_name)
     if not any(s == "colwise" for s in styles_local.values()):
         raise LayoutError(f"{block_name}: no linear reads the block input; nothing to shard. Pass `tp_plan=`.")
     styles: dict[str, Any] = {
         f"{stack.name}.{key}.{n}": s for key in stack.keys for n, s in styles_local.items()
     }
+    fused = {f"{stack.name}.{key}.{n}": trace.fused[n] for key in stack.keys for n, s in styles_local.items()
+             if s == "colwise" and trace.fused.get(n, 0) > 1}
     head = _find_head(root, stack)
     if head is not None:
         styles[head] = "head"
     add_vocab_embedding(root, styles)
-    return TensorParallelPlan(styles, "detected", stack.name)
+    return TensorParallelPlan(styles, "detected", stack.name, _hf_head_counts(root), fused=fused)
+
+
+def _hf_head_counts(root: nn.Module) -> dict[str, int]:
+    """Head counts a Hugging Face model's config states (they must divide by tp), else none."""
+    models = hf_models(root)
+    config = getattr(models[0][1], "config", None) if models else None
+    heads = {}
+    for key in ("num_attention_heads", "num_key_value_heads"):
+        if isinstance(getattr(config, key, None), int):
+            heads[key] = getattr(config, key)
+    return heads
 
 
 def _find_head(root: nn.Module, stack: BlockStack) -> str | None:

@@ -9,6 +9,10 @@ A plan maps module names (relative to the module the strategy parallelizes) to a
                  loss parallelism);
 ``"norm"``       a norm whose output feeds column-wise linears; run sequence-parallel when enabled.
 
+"Linear" means ``nn.Linear`` or a transposed linear (Hugging Face ``Conv1D``, see ``linears.py``).
+A column-wise linear listed in ``TensorParallelPlan.fused`` produces that many equal parts side by
+side (q, k and v of one projection); each rank gets its shard of every part.
+
 A value may also be a ``torch.distributed.tensor.parallel.ParallelStyle``, applied as given.
 """
 
@@ -32,6 +36,7 @@ class TensorParallelPlan:
     block_stack: str | None = None  # name of the repeated-block container, if known
     head_counts: dict[str, int] = field(default_factory=dict)  # e.g. {"num_attention_heads": 4}
     sequence_parallel: bool = False  # resolved from the strategy's option when the plan is validated
+    fused: dict[str, int] = field(default_factory=dict)  # column-wise linear -> equal parts (3 for q|k|v)
 
     def modules_with(self, style: str) -> list[str]:
         """Names of the modules given ``style``."""

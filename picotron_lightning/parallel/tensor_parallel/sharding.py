@@ -4,8 +4,9 @@ Given a plan (``plans.py``: where it comes from; ``validate.py``: checked before
 each style becomes a ``torch.distributed.tensor.parallel`` style:
 
 * ``colwise``  -> ``ColwiseParallel``: weight rows split; input replicated, output local per rank.
-* ``rowwise``  -> ``RowwiseParallel``: weight columns split; output all-reduced (or, with sequence
-  parallelism, reduce-scattered along the sequence).
+  Transposed linears (HF ``Conv1D``) and fused projections -> ``styles.LocalLinearParallel``.
+* ``rowwise``  -> ``styles.UnevenRowwiseParallel``: weight columns split; output all-reduced (or, with
+  sequence parallelism, reduce-scattered along the sequence). Transposed -> ``LocalLinearParallel``.
 * ``embedding``-> ``RowwiseParallel`` on ``nn.Embedding``: the vocabulary is split, lookups summed.
 * ``head``     -> ``ColwiseParallel`` with gathered logits (``Replicate``), or logits that stay a
   DTensor sharded on the vocabulary for loss parallelism.
@@ -18,11 +19,16 @@ Sequence parallel region: the residual stream is split along the sequence from t
 input to the last block's output (two hooks). Code outside the blocks (masks, rotary tables, the
 final norm, the head) sees full sequences, so models whose top level depends on the sequence
 length (Hugging Face) work unchanged.
+
+Sizes tp does not divide (a vocabulary of 50257, an MLP of 129 features) shard unevenly, DTensor's
+``Shard`` rule (``linears.local_range``); the parameters keep the model's own shapes, so state dicts
+and DCP checkpoints are those of the unsharded model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from picotron_lightning.parallel.tensor_parallel.linears import is_transposed_linear, localize_attention, out_features
 from picotron_lightning.parallel.tensor_parallel.options import TensorParallelOptions
 from picotron_lightning.parallel.tensor_parallel.plan_types import TensorParallelPlan
 from picotron_lightning.parallel.tensor_parallel.plans import resolve_plan
@@ -41,6 +48,7 @@ if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
 SEQUENCE_DIM = 1
+log = logging.getLogger(__name__)
 
 
 def _replicate_output(mesh: DeviceMesh, sequence_sharded: bool):  # noqa: ANN202
@@ -118,19 +126,26 @@ def resolve_sequence_parallel(plan: TensorParallelPlan, requested: bool | str) -
     return bool(requested)
 
 
-def _style(kind: Any, module: nn.Module, sequence_parallel: bool, loss_parallel: bool):  # noqa: ANN202
+def _style(kind: Any, module: nn.Module, sequence_parallel: bool, loss_parallel: bool, groups: int = 1):  # noqa: ANN202
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
 
+    from picotron_lightning.parallel.tensor_parallel.styles import LocalLinearParallel, UnevenRowwiseParallel
+
     if isinstance(kind, ParallelStyle):
         return kind
+    if kind in ("colwise", "rowwise") and (groups > 1 or is_transposed_linear(module)):
+        return LocalLinearParallel(kind, groups, sequence_parallel=sequence_parallel and kind == "rowwise")
     if kind == "colwise":
         return ColwiseParallel()
     if kind == "rowwise":
-        return RowwiseParallel(output_layouts=Shard(SEQUENCE_DIM) if sequence_parallel else Replicate())
+        return UnevenRowwiseParallel(output_layouts=Shard(SEQUENCE_DIM) if sequence_parallel else Replicate())
     if kind == "embedding":
         return RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())
     if kind == "head":
+        if is_transposed_linear(module):
+            raise LayoutError(f"a transposed linear ({type(module).__name__}) as the output head is not supported; "
+                              "leave it out of tp_plan= (it then stays whole).")
         if loss_parallel:
             return ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)
         return ColwiseParallel(output_layouts=Replicate())
@@ -144,6 +159,8 @@ def _untie(root: nn.Module, plan: TensorParallelPlan) -> None:
     embeds = [n for n, m in modules.items() if isinstance(m, nn.Embedding)]
     for h in heads:
         if any(modules[e].weight is modules[h].weight for e in embeds):
+            log.info("tensor parallelism: the output head %r shares its weight with the token embedding, so both "
+                     "stay whole on every rank (one parameter cannot be sharded two ways).", h)
             del plan.styles[h]
             for e in embeds:
                 plan.styles.pop(e, None)
@@ -168,7 +185,14 @@ def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss
                 parallelize_module(module, mesh, SequenceParallel(sequence_dim=SEQUENCE_DIM))
             module.register_forward_hook(_replicate_output(mesh, sequence_parallel))
             continue
-        parallelize_module(module, mesh, _style(kind, module, sequence_parallel, loss_parallel))
+        groups = plan.fused.get(name, 1)
+        if groups > 1:  # the attention around a fused q|k|v reads its width from attributes: make them local
+            width = out_features(module) // groups
+            parent = modules.get(name.rpartition(".")[0])
+            if parent is not None:
+                localize_attention(parent, mesh.size(), mesh.get_local_rank(), width,
+                                   plan.head_counts.get("num_attention_heads"))
+        parallelize_module(module, mesh, _style(kind, module, sequence_parallel, loss_parallel, groups))
     if sequence_parallel:
         assert plan.block_stack is not None  # resolve_sequence_parallel turns SP off without one
         blocks = list(root.get_submodule(plan.block_stack).children())

@@ -2,11 +2,13 @@
 
 Three layers, cheapest first:
 
-1. **Divisibility**: head counts (when the model states them), the feature sizes of every sharded
-   linear and the vocabulary must divide by ``tensor_parallel_size``. The message names the size,
-   the module and the sizes that would work.
+1. **Sizes**: head counts (when the model states them) must divide by ``tensor_parallel_size``: a
+   head is the unit attention cannot split. Every other sharded size (MLP widths, the vocabulary)
+   may shard unevenly (``linears.local_range``) but must give each rank at least one feature. The
+   message names the size, the module and the sizes that would work.
 2. **Meta-device dry run**: the first block, copied to the meta device with each sharded linear
-   replaced by its rank-local shape, runs on a meta input. A reshape with a hard-coded head count
+   replaced by its rank-local shape, runs on a meta input, once for each distinct set of local
+   shapes (the first and the last rank). A reshape with a hard-coded head count
    (``view(b, s, 4, hd)``) fails here, and the message names the module and the fix.
 3. **Numeric shard check** (small blocks with real weights): for each attention/MLP sub-layer, the
    sum over ranks of the sub-layer run on each rank's slices must equal the unsharded sub-layer
@@ -24,6 +26,13 @@ from torch import nn
 
 from picotron_lightning._util import divisors, join_name
 from picotron_lightning.parallel.tensor_parallel.detect import example_block_call
+from picotron_lightning.parallel.tensor_parallel.linears import (
+    in_features,
+    is_linear_like,
+    localize_attention,
+    out_features,
+    shard_copy,
+)
 from picotron_lightning.parallel.tensor_parallel.plan_types import TensorParallelPlan
 from picotron_lightning.structure import find_main_block_stack
 from picotron_lightning.topology import LayoutError
@@ -32,68 +41,82 @@ NUMERIC_CHECK_MAX_PARAMS = 20_000_000  # per block; above this the check costs m
 NUMERIC_RTOL = 1e-6
 
 
-def _sizes(root: nn.Module, plan: TensorParallelPlan) -> list[tuple[str, int]]:
-    """(what, size) pairs that must divide by tp, head counts first."""
-    out = [(f"{key}={value}", value) for key, value in plan.head_counts.items()]
+def _sizes(root: nn.Module, plan: TensorParallelPlan) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(what, size) pairs that must divide by tp (head counts), and those that must be at least tp."""
+    heads = [(f"{key}={value}", value) for key, value in plan.head_counts.items()]
+    sharded = []
     modules = dict(root.named_modules())
     for name, style in plan.styles.items():
         m = modules[name]
-        if style in ("colwise", "head") and isinstance(m, nn.Linear):
-            out.append((f"out_features={m.out_features} of {name!r} ({style})", m.out_features))
-        elif style == "rowwise" and isinstance(m, nn.Linear):
-            out.append((f"in_features={m.in_features} of {name!r} (rowwise)", m.in_features))
+        if style in ("colwise", "head") and is_linear_like(m):
+            parts = plan.fused.get(name, 1)
+            what = f"out_features={out_features(m)} of {name!r} ({style}" + (f", {parts} fused parts)" if parts > 1
+                                                                            else ")")
+            sharded.append((what, out_features(m) // parts))
+        elif style == "rowwise" and is_linear_like(m):
+            sharded.append((f"in_features={in_features(m)} of {name!r} (rowwise)", in_features(m)))
         elif style == "embedding" and isinstance(m, nn.Embedding):
-            out.append((f"vocabulary size {m.num_embeddings} of {name!r}", m.num_embeddings))
-    return out
+            sharded.append((f"vocabulary size {m.num_embeddings} of {name!r}", m.num_embeddings))
+    return heads, sharded
+
+
+def working_sizes(root: nn.Module, plan: TensorParallelPlan, works: Any = None) -> list[int]:
+    """The tp sizes this plan allows: dividing every head count, at most every sharded size, passing ``works``."""
+    heads, sharded = _sizes(root, plan)
+    common = 0
+    for _, size in heads:
+        common = math.gcd(common, size)
+    smallest = min((size for _, size in sharded), default=None)
+    # Without stated head counts, candidates are the divisors of any sharded size (the dry run decides).
+    candidates = divisors(common) if common else sorted({d for _, size in sharded for d in divisors(size)} | {1})
+    working = [d for d in candidates if smallest is None or d <= smallest]
+    if works is not None:
+        working = [d for d in working if d == 1 or (d <= 256 and works(d))]
+    return working
 
 
 def check_divisibility(root: nn.Module, plan: TensorParallelPlan, tp: int, works: Any = None) -> None:
-    """Raise `LayoutError` naming the first size that ``tp`` does not divide, and the sizes that would.
+    """Raise `LayoutError` naming the first size ``tp`` cannot split, and the sizes that would work.
 
-    ``works(size) -> bool``, if given, further filters the candidate sizes (the meta dry run, for
-    models that do not state their head counts).
+    Head counts must divide by ``tp``; every other sharded size only has to be at least ``tp`` (it
+    shards unevenly otherwise). ``works(size) -> bool``, if given, further filters the candidate
+    sizes (the meta dry run, for models that do not state their head counts).
     """
-    sizes = _sizes(root, plan)
-    bad = [(what, size) for what, size in sizes if size % tp]
+    heads, sharded = _sizes(root, plan)
+    bad = [(what, size, "does not divide") for what, size in heads if size % tp]
+    bad += [(what, size, "is larger than") for what, size in sharded if size < tp]
     if not bad:
         return
-    common = 0
-    for _, size in sizes:
-        common = math.gcd(common, size)
-    working = divisors(common) if common else [1]
-    if works is not None:
-        working = [d for d in working if d == 1 or (d <= 256 and works(d))]
-    what, _ = bad[0]
+    working = working_sizes(root, plan, works)
+    what, _, relation = bad[0]
     more = f" (and {len(bad) - 1} more size(s))" if len(bad) > 1 else ""
     raise LayoutError(
-        f"tensor_parallel_size={tp} does not divide {what}{more}; every head count and sharded size must be "
-        f"divisible. Sizes that would work for this model: tensor_parallel_size in {working}."
+        f"tensor_parallel_size={tp} {relation} {what}{more}; every head count must be divisible by it and every "
+        f"sharded size at least as large (sizes it does not divide are sharded unevenly). Sizes that would work "
+        f"for this model: tensor_parallel_size in {working}."
     )
-
-
-def _shard_linear(linear: nn.Linear, style: str, tp: int, rank: int, device: str | torch.device | None) -> None:
-    """Replace ``linear``'s parameters by rank ``rank``'s slice (on ``device``: "meta" for shapes only)."""
-    w = linear.weight
-    if style in ("colwise", "head"):
-        rows = w.shape[0] // tp
-        new_w = w[rank * rows:(rank + 1) * rows]
-        new_b = linear.bias[rank * rows:(rank + 1) * rows] if linear.bias is not None else None
-    else:
-        cols = w.shape[1] // tp
-        new_w = w[:, rank * cols:(rank + 1) * cols]
-        # The bias of a row-wise layer is added once, after the reduction.
-        new_b = linear.bias if (linear.bias is not None and rank == 0) else (
-            torch.zeros_like(linear.bias) if linear.bias is not None else None)
-    to = (lambda t: torch.empty(t.shape, dtype=t.dtype, device="meta")) if device == "meta" else (
-        lambda t: t.detach().clone())
-    linear.weight = nn.Parameter(to(new_w), requires_grad=False)
-    if new_b is not None:
-        linear.bias = nn.Parameter(to(new_b), requires_grad=False)
-    linear.in_features, linear.out_features = linear.weight.shape[1], linear.weight.shape[0]
 
 
 def _block_styles(plan: TensorParallelPlan, prefix: str) -> dict[str, str]:
     return {n[len(prefix):]: s for n, s in plan.styles.items() if n.startswith(prefix) and isinstance(s, str)}
+
+
+def shard_module_copy(module: nn.Module, styles: dict[str, str], fused: dict[str, int], tp: int, rank: int,
+                      heads: int | None, meta: bool) -> None:
+    """Turn a *copy* of a block (or sub-layer) into rank ``rank``'s shard: linears sliced, attention localized.
+
+    ``styles`` and ``fused`` are keyed by names relative to ``module``.
+    """
+    modules = dict(module.named_modules())
+    for name, style in styles.items():
+        target = modules.get(name)
+        if target is not None and is_linear_like(target) and style in ("colwise", "rowwise"):
+            groups = fused.get(name, 1)
+            part_width = out_features(target) // groups
+            shard_copy(target, style, tp, rank, groups, meta)
+            parent = modules.get(name.rpartition(".")[0]) if groups > 1 else None
+            if parent is not None:
+                localize_attention(parent, tp, rank, part_width, heads)
 
 
 def _to(obj: Any, fn) -> Any:  # noqa: ANN001
@@ -102,13 +125,22 @@ def _to(obj: Any, fn) -> Any:  # noqa: ANN001
     return tree_map(lambda t: fn(t) if isinstance(t, torch.Tensor) else t, obj)
 
 
-def dry_run_on_meta(block: nn.Module, styles: dict[str, str], tp: int, args: tuple, kwargs: dict, name: str) -> None:
-    """Run rank 0's shard of ``block`` on the meta device; a shape error names the module and the fix."""
+def dry_run_on_meta(block: nn.Module, styles: dict[str, str], tp: int, args: tuple, kwargs: dict, name: str, *,
+                    fused: dict[str, int] | None = None, heads: int | None = None) -> None:
+    """Run the first and the last rank's shard of ``block`` on the meta device (uneven shards differ).
+
+    A shape error names the module and the fix.
+    """
+    for rank in sorted({0, tp - 1}):
+        _dry_run_rank(block, styles, (tp, rank), args, kwargs, name, fused=fused or {}, heads=heads)
+
+
+def _dry_run_rank(block: nn.Module, styles: dict[str, str], tp_rank: tuple[int, int], args: tuple, kwargs: dict,
+                  name: str, *, fused: dict[str, int], heads: int | None) -> None:
+    tp, rank = tp_rank
     shard = copy.deepcopy(block).to("meta")
+    shard_module_copy(shard, styles, fused, tp, rank, heads, meta=True)
     modules = dict(shard.named_modules())
-    for mod_name, style in styles.items():
-        if isinstance(modules.get(mod_name), nn.Linear) and style in ("colwise", "rowwise"):
-            _shard_linear(modules[mod_name], style, tp, 0, "meta")
     stack: list[str] = []
     handles = []
     for mod_name, module in modules.items():
@@ -123,11 +155,15 @@ def dry_run_on_meta(block: nn.Module, styles: dict[str, str], tp: int, args: tup
     except (RuntimeError, ValueError, IndexError) as err:
         where = f"{name}.{stack[-1]}" if stack else name
         cls = type(dict(block.named_modules())[stack[-1]]).__name__ if stack else type(block).__name__
+        fused_note = (f" Its fused projection(s) {sorted(join_name(name, n) for n in fused)} are split by position: "
+                      "split them by a width the rank can know (an attribute `split_size` or `embed_dim` of the "
+                      "attention module, rewritten per rank, or `-1`), not a hard-coded one." if fused else "")
         raise LayoutError(
-            f"tensor_parallel_size={tp}: a dry run (meta device) of {name} with its linears sharded failed in "
-            f"`{where}` ({cls}): {err}. With tensor parallelism each rank holds 1/{tp} of the heads, so a "
-            "reshape with a hard-coded head count or width breaks. Infer the head count with -1: "
-            "`x.view(batch, seq, -1, head_dim)` and `out.reshape(batch, seq, -1)`."
+            f"tensor_parallel_size={tp}: a dry run (meta device) of {name} with its linears sharded (rank {rank}) "
+            f"failed in `{where}` ({cls}): {err}. With tensor parallelism each rank holds 1/{tp} of the heads: tp "
+            "must divide the number of heads, and a reshape with a hard-coded head count or width breaks (infer "
+            "the head count with -1: `x.view(batch, seq, -1, head_dim)` and `out.reshape(batch, seq, -1)`)."
+            + fused_note
         ) from err
     finally:
         for h in handles:
@@ -152,7 +188,7 @@ def _sublayers(block: nn.Module, styles: dict[str, str]) -> list[tuple[str, nn.M
 
 
 def numeric_shard_check(block: nn.Module, styles: dict[str, str], tp: int, args: tuple, kwargs: dict,
-                        name: str) -> None:
+                        name: str, *, fused: dict[str, int] | None = None, heads: int | None = None) -> None:
     """Sum over ranks of each sharded sub-layer == the unsharded sub-layer (float64, eval mode)."""
     calls: dict[str, tuple] = {}
     subs = _sublayers(block, styles)
@@ -175,14 +211,11 @@ def numeric_shard_check(block: nn.Module, styles: dict[str, str], tp: int, args:
             total = torch.zeros_like(ref)
             if not sub_name:  # the whole block, x + f(x): the residual x is counted once, not tp times
                 total -= (tp - 1) * (a[0] if a else kw["hidden_states"])
+            local_styles = _relative(styles, sub_name)
+            local_fused = _relative(fused or {}, sub_name)
             for rank in range(tp):
                 part = copy.deepcopy(full)
-                mods = dict(part.named_modules())
-                for mod_name, style in styles.items():
-                    local = mod_name if not sub_name else (
-                        mod_name[len(sub_name) + 1:] if mod_name.startswith(sub_name + ".") else None)
-                    if local and isinstance(mods.get(local), nn.Linear):
-                        _shard_linear(mods[local], style, tp, rank, None)
+                shard_module_copy(part, local_styles, local_fused, tp, rank, heads, meta=False)
                 total += _first(part(*a, **kw))
         err = ((total - ref).norm() / ref.norm().clamp_min(1e-30)).item()
         if err > NUMERIC_RTOL:
@@ -192,6 +225,13 @@ def numeric_shard_check(block: nn.Module, styles: dict[str, str], tp: int, args:
                 "q, k and v (or gate and up) that the code splits by position, so each rank's slice mixes them. "
                 "Use separate nn.Linear modules, or pass `tp_plan=` that leaves this module unsharded."
             )
+
+
+def _relative(by_name: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Entries under ``prefix`` (a sub-layer's name), keyed relative to it; all of them for ``""``."""
+    if not prefix:
+        return dict(by_name)
+    return {n[len(prefix) + 1:]: v for n, v in by_name.items() if n.startswith(prefix + ".")}
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -207,19 +247,26 @@ def validate_plan(root: nn.Module, plan: TensorParallelPlan, tp: int) -> None:
     block = stack.blocks[0]
     name = stack.block_name(0)
     styles = _block_styles(plan, name + ".")
+    fused = {n[len(name) + 1:]: g for n, g in plan.fused.items() if n.startswith(name + ".")}
+    heads = plan.head_counts.get("num_attention_heads")
     args, kwargs = example_block_call(root, stack)
 
     def works(size: int) -> bool:
         try:
-            dry_run_on_meta(block, styles, size, args, kwargs, name)
+            dry_run_on_meta(block, styles, size, args, kwargs, name, fused=fused, heads=heads)
         except LayoutError:
             return False
         return True
 
     check_divisibility(root, plan, tp, None if plan.head_counts else works)
-    dry_run_on_meta(block, styles, tp, args, kwargs, name)
+    try:
+        dry_run_on_meta(block, styles, tp, args, kwargs, name, fused=fused, heads=heads)
+    except LayoutError as err:
+        raise LayoutError(f"{err} Sizes that would work for this model: tensor_parallel_size in "
+                          f"{working_sizes(root, plan, works)}.") from err
     params = list(block.parameters())
     if any(p.is_meta for p in params) or sum(p.numel() for p in params) > NUMERIC_CHECK_MAX_PARAMS:
         return
     cpu = lambda t: t.detach().cpu()  # noqa: E731
-    numeric_shard_check(copy.deepcopy(block).cpu(), styles, tp, _to(args, cpu), _to(kwargs, cpu), name)
+    numeric_shard_check(copy.deepcopy(block).cpu(), styles, tp, _to(args, cpu), _to(kwargs, cpu), name,
+                        fused=fused, heads=heads)

@@ -4,11 +4,14 @@
 * ``moe``: the reference Llama with MoE layers (``tiny-moe``).
 * ``gpt``: a plain GPT with its own naming (``blocks.*.attn.query/key/value``, ``ff.up/down``,
   LayerNorm, biases, GELU, learned position embedding): no plan source knows it, so tensor parallelism must
-  come from the data-flow detector.
+  come from the data-flow detector. ``"vocab"`` and ``"ffn"`` give it sizes tp does not divide.
+* ``gpt2``: Hugging Face ``GPT2LMHeadModel`` from a tiny config (``Conv1D`` projections, one fused
+  ``c_attn``), vocabulary ``"vocab"`` (odd by default), ``"tied"`` input/output embeddings or not.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -19,6 +22,7 @@ from torch import nn
 VOCAB = 256
 WIDTH = 64
 HEADS = 4
+GPT2_VOCAB = 101  # odd, as GPT-2's own 50257
 
 
 class Attention(nn.Module):
@@ -37,22 +41,22 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, ffn: int = 4 * WIDTH) -> None:
         super().__init__()
-        self.up = nn.Linear(WIDTH, 4 * WIDTH)
-        self.down = nn.Linear(4 * WIDTH, WIDTH)
+        self.up = nn.Linear(WIDTH, ffn)
+        self.down = nn.Linear(ffn, WIDTH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.gelu(self.up(x)))
 
 
 class Block(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, ffn: int = 4 * WIDTH) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(WIDTH)
         self.attn = Attention()
         self.norm2 = nn.LayerNorm(WIDTH)
-        self.ff = FeedForward()
+        self.ff = FeedForward(ffn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
@@ -60,13 +64,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, num_blocks: int = 4) -> None:
+    def __init__(self, num_blocks: int = 4, vocab: int = VOCAB, ffn: int = 4 * WIDTH) -> None:
         super().__init__()
-        self.wte = nn.Embedding(VOCAB, WIDTH)
+        self.wte = nn.Embedding(vocab, WIDTH)
         self.wpe = nn.Embedding(64, WIDTH)
-        self.blocks = nn.ModuleList(Block() for _ in range(num_blocks))
+        self.blocks = nn.ModuleList(Block(ffn) for _ in range(num_blocks))
         self.norm = nn.LayerNorm(WIDTH)
-        self.lm_head = nn.Linear(WIDTH, VOCAB, bias=False)
+        self.lm_head = nn.Linear(WIDTH, vocab, bias=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
@@ -78,19 +82,21 @@ class GPT(nn.Module):
 class GPTModule(L.LightningModule):
     """Next-token prediction with the plain GPT."""
 
-    def __init__(self, num_blocks: int = 4, lr: float = 1e-2) -> None:
+    def __init__(self, num_blocks: int = 4, lr: float = 1e-2, vocab: int = VOCAB, ffn: int = 4 * WIDTH,
+                 net: Callable[[], nn.Module] | None = None) -> None:
         super().__init__()
         self.lr = lr
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            self.net = GPT(num_blocks)
+            self.net = net() if net is not None else GPT(num_blocks, vocab, ffn)
 
     def _loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.net(batch[:, :-1])
+        logits = self(batch[:, :-1])
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.net(idx)
+        out = self.net(idx)
+        return out.logits if hasattr(out, "logits") else out
 
     def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
@@ -101,11 +107,30 @@ class GPTModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr)
 
 
+def hf_gpt2(vocab: int, tied: bool) -> nn.Module:
+    """A tiny GPT-2 from a config (no download): 2 blocks of width 64, 4 heads."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab, n_embd=WIDTH, n_layer=2, n_head=HEADS, n_positions=64, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tied, attn_implementation="sdpa",
+                        bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def vocab_size(spec: dict[str, Any]) -> int:
+    """The model's vocabulary: the token data must stay below it."""
+    return spec.get("vocab", GPT2_VOCAB if spec.get("kind") == "gpt2" else VOCAB)
+
+
 def build_module(spec: dict[str, Any]) -> L.LightningModule:
-    """``{"kind": "llama" | "moe" | "gpt", ...}`` -> a fresh module, initialised identically in every process."""
+    """``{"kind": "llama" | "moe" | "gpt" | "gpt2", ...}`` -> a fresh module, initialised identically everywhere."""
     kind = spec.get("kind", "llama")
     if kind == "gpt":
-        return GPTModule(num_blocks=spec.get("num_blocks", 4), lr=spec.get("lr", 1e-2))
+        return GPTModule(num_blocks=spec.get("num_blocks", 4), lr=spec.get("lr", 1e-2), vocab=vocab_size(spec),
+                         ffn=spec.get("ffn", 4 * WIDTH))
+    if kind == "gpt2":
+        vocab, tied = vocab_size(spec), spec.get("tied", True)
+        return GPTModule(lr=spec.get("lr", 1e-2), net=lambda: hf_gpt2(vocab, tied))
     from picotron_lightning.models import CausalLMModule
 
     preset = "tiny-moe" if kind == "moe" else spec.get("preset", "tiny")

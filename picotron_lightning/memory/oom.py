@@ -1,0 +1,207 @@
+"""OOM recovery agreed across ranks: the decisions, the batch split, and the checks that keep it sound.
+
+A ``torch.OutOfMemoryError`` in forward or backward on any rank makes every rank redo the step's
+global batch in twice as many micro-batches (gradients accumulated inside the step). The
+Lightning side (running the attempts inside the optimizer step) is
+:mod:`picotron_lightning.strategies.oom_step`; this module holds what does not depend on Lightning:
+
+* :class:`SplitSchedule`: how many micro-batches the next step uses (doubles on an agreed OOM,
+  halves after ``retry_larger_after`` clean steps, gives up at one sample per micro-batch);
+* :func:`split_batch`: the batch cut along dim 0, with each piece's weight (its share of samples);
+* :class:`CollectiveGuard`: refuses a collective inside the part of a step that may fail, which is
+  what makes the agreement sound (see docs/memory.md, "OOM recovery");
+* :func:`check_recovery_layout`: the layouts where that holds, and the message where it does not;
+* :func:`exhausted_message`, :func:`snapshot_path`, :func:`memory_history_kwargs`: the stop message
+  and the CUDA memory-history dump.
+
+Every input to a decision here is the same on every rank (agreed outcomes, not local ones), so every
+rank keeps the same schedule without communicating.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+class OOMRecoveryExhausted(RuntimeError):
+    """Raised on every rank when a step fails with one sample per micro-batch: nothing smaller is left."""
+
+
+class SplitSchedule:
+    """Micro-batches per step: 1 until an agreed OOM, doubled on each, tried smaller again after clean steps.
+
+    Args:
+        retry_larger_after: after this many clean steps at a split above 1, the next step uses half
+            as many micro-batches (larger ones). 0 keeps a split for the rest of the run.
+    """
+
+    def __init__(self, retry_larger_after: int = 50) -> None:
+        self.retry_larger_after = retry_larger_after
+        self.split = 1
+        self.clean_steps = 0
+
+    def on_oom(self, batch_size: int) -> int | None:
+        """An OOM was agreed for a step of ``batch_size`` samples: the split to retry with, or None if exhausted."""
+        self.clean_steps = 0
+        if self.split >= batch_size:
+            return None
+        self.split = min(2 * self.split, batch_size)
+        return self.split
+
+    def on_success(self) -> None:
+        """A step finished on every rank at the current split."""
+        if self.split == 1:
+            return
+        self.clean_steps += 1
+        if self.retry_larger_after and self.clean_steps >= self.retry_larger_after:
+            self.split = max(1, self.split // 2)
+            self.clean_steps = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"split": self.split, "clean_steps": self.clean_steps}
+
+
+def batch_size_of(batch: Any) -> int:
+    """Samples in ``batch``: the size of dim 0, the same for every tensor in it (raises otherwise)."""
+    sizes = {t.size(0) for t in tree_flatten(batch)[0] if isinstance(t, torch.Tensor) and t.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(
+            "`memory.oom_recovery` splits the batch along dim 0, so every tensor in it needs the same dim 0; "
+            f"found sizes {sorted(sizes) or 'none (no tensor)'}. Turn oom_recovery off for this data."
+        )
+    return sizes.pop()
+
+
+def split_batch(batch: Any, pieces: int) -> list[tuple[Any, float]]:
+    """``batch`` cut into ``pieces`` consecutive parts along dim 0, each with its share of the samples.
+
+    The shares weight each part's (mean) loss, so the accumulated gradient equals the whole batch's
+    when the loss is a mean over samples (DESIGN.md's loss semantics). Parts differ by at most one sample.
+    """
+    total = batch_size_of(batch)
+    if not 1 <= pieces <= total:
+        raise ValueError(f"cannot split a batch of {total} samples into {pieces} micro-batches")
+    leaves, spec = tree_flatten(batch)
+    cut = [t.tensor_split(pieces) if isinstance(t, torch.Tensor) and t.dim() > 0 else None for t in leaves]
+    parts = []
+    for i in range(pieces):
+        part = [c[i] if c is not None else leaf for c, leaf in zip(cut, leaves, strict=True)]
+        size = next(c[i].size(0) for c in cut if c is not None)
+        parts.append((tree_unflatten(part, spec), size / total))
+    return parts
+
+
+class CollectiveGuard(TorchDispatchMode):
+    """Raise before any collective runs: the part of a step that may fail must not communicate.
+
+    A rank that fails there would leave its peers waiting in a collective it never joins. The
+    strategy enters this guard for the first protected step; every rank runs the same code, so every
+    rank stops at the same collective with the same message instead of hanging.
+    """
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        name = str(func)
+        if name.startswith(("c10d.", "_c10d_functional.", "c10d_functional.")):
+            raise RuntimeError(
+                f"`memory.oom_recovery=True` needs a training step whose forward and backward do not communicate, "
+                f"but `{name}` ran inside it. A rank that ran out of memory before this collective would leave the "
+                "others waiting in it. Move the collective out of training_step (e.g. log with sync_dist in "
+                "on_train_batch_end), or turn oom_recovery off."
+            )
+        return func(*args, **(kwargs or {}))
+
+
+def check_recovery_layout(
+    *, pp: int, tp: int, ep: int, data_parallel_mode: str | None, has_experts: bool,
+    accumulate_grad_batches: int = 1, automatic_optimization: bool = True,
+) -> None:
+    """Refuse ``oom_recovery`` where a step's forward or backward has collectives that cannot be moved out.
+
+    Covered: data parallelism by DDP (gradient sync deferred to the agreement point). Not covered:
+    FSDP2/HSDP (parameter all-gathers inside forward), tensor parallelism (all-reduces inside each
+    block), pipeline parallelism (activations sent between stages), experts (all-to-all and routing
+    statistics inside forward). Raised before the first training step, on every rank alike.
+    """
+    what = "Use data_parallel_mode='ddp' with tensor, pipeline and expert parallel sizes 1, or turn it off."
+    reasons = []
+    if pp > 1:
+        reasons.append(f"pipeline_parallel_size={pp} (stages send activations to each other inside the step)")
+    if tp > 1:
+        reasons.append(f"tensor_parallel_size={tp} (every block all-reduces inside forward and backward)")
+    if ep > 1 or has_experts:
+        reasons.append("a mixture-of-experts model (tokens and routing statistics are exchanged inside forward)")
+    if data_parallel_mode is not None and data_parallel_mode != "ddp":
+        reasons.append(f"data_parallel_mode={data_parallel_mode!r} (FSDP2 gathers parameters inside forward; "
+                       "pass data_parallel_mode='ddp', whose gradient sync can wait for the agreement)")
+    if reasons:
+        raise ValueError(
+            "`memory.oom_recovery=True` needs a step whose forward and backward do not communicate, so that a rank "
+            "that runs out of memory cannot leave the others waiting in a collective; this run has "
+            + "; ".join(reasons) + f". {what}"
+        )
+    if accumulate_grad_batches != 1:
+        raise ValueError(
+            f"`memory.oom_recovery=True` splits each batch itself; `accumulate_grad_batches={accumulate_grad_batches}` "
+            "would need the earlier micro-batches' gradients kept aside to redo a later one. Use "
+            "accumulate_grad_batches=1 (a larger DataLoader batch is split on OOM), or turn oom_recovery off."
+        )
+    if not automatic_optimization:
+        raise ValueError(
+            "`memory.oom_recovery=True` works with Lightning's automatic optimization (the strategy redoes the "
+            "closure); this module sets `automatic_optimization = False`. Turn oom_recovery off."
+        )
+
+
+def exhausted_message(
+    *, step: int, batch_size: int, ranks: Sequence[int], error: str, activation_checkpointing: str,
+    device: torch.device, peak_bytes: int | None = None,
+) -> str:
+    """What every rank says when a step fails with one sample per micro-batch."""
+    where = f"rank(s) {list(ranks)}"
+    lines = [
+        f"Out of memory at step {step} on {where} even with one sample per micro-batch (the batch of {batch_size} "
+        f"samples was split into {batch_size} micro-batches); no smaller split is left. Last error: {error}",
+    ]
+    if peak_bytes is not None:
+        lines.append(f"Live tensor bytes at the failure on this rank: {peak_bytes / 2**20:.1f} MiB.")
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        lines.append(f"Device {device}: {free / 2**30:.2f} GiB free of {total / 2**30:.2f} GiB.")
+    turn_on = []
+    if activation_checkpointing != "full":
+        turn_on.append("memory.activation_checkpointing='full'" if activation_checkpointing == "selective"
+                       else "memory.activation_checkpointing='selective' (or 'full')")
+    turn_on += ["data_parallel_mode='fsdp' (shards parameters, gradients and optimizer state; without oom_recovery)",
+                "a memory budget (memory.memory_budget, where available), a shorter sequence or a smaller model"]
+    lines.append("Estimate each rank's peak before launch with `python -m picotron_lightning.memory.estimate "
+                 "--world-size N --micro-batch 1 --seq-len L --checkpointing none,selective,full` (or "
+                 "`picotron_lightning.memory.estimate.estimate_memory`), and turn on: " + "; ".join(turn_on) + ".")
+    return "\n".join(lines)
+
+
+def memory_history_kwargs(device: torch.device, max_entries: int) -> dict[str, Any] | None:
+    """Arguments for ``torch.cuda.memory._record_memory_history``, or None where no history is kept (CPU, 0)."""
+    if device.type != "cuda" or max_entries <= 0:
+        return None
+    return {"enabled": "all", "max_entries": max_entries, "context": "all", "stacks": "python"}
+
+
+def snapshot_path(directory: str | Path, rank: int, step: int, attempt: int) -> Path:
+    """Where rank ``rank`` writes its CUDA memory snapshot for an OOM in ``step`` (retry ``attempt``)."""
+    return Path(directory) / "oom_snapshots" / f"rank{rank}_step{step}_attempt{attempt}.pickle"
+
+
+def dump_memory_snapshot(directory: str | Path, rank: int, step: int, attempt: int) -> Path | None:
+    """Dump the CUDA memory-history ring buffer (viewable at pytorch.org/memory_viz); None off CUDA."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    path = snapshot_path(directory, rank, step, attempt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.cuda.memory._dump_snapshot(str(path))
+    return path

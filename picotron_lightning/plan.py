@@ -1,0 +1,99 @@
+"""``python -m picotron_lightning.plan``: print the planner's ranked layouts for a model and a cluster.
+
+Example::
+
+    python -m picotron_lightning.plan --model picotron_lightning.models:CausalLMModule \\
+        --model-args '{"preset": "1b"}' --devices 64 --devices-per-node 8 --device "NVIDIA H100 80GB HBM3"
+
+The model is built on the meta device (no memory), so 70B-parameter models plan in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from torch import nn
+
+from picotron_lightning.planner import (
+    Constraints,
+    PlanError,
+    PlanResult,
+    build_on_meta,
+    describe_model,
+    device_spec,
+    plan_layout,
+)
+from picotron_lightning.planner.hardware import GiB, probe_gloo_link
+
+
+def load_model_factory(target: str, model_args: dict) -> Callable[[], nn.Module]:
+    """``pkg.module:Class`` (or a function) -> a factory that builds it with ``model_args``."""
+    if ":" not in target:
+        raise PlanError(f"--model {target!r} must look like 'pkg.module:Class'.")
+    module_name, _, attr = target.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as error:
+        raise PlanError(f"--model {target!r} cannot be imported: {error}.") from error
+    return lambda: obj(**model_args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m picotron_lightning.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="pkg.module:Class (an nn.Module or LightningModule)")
+    parser.add_argument("--model-args", default="{}", help="JSON keyword arguments for the model's constructor")
+    parser.add_argument("--devices", type=int, required=True, help="total devices (world size)")
+    parser.add_argument("--devices-per-node", type=int, default=8)
+    parser.add_argument("--device", default="NVIDIA H100 80GB HBM3", help="device name, or 'cpu'")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--global-batch", type=int, default=None, help="samples per optimizer step (default: devices)")
+    parser.add_argument("--memory-budget-gib", type=float, default=None,
+                        help="per-rank budget (default 90%% of device)")
+    parser.add_argument("--precision", default="bf16", choices=("fp32", "tf32", "bf16"))
+    for size in ("dp", "tp", "pp", "ep"):
+        parser.add_argument(f"--{size}", type=int, default=None, help=f"fix the {size} size")
+    parser.add_argument("--dp-mode", choices=("ddp", "fsdp", "hsdp"), default=None)
+    parser.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None)
+    parser.add_argument("--top", type=int, default=15, help="rows of the ranked table (0: all)")
+    parser.add_argument("--no-rejected", action="store_true", help="do not list rejected candidates")
+    parser.add_argument("--probe", action="store_true", help="cpu: measure the gloo link with 2 local processes")
+    args = parser.parse_args(argv)
+    try:
+        result = run(args)
+    except PlanError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result.table(top=args.top or None, show_rejected=not args.no_rejected))
+    return 0
+
+
+def run(args: argparse.Namespace) -> PlanResult:
+    import dataclasses
+
+    device = device_spec(args.device)  # an unknown name fails here, before the model is built
+    if args.probe and device.name == "cpu":
+        link = probe_gloo_link()
+        device = dataclasses.replace(device, intra_node=link, inter_node=link)
+    try:
+        model_args = json.loads(args.model_args)
+    except json.JSONDecodeError as error:
+        raise PlanError(f"--model-args is not JSON: {error}.") from error
+    factory = load_model_factory(args.model, model_args)
+    spec = describe_model(build_on_meta(factory), args.seq_len, name=args.model.rpartition(":")[2])
+    budget = int(args.memory_budget_gib * GiB) if args.memory_budget_gib else None
+    constraints = Constraints(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, dp_mode=args.dp_mode,
+                              checkpointing=args.checkpointing)
+    return plan_layout(spec, devices=args.devices, devices_per_node=args.devices_per_node, device=device,
+                       global_batch=args.global_batch or args.devices, memory_budget=budget,
+                       constraints=constraints, precision=args.precision)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Time of one optimizer step: compute, the communication each dimension leaves exposed, and the bubble.
+
+* compute: the rank's FLOPs (exact per block, from ``FlopCounterMode``; divided by tp, by the blocks
+  it holds; recomputed forwards added: whole blocks under full
+  checkpointing, everything but the nn.Linear layers under selective) over the device's achievable FLOP/s.
+* exposed communication: tp's collectives and pipeline sends sit on the critical path (no overlap);
+  DDP's all-reduce overlaps backward except for its last bucket; FSDP's gathers overlap the compute
+  of the previous unit (prefetch) except for the first unit, and its reduce-scatters overlap backward.
+  Whatever does not fit under the compute it overlaps with is exposed.
+* bubble: (pp - 1) / (v * M) of the pipeline's compute (1F1B and interleaved 1F1B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from picotron_lightning.planner.comm_model import Collective, collectives, link_of
+from picotron_lightning.planner.hardware import DeviceSpec
+from picotron_lightning.planner.memory_model import blocks_per_rank, rank_params
+from picotron_lightning.planner.model_spec import ModelSpec
+from picotron_lightning.planner.search import Candidate
+
+DDP_BUCKET_BYTES = 25 << 20
+
+
+def rank_flops(spec: ModelSpec, c: Candidate) -> float:
+    """FLOPs of one optimizer step on the most loaded rank (forward + backward + recomputation)."""
+    blocks = blocks_per_rank(spec, c.pp)
+    block = max(spec.block_flops)
+    # Under ep a rank's experts serve ep times the tokens of 1/ep of the experts: on average (balanced
+    # routing) the same FLOPs per rank as without ep, so ``block`` stays.
+    recompute = {"none": 0.0, "full": max(spec.block_forward_flops),
+                 "selective": max(f - lin for f, lin in zip(spec.block_forward_flops, spec.block_linear_forward_flops,
+                                                            strict=True))}[c.checkpointing]
+    samples = c.micro_batch_size * c.num_microbatches
+    # The last stage carries the head too (the splitter gives it no fewer blocks when they divide evenly).
+    return samples * (blocks * (block + recompute) + spec.outer_flops) / c.tp
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Predicted seconds of one optimizer step on the most loaded rank."""
+
+    compute: float
+    exposed: dict[str, float] = field(default_factory=dict)
+    bubble: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + sum(self.exposed.values()) + self.bubble
+
+
+def step_time(spec: ModelSpec, c: Candidate, device: DeviceSpec, devices_per_node: int, precision: str = "fp32",
+              reshard_after_forward: bool = True, ddp_bucket_bytes: int = DDP_BUCKET_BYTES) -> StepTime:
+    compute = rank_flops(spec, c) / device.flops_per_second(precision)
+    forward = compute / 3.0
+    backward = compute - forward
+    exposed: dict[str, float] = {}
+    items = collectives(spec, c, reshard_after_forward, act_bytes=2 if precision in ("bf16", "fp16") else 4)
+    by_dim: dict[str, list[Collective]] = {}
+    for item in items:
+        by_dim.setdefault(item.dim, []).append(item)
+    for dim, dim_items in by_dim.items():
+        link = link_of(dim, c, device, devices_per_node)
+        seconds = sum(i.seconds(link) for i in dim_items)
+        if dim == "dp" and c.dp_mode == "ddp":
+            held, _ = rank_params(spec, c)
+            last_bucket = min(ddp_bucket_bytes, held * 4) / max(held * 4, 1)
+            exposed[dim] = max(seconds - backward, 0.0) + seconds * last_bucket
+        elif dim == "dp":
+            _, unit = rank_params(spec, c)
+            first = sum(i.seconds(link) / max(i.count, 1) for i in dim_items if i.kind == "all_gather" and i.count)
+            exposed[dim] = max(seconds - compute, 0.0) + first
+        else:
+            exposed[dim] = seconds
+    bubble = 0.0
+    if c.pp > 1:
+        bubble = compute * (c.pp - 1) / (c.virtual_stages * c.num_microbatches)
+    return StepTime(compute, exposed, bubble)

@@ -1,0 +1,240 @@
+"""The Trainer strategy's OOM recovery: Lightning's training closure run as agreed, retryable attempts.
+
+Lightning's automatic optimization hands the strategy a closure (training step, zero_grad,
+backward) inside ``optimizer.step``. With ``memory.oom_recovery`` the strategy runs that closure as:
+
+1. **Local attempt**, with no collective: DDP's gradient sync is deferred (``no_sync``), DDP's buffer
+   broadcast is moved to step 3, and reductions that ``training_step`` asks for (``self.log(...,
+   sync_dist=True)`` calls ``strategy.reduce``) are recorded instead of run. Attempts up to the first
+   that succeeds on every rank run under :class:`~picotron_lightning.memory.oom.CollectiveGuard`, which stops every rank
+   alike if anything else communicates. A ``torch.OutOfMemoryError`` is caught; the step's graph,
+   gradients and outputs are dropped.
+2. **Agreement**: one all-reduce (MAX) of a small vector: which ranks failed, how many reductions each
+   recorded, and which parameters have gradients. Every rank reaches it after zero collectives.
+3. On success everywhere: the gradient all-reduce over the data-parallel group, the recorded reductions
+   and the buffer broadcast, in the same order on every rank. On any failure: every rank clears its
+   gradients, reports the retry (AlertManager alert, MetricsCollector metric) and redoes step 1 with the
+   same global batch in twice as many micro-batches, each loss weighted by its share of the samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.loops.optimization.automatic import Closure, ClosureResult
+from torch import nn
+
+from picotron_lightning.memory.oom import (
+    CollectiveGuard,
+    OOMRecoveryExhausted,
+    SplitSchedule,
+    batch_size_of,
+    check_recovery_layout,
+    dump_memory_snapshot,
+    exhausted_message,
+    memory_history_kwargs,
+    split_batch,
+)
+from picotron_lightning.memory.options import MemoryOptions
+
+
+class OOMRecoveryStep:
+    """Runs each training step's closure as agreed attempts; state and history of the run's retries.
+
+    Attributes (the same on every rank): ``schedule`` (the current split), ``retries`` (how many),
+    ``events`` (one dict per retry: step, attempt, failed ranks, new split).
+    """
+
+    def __init__(self, strategy: Any, trainer: Any, options: MemoryOptions) -> None:
+        module = strategy.lightning_module
+        check_recovery_layout(
+            pp=strategy.layout.pp, tp=strategy.layout.tp, ep=strategy.layout.ep,
+            data_parallel_mode=strategy.data_parallel_mode, has_experts=_has_experts(module),
+            accumulate_grad_batches=trainer.accumulate_grad_batches,
+            automatic_optimization=module.automatic_optimization,
+        )
+        self.strategy, self.trainer, self.options = strategy, trainer, options
+        self.schedule = SplitSchedule(options.oom_retry_larger_after)
+        self.retries = 0
+        self.events: list[dict[str, Any]] = []
+        self.micro_batch: Any = None  # what strategy.training_step runs instead of the loop's batch
+        self.loss_weight: float | None = None  # this micro-batch's share of the samples, applied in backward
+        self.deferred: list[tuple[torch.Tensor, Any, Any]] | None = None  # reductions asked for in an attempt
+        self.batch: Any = None  # the loop's batch of the current step (strategy.batch_to_device records it)
+        self._guarded = False
+        ddp = strategy.model
+        if hasattr(ddp, "broadcast_buffers"):  # DDP broadcasts buffers in forward; done at the agreement instead
+            ddp.broadcast_buffers = False
+        self._buffers = list(module.buffers())
+        history = memory_history_kwargs(strategy.root_device, options.oom_memory_history)
+        if history is not None:
+            torch.cuda.memory._record_memory_history(**history)
+
+    # ------------------------------------------------------------------ the step
+    def run(self, closure: Closure) -> torch.Tensor | None:
+        """Lightning's closure, as attempts agreed across ranks; returns the step's loss as the closure does."""
+        step, attempt = self.trainer.global_step, 0
+        split = self.schedule.split
+        while True:
+            result, error = self._attempt(closure, split, first=attempt == 0)
+            failed_ranks, has_grad = self._agree(error is not None)
+            if not failed_ranks:
+                assert result is not None
+                self._finish(has_grad)
+                self._guarded = True
+                self.schedule.on_success()
+                closure._result = result
+                return result.loss
+            attempt += 1
+            new_split = self.schedule.on_oom(batch_size_of(self.batch))
+            self._report(step, attempt, failed_ranks, split, new_split, error)
+            if new_split is None:
+                raise OOMRecoveryExhausted(exhausted_message(
+                    step=step, batch_size=batch_size_of(self.batch), ranks=failed_ranks,
+                    error=error or "on another rank", device=self.strategy.root_device,
+                    activation_checkpointing=self.options.activation_checkpointing))
+            split = new_split
+
+    def _attempt(self, closure: Closure, split: int, first: bool) -> tuple[ClosureResult | None, str | None]:
+        """Forward and backward of the whole batch in ``split`` micro-batches, without any collective."""
+        module = self.strategy.lightning_module
+        fx_name = module._current_fx_name
+        if not first:
+            _clear_gradients(module)
+        self.deferred = []
+        guard = contextlib.nullcontext() if self._guarded else CollectiveGuard()  # until one attempt succeeded
+        try:
+            with guard, self.strategy._no_gradient_sync(self.strategy.model):
+                if split == 1 and first:
+                    return closure.closure(), None  # Lightning's own order, hooks and all
+                return self._split_attempt(closure, split, first), None
+        except torch.OutOfMemoryError as oom:
+            message = str(oom).splitlines()[0] if str(oom) else type(oom).__name__
+            self._snapshot()
+        finally:
+            self.micro_batch, self.loss_weight = None, None
+            module._current_fx_name = fx_name
+        # The exception and its frames are gone here: what the attempt held can be freed.
+        self.deferred = None
+        _clear_gradients(module)
+        if torch.cuda.is_available() and self.strategy.root_device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None, message
+
+    def _split_attempt(self, closure: Closure, split: int, first: bool) -> ClosureResult:
+        total: torch.Tensor | None = None
+        extra: dict[str, Any] = {}
+        for i, (piece, weight) in enumerate(split_batch(self.batch, split)):
+            self.micro_batch, self.loss_weight = piece, weight
+            result = closure._step_fn()
+            if i == 0 and first and closure._zero_grad_fn is not None:
+                closure._zero_grad_fn()  # once per step, where Lightning calls it
+            if closure._backward_fn is not None and result.closure_loss is not None:
+                closure._backward_fn(result.closure_loss)
+            if result.loss is not None:
+                total = result.loss * weight if total is None else total + result.loss * weight
+            extra = result.extra
+        return ClosureResult(total, extra=extra)
+
+    # ------------------------------------------------------------------ the fixed point
+    def _agree(self, failed: bool) -> tuple[list[int], list[bool]]:
+        """One all-reduce (MAX): failed ranks, recorded reductions (count and its negative), gradients present."""
+        strategy = self.strategy
+        world, rank = dist.get_world_size(), dist.get_rank()
+        params = _trainable(strategy.lightning_module)
+        count = len(self.deferred or [])
+        vector = torch.zeros(world + 2 + len(params), device=strategy.root_device)
+        vector[rank] = float(failed)
+        vector[world], vector[world + 1] = count, -count
+        vector[world + 2:] = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        dist.all_reduce(vector, op=dist.ReduceOp.MAX)
+        flags = vector.tolist()
+        failed_ranks = [r for r in range(world) if flags[r] > 0]
+        if not failed_ranks and flags[world] != -flags[world + 1]:
+            raise RuntimeError(
+                f"`memory.oom_recovery`: the ranks recorded different numbers of reductions in training_step "
+                f"(between {int(-flags[world + 1])} and {int(flags[world])}); every rank must log the same keys "
+                "with sync_dist=True in each step."
+            )
+        return failed_ranks, [flag > 0 for flag in flags[world + 2:]]
+
+    def _finish(self, has_grad: list[bool]) -> None:
+        """The collectives the attempt left out, in the same order on every rank."""
+        strategy = self.strategy
+        dp_group = strategy.device_mesh["dp"].get_group()
+        dp = dist.get_world_size(dp_group)
+        handles = []
+        synced = []
+        for p, any_rank in zip(_trainable(strategy.lightning_module), has_grad, strict=True):
+            if not any_rank:
+                continue  # no rank has a gradient: the optimizer skips it, as without recovery
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            handles.append(dist.all_reduce(p.grad, group=dp_group, async_op=True))
+            synced.append(p.grad)
+        for handle in handles:
+            handle.wait()
+        for grad in synced:
+            grad.div_(dp)
+        for tensor, group, op in self.deferred or []:
+            reduced = strategy._reduce_now(tensor, group, op)
+            if reduced is not tensor:
+                tensor.copy_(reduced)
+        self.deferred = None
+        for buffer in self._buffers:  # what DDP's forward would have broadcast from data-parallel rank 0
+            dist.broadcast(buffer, src=dist.get_global_rank(dp_group, 0), group=dp_group)
+
+    # ------------------------------------------------------------------ reporting
+    def _report(self, step: int, attempt: int, ranks: list[int], split: int, new_split: int | None,
+                error: str | None) -> None:
+        from picotron_lightning.monitoring.alerts import find_alert_manager
+        from picotron_lightning.monitoring.collector import MetricsCollector
+
+        self.retries += 1
+        self.events.append({"step": step, "attempt": attempt, "ranks": ranks, "split": split, "new_split": new_split})
+        callbacks = self.trainer.callbacks
+        alerts = find_alert_manager(callbacks)
+        if alerts is not None:
+            if new_split is None:
+                alerts.alert("oom_exhausted", f"out of memory on rank(s) {ranks} at one sample per micro-batch; "
+                             "stopping", severity="critical", step=step, key=f"oom_exhausted@{step}")
+            else:
+                alerts.alert("oom_retry", f"out of memory on rank(s) {ranks} with {split} micro-batch(es); redoing "
+                             f"the step with {new_split}" + (f" ({error})" if error else ""), severity="warning",
+                             step=step, key=f"oom_retry@{step}.{attempt}", ranks=ranks, split=new_split)
+        for callback in callbacks:
+            if isinstance(callback, MetricsCollector):
+                callback.record_metric("memory/oom_retries", float(self.retries))
+                callback.record_metric("memory/oom_micro_batches", float(new_split or split))
+
+    def _snapshot(self) -> None:
+        if memory_history_kwargs(self.strategy.root_device, self.options.oom_memory_history) is None:
+            return
+        directory = self.trainer.log_dir or self.trainer.default_root_dir
+        dump_memory_snapshot(directory, self.trainer.global_rank, self.trainer.global_step, self.retries)
+
+    # ------------------------------------------------------------------ hooks the strategy calls
+    def defer(self, tensor: torch.Tensor, group: Any, reduce_op: Any) -> bool:
+        """Record a reduction asked for inside an attempt (done at the agreement point); False outside one."""
+        if self.deferred is None:
+            return False
+        self.deferred.append((tensor, group, reduce_op))
+        return True
+
+
+def _trainable(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def _clear_gradients(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.grad = None
+
+
+def _has_experts(module: nn.Module) -> bool:
+    from picotron_lightning.moe import MoELayer
+
+    return any(isinstance(m, MoELayer) for m in module.modules())

@@ -1,0 +1,136 @@
+"""A user's training script under torchrun; one rank can be killed to test the restart.
+
+``python -m torch.distributed.run --nproc-per-node=N --max-restarts=1 train_resume.py SPEC.json OUT_DIR``
+
+SPEC: ``{"strategy": {...}, "model": {...}, "steps": 6, "micro_batch": 2, "samples": 16,
+"checkpoint_every": 2, "kill": {"rank": 1, "step": 3, "during_save": false}, "late_start": {"rank": 1,
+"seconds": 8}, "attempt": 0, "devices": 2}``.
+
+* ``kill`` applies to the first start only (``TORCHELASTIC_RESTART_COUNT`` + ``attempt`` is 0): that
+  rank SIGKILLs itself at the end of that step, or, with ``during_save``, while it writes that step's
+  checkpoint: a thread kills the process as soon as this rank's DCP shard file appears in the ``.partial``
+  directory (the shards of the others may or may not be written; the marker never is).
+* ``late_start``: on a restart, that rank sleeps before creating its Trainer, so its peers reach the
+  process group's store first (the order in which torchrun's restarted workers read stale keys).
+* ``devices``: for Lightning's own launcher (``python train_resume.py``); under torchrun the local world size.
+
+Global rank 0 writes ``OUT_DIR/attempts.json``: one entry per start with the per-step global-batch losses
+by step, the world size, and the checkpoint it resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "user_path" / "scripts"))
+from user_models import build_module  # noqa: E402
+
+from picotron_lightning import Picotron3DStrategy  # noqa: E402
+from picotron_lightning.testing import token_data  # noqa: E402
+
+SPEC = json.loads(Path(sys.argv[1]).read_text())
+# This start of the run: the launcher's restarts plus the starts the test made by hand (``attempt``).
+ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) + int(SPEC.get("attempt", 0))
+
+
+class Tokens(Dataset):
+    def __init__(self, data: torch.Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.data[i]
+
+
+def _die(how: str = "SIGKILL") -> None:
+    """SIGKILL: the process is gone (its sockets close). SIGSTOP: it hangs like a lost node (sockets stay open)."""
+    print(f"train_resume: rank {os.environ.get('RANK', '0')} (pid {os.getpid()}) sends itself {how} at "
+          f"{time.time():.3f}", flush=True)
+    os.kill(os.getpid(), getattr(signal, how))
+
+
+class KillDuringSave(Picotron3DStrategy):
+    """On the first start, ``rank`` dies while it writes step ``step``'s checkpoint (its shard file just appeared)."""
+
+    def __init__(self, kill: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.kill = kill
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if ATTEMPT == 0 and checkpoint["global_step"] == self.kill["step"] and self.global_rank == self.kill["rank"]:
+            partial = Path(str(filepath) + ".partial")
+            threading.Thread(target=_kill_when_written, args=(partial, self.global_rank), daemon=True).start()
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+
+def _kill_when_written(partial: Path, rank: int) -> None:
+    while not any(partial.glob(f"__{rank}_*.distcp")):  # DCP's file name for this rank's shards
+        time.sleep(0.001)
+    _die()
+
+
+class Record(L.Callback):
+    def __init__(self, out: Path, kill: dict[str, Any] | None) -> None:
+        self.out, self.kill = out, kill
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
+        loss = float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean"))
+        if trainer.fit_loop._should_accumulate():
+            return
+        self.losses[trainer.global_step] = loss * trainer.accumulate_grad_batches
+        if trainer.is_global_zero:
+            self._write(trainer)
+        kill = self.kill
+        if kill and not kill.get("during_save") and ATTEMPT == 0 and trainer.global_step == kill["step"] \
+                and trainer.global_rank == kill["rank"]:
+            _die(kill.get("signal", "SIGKILL"))
+
+    def _write(self, trainer: L.Trainer) -> None:
+        path = self.out / "attempts.json"
+        attempts = json.loads(path.read_text()) if path.exists() else {}
+        resumed = trainer.strategy._fault_tolerance.resumed_from
+        attempts[str(ATTEMPT)] = {"losses": self.losses, "world_size": trainer.world_size,
+                                  "resumed_from": str(resumed) if resumed else None,
+                                  "async_saves": trainer.strategy._fault_tolerance.writer.async_saves}
+        path.write_text(json.dumps(attempts))
+
+
+def main() -> None:
+    spec = SPEC
+    out = Path(sys.argv[2])
+    torch.set_num_threads(1)
+    late = spec.get("late_start")
+    if late and ATTEMPT > 0 and int(os.environ.get("RANK", "0")) == late["rank"]:
+        time.sleep(late["seconds"])
+    kill = spec.get("kill")
+    kwargs = dict(spec.get("strategy", {}))
+    strategy = KillDuringSave(kill, **kwargs) if kill and kill.get("during_save") else Picotron3DStrategy(**kwargs)
+    accumulate = spec.get("accumulate", 1)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=int(os.environ.get("LOCAL_WORLD_SIZE", spec.get("devices", 1))),
+        num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)), strategy=strategy, max_steps=spec["steps"],
+        accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[Record(out, kill), ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1, filename="{step}",
+                                                      every_n_train_steps=spec["checkpoint_every"])],
+    )
+    data = token_data(spec["samples"])
+    trainer.fit(build_module(spec.get("model", {})), DataLoader(Tokens(data), batch_size=spec["micro_batch"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Workers for the OOM-recovery tests: real ``Trainer.fit`` runs on gloo ranks with injected OOMs."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from torch.utils.data import DataLoader
+
+from picotron_lightning.testing_memory import OOMAt
+
+
+def random_plan(world: int, steps: int, count: int, micro: int, retry_larger_after: int, seed: int,
+                max_op: int = 60) -> tuple[list[OOMAt], list[int]]:
+    """``count`` scripted OOMs over ``world`` ranks and ``steps`` steps, and the split each step should end with.
+
+    Random ranks (up to two per step), phase, op and number of failing attempts; the plan is drawn while
+    simulating the agreed schedule (:class:`SplitSchedule`), so no step runs out of splits. The first and
+    the last step always get an OOM. Raises if ``count`` does not fit in ``steps``.
+    """
+    from picotron_lightning.memory.oom import SplitSchedule
+
+    rng = random.Random(seed)
+    schedule = SplitSchedule(retry_larger_after)
+    plan: list[OOMAt] = []
+    splits: list[int] = []
+    fired = 0
+    for step in range(steps):
+        chosen = step in (0, steps - 1) or rng.random() < 0.8
+        ranks = rng.sample(range(world), k=rng.choice([1, world, world])) if chosen else []
+        retries = 0
+        for rank in ranks:
+            room = count - fired
+            attempts = min(rng.choice([1, 1, 2]), room)
+            while attempts > retries and schedule.split * 2 ** attempts > micro:  # would run out of splits
+                attempts -= 1
+            if attempts == 0:
+                continue
+            plan.append(OOMAt(rank=rank, step=step, phase=rng.choice(["forward", "backward"]),
+                              op=rng.randrange(max_op), attempts=attempts))
+            fired += attempts
+            retries = max(retries, attempts)
+        for _ in range(retries):
+            assert schedule.on_oom(micro) is not None
+        splits.append(schedule.split)
+        schedule.on_success()
+    if fired != count:
+        raise ValueError(f"only {fired} of {count} OOMs fit in {steps} steps")
+    return plan, splits
+
+
+def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list[OOMAt], budget: int | None = None,
+            memory: dict | None = None, monitor: bool = True) -> dict[str, Any]:
+    """``Trainer.fit`` with picotron3d (DDP, oom_recovery) and :class:`InjectOOM`; what the test compares."""
+    from picotron_lightning import AlertManager, MetricsCollector, Picotron3DStrategy
+    from picotron_lightning.testing import COLLECTIVE_TIMEOUT, TokenDataset
+    from picotron_lightning.testing_memory import InjectOOM
+    from tests.fitting import fit_and_record
+    from tests.parity import make_module
+
+    memory = {"oom_recovery": True, "oom_retry_larger_after": 2, **(memory or {})}
+    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode="ddp", memory=memory)
+    injector = InjectOOM(plan, budget=budget)
+    callbacks: list[Any] = [injector]
+    alerts = collector = None
+    if monitor:
+        alerts = AlertManager(sinks=("logging",), rate_limit=10_000)
+        collector = MetricsCollector(log_every_n_steps=1, histogram_every_n_steps=0, flops_per_token=1.0,
+                                     peak_flops_per_device=1.0, log_param_norm=False, log_moe=False)
+        callbacks += [alerts, collector]
+    module = make_module()
+    loader = DataLoader(TokenDataset(data), batch_size=micro, shuffle=False)
+    fitted = fit_and_record(module, loader, callbacks=callbacks, strategy=strategy, devices=world, max_steps=steps)
+    state = module.state_dict()  # DDP: every replica holds the whole model
+    recovery = strategy.oom_recovery
+    reported = {}
+    if collector is not None:
+        for step, metrics in collector.history:
+            if "memory/oom_retries" in metrics:
+                reported[step] = (metrics["memory/oom_retries"], metrics["memory/oom_micro_batches"])
+    return {
+        "losses": fitted.losses, "fired": injector.fired, "budget_fired": injector.budget_fired,
+        "events": recovery.events if recovery is not None else [],
+        "state": {k: v.detach().clone() for k, v in state.items()},
+        "alerts": dict(alerts.counts) if alerts is not None else {}, "metrics": reported,
+        "final_split": recovery.schedule.split if recovery is not None else None,
+    }
+
+
+def oom_fit_expect_stop(rank: int, world: int, data: Any, micro: int, plan: list[OOMAt]) -> dict[str, Any]:
+    """A run whose step 1 fails at every split on one rank: every rank must stop with the message."""
+    from picotron_lightning.memory.oom import OOMRecoveryExhausted
+
+    try:
+        oom_fit(rank, world, data, micro, 3, plan)
+    except OOMRecoveryExhausted as error:
+        return {"stopped": True, "message": str(error)}
+    return {"stopped": False, "message": ""}
