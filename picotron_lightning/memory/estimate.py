@@ -54,7 +54,7 @@ class RankEstimate:
     comm_buffers: int  # DDP gradient buckets (not created by ops, so added arithmetically)
     method: str  # "fake" (fake tensors) or "real" (real tensors on the fake process group)
     flops: int = 0
-    """Floating-point operations of the step (``FlopCounterMode``: matmuls and attention, recompute included)."""
+    """Floating-point operations of one step (matmuls and attention, recompute included); 0 unless ``count_flops``."""
     offloaded_activations: int = 0
     """Bytes of saved tensors copied to the host in the step (activation offload; each comes back once)."""
     offloaded_state: int = 0
@@ -111,6 +111,7 @@ def estimate_memory(
     build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
     allow_real_trace: bool = False,
     timeout: float = 600.0,
+    count_flops: bool = False,
 ) -> list[RankEstimate]:
     """Predict each rank's peak memory in one training step of ``layout``.
 
@@ -133,6 +134,8 @@ def estimate_memory(
             the step on real tensors in ``layout.world_size`` local gloo processes instead. Exact,
             but it needs every rank's share of the model in host memory and costs one real step.
         timeout: deadline of the real trace, in seconds.
+        count_flops: also fill :attr:`RankEstimate.flops`, from one more step run after the measured one
+            (under :class:`~picotron_lightning.memory.flops.FlopCount`), so counting never changes the peak.
     """
     from picotron_lightning.options import Picotron3DOptions
 
@@ -144,7 +147,8 @@ def estimate_memory(
     config = dataclasses.replace(base, memory=dataclasses.replace(policy, memory_budget=None))
     wanted = list(ranks) if ranks is not None else representative_ranks(layout)
     try:
-        return [_fake_trace(build_module, batch, layout, config, rank, step, build_optimizer) for rank in wanted]
+        return [_fake_trace(build_module, batch, layout, config, rank, step, build_optimizer, count_flops=count_flops)
+                for rank in wanted]
     except Exception as error:  # noqa: BLE001 - reported, or the real trace runs instead
         if not allow_real_trace:
             raise RuntimeError(
@@ -155,7 +159,7 @@ def estimate_memory(
     from picotron_lightning.testing import run_ranks
 
     every = run_ranks(_real_trace_worker, layout.world_size, build_module, batch, layout, config, step,
-                      build_optimizer, timeout=timeout)
+                      build_optimizer, timeout=timeout, count_flops=count_flops)
     return [every[rank] for rank in wanted]
 
 
@@ -191,7 +195,7 @@ def estimate_policies(
             continue
         try:
             ranks = estimate_memory(build_module, batch, layout, options=base, memory=policy.applied_to(base.memory),
-                                    **kwargs)
+                                    count_flops=True, **kwargs)
         except Exception as error:  # noqa: BLE001 - a policy the layout cannot take is reported, not fatal
             if not skipped:
                 raise
@@ -211,7 +215,8 @@ def estimate_policies(
 
 def _fake_trace(
     build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
-    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None,
+    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, *,
+    count_flops: bool = False,
 ) -> RankEstimate:
     from picotron_lightning.parallel.data import resolve_mode
 
@@ -230,7 +235,8 @@ def _fake_trace(
         coords = layout.coordinates(rank)
         inner_rank = single.rank_of(pp=coords.pp, tp=coords.tp)
         with fake_process_group(inner_rank, single.world_size):
-            estimate = _trace_in_group(build_module, batch, single, config, inner_rank, step, build_optimizer, True)
+            estimate = _trace_in_group(build_module, batch, single, config, inner_rank, step, build_optimizer, True,
+                                       count_flops=count_flops)
         grads = estimate.breakdown.params - _buffer_bytes_of(build_module)
         b = estimate.breakdown
         # At the end of DDP's backward every gradient exists and each bucket's all-reduce result (one
@@ -241,7 +247,8 @@ def _fake_trace(
         return dataclasses.replace(estimate, rank=rank, coordinates=_coordinates(layout, rank), comm_buffers=grads,
                                    breakdown=breakdown)
     with fake_process_group(rank, layout.world_size):
-        return _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, True)
+        return _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, True,
+                               count_flops=count_flops)
 
 
 def _buffer_bytes_of(build_module: Callable[[], nn.Module]) -> int:
@@ -260,23 +267,30 @@ def _coordinates(layout: ParallelLayout, rank: int) -> dict[str, int]:
 
 def _real_trace_worker(rank: int, world_size: int, build_module: Callable[[], nn.Module], batch: torch.Tensor,
                        layout: ParallelLayout, config: Any, step: StepFn | None,
-                       build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None) -> RankEstimate:
+                       build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, *,
+                       count_flops: bool = False) -> RankEstimate:
     from picotron_lightning.testing import init_gloo
 
     init_gloo(rank, world_size)
-    estimate = _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, False)
+    estimate = _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, False,
+                               count_flops=count_flops)
     dist.barrier()
     return estimate
 
 
 def _trace_in_group(
     build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
-    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, fake: bool,
+    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, fake: bool, *,
+    count_flops: bool = False,
 ) -> RankEstimate:
-    """Build, parallelize and run two steps as ``rank`` of the process group that exists; measure the second."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
+    """Build, parallelize and run two steps as ``rank`` of the process group that exists; measure the second.
 
+    With ``count_flops`` a third step runs under :class:`FlopCount`: the measured step is the same with or
+    without it.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from picotron_lightning.memory.flops import FlopCount
     from picotron_lightning.memory.tracker import LiveBytes
     from picotron_lightning.parallel.parallelize import parallelize
 
@@ -298,12 +312,15 @@ def _trace_in_group(
             tracker.register(p.grad for p in module.parameters() if p.grad is not None)
             tracker.register(v for state in optimizer.state.values() for v in state.values())
             tracker.reset_peak()
-            flop_counter = FlopCounterMode(display=False)
-            with tracker, flop_counter:
+            with tracker:
                 run(local_batch)
             breakdown = tracker.breakdown(module, [optimizer])
             sizes = tracker.peak_sizes()
             state = _offloaded_state(module, breakdown) if config.memory.cpu_offload else 0
+            flops = FlopCount()
+            if count_flops:  # after the measurement, so nothing of it is in the peak
+                with flops:
+                    run(local_batch)
         buckets = 0
         if parallel.data_parallel_mode == "ddp":
             buckets = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
@@ -314,7 +331,7 @@ def _trace_in_group(
         gathers = 2 if config.data_parallel.reshard_after_forward else 1
         moved += gathers * breakdown.params + breakdown.grads
     return RankEstimate(rank=rank, coordinates=_coordinates(layout, rank), breakdown=breakdown,
-                        comm_buffers=buckets, method="fake" if fake else "real", flops=flop_counter.get_total_flops(),
+                        comm_buffers=buckets, method="fake" if fake else "real", flops=flops.total,
                         offloaded_activations=tracker.offloaded_bytes, offloaded_state=state, bytes_moved=moved,
                         cuda=cuda_memory(sizes, expandable_segments=config.memory.expandable_segments))
 

@@ -14,7 +14,8 @@ policy                 what it does                                        what 
 ``cpu_offload``        + FSDP2 ``CPUOffloadPolicy`` (params, grads, Adam)  shards over the link, CPU step
 =====================  ==================================================  =============================
 
-Recompute FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls and attention:
+Recompute FLOPs are counted with :class:`~picotron_lightning.memory.flops.FlopCount` in a step after the
+measured one (the formulas of ``torch.utils.flop_counter``, matmuls and attention:
 selective recompute's elementwise ops count 0 there), bytes moved from the trace. Offload saves
 nothing where the device is the host (CPU runs); those policies are then skipped, with that reason.
 

@@ -8,9 +8,8 @@ useful twice: the estimator traces a step on fake tensors with it, and the tests
 steps with it (and inject out-of-memory errors with a subclass, ``picotron_lightning.testing_memory.BudgetOOM``).
 
 At every new peak the set of live storages is remembered, so the peak can be broken down into
-parameters, gradients, optimizer state, activations (tensors autograd saved for backward, and, at
-a peak inside backward, whatever the forward created that is still alive: what activation
-checkpointing keeps through its own hooks) and temporaries (everything else) after the step.
+parameters, gradients, optimizer state, activations (tensors autograd saved for backward) and
+temporaries (everything else) after the step.
 
 With ``offload_saved=True`` it also plays ``torch.autograd.graph.save_on_cpu`` on a device whose
 host is elsewhere: every saved tensor is copied into a storage counted as *host* bytes (not in
@@ -79,16 +78,11 @@ class LiveBytes(TorchDispatchMode):
         self._to_host = False
         self._live: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (bytes, storage)
         self._saved: set[int] = set()  # storages autograd packed for backward
-        # Storages ops created outside backward: at a peak inside backward, those still alive are what the
-        # forward left for it, also the ones activation checkpointing keeps through its own hooks.
-        self._from_forward: set[int] = set()
-        self._peak_in_backward = False
         self.current = 0
         self.peak = 0
         self._peak_pending = False  # the live set is the peak's and has not been copied yet
         self._at_peak: dict[int, tuple[int, weakref.ref, bool]] = {}
         self._saved_hooks: Any = None
-        self._registering = False
 
     # ------------------------------------------------------------------ accounting
     def _track(self, storage: torch.UntypedStorage) -> None:
@@ -106,43 +100,31 @@ class LiveBytes(TorchDispatchMode):
         self._live[key] = (nbytes, weakref.ref(storage))
         weakref.finalize(storage, self._release, key)
         self.current += nbytes
-        in_backward = torch._C._current_graph_task_id() >= 0
-        if not in_backward and not self._registering:
-            self._from_forward.add(key)
         if self.current > self.peak:
             self.peak = self.current
             self._peak_pending = True
-            self._peak_in_backward = in_backward
 
     def _release(self, key: int) -> None:
         if key in self._host_live:
             self.host_current -= self._host_live.pop(key)
             return
         if self._peak_pending:  # leaving the peak: remember what was live there (copied once per peak)
-            self._at_peak = {k: (n, ref, self._kept_for_backward(k)) for k, (n, ref) in self._live.items()}
+            self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
             self._peak_pending = False
         nbytes, _ = self._live.pop(key, (0, None))
         self.current -= nbytes
         self._saved.discard(key)
-        self._from_forward.discard(key)
-
-    def _kept_for_backward(self, key: int) -> bool:
-        return key in self._saved or (self._peak_in_backward and key in self._from_forward)
 
     def _on_allocate(self, nbytes: int) -> None:
         """Called before ``nbytes`` more become live; the OOM injector of the tests raises here."""
 
     def register(self, tensors: Iterable[Any]) -> None:
         """Count tensors that already exist (parameters, gradients, optimizer state, the batch)."""
-        self._registering = True
-        try:
-            for t in tensors:
-                if isinstance(t, torch.Tensor):
-                    storage = storage_of(t)
-                    if storage is not None:
-                        self._track(storage)
-        finally:
-            self._registering = False
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                storage = storage_of(t)
+                if storage is not None:
+                    self._track(storage)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
@@ -201,7 +183,7 @@ class LiveBytes(TorchDispatchMode):
         (if autograd saved them) or temporaries.
         """
         if self._peak_pending:
-            self._at_peak = {k: (n, ref, self._kept_for_backward(k)) for k, (n, ref) in self._live.items()}
+            self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
             self._peak_pending = False
 
         def ids(tensors: Iterable[Any]) -> set[int]:
