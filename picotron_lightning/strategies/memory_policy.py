@@ -124,9 +124,9 @@ class MemoryPolicyMixin:
     def _agree_on_memory_policy(self) -> None:
         """Apply rank 0's choice on every rank (one object broadcast, right after the process group exists).
 
-        Each rank estimated on its own; fake-tensor traces under activation checkpointing can differ by a
-        few percent from process to process (storages held by reference cycles until a collection), so a
-        budget close to a policy's estimate could otherwise split the ranks between two policies.
+        Each rank estimated on its own. The estimates agree today, but nothing forces them to (an
+        environment difference, a data-dependent trace): a budget close to a policy's estimate could then
+        split the ranks between two policies, whose collectives would not match.
         """
         if self.memory_policy is None:
             return
