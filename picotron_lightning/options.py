@@ -85,12 +85,13 @@ class Picotron3DOptions:
 
     def __post_init__(self) -> None:
         # Rules that involve two sections; each section checked its own fields already.
-        if self.data_parallel.mode == "ddp" and self.layout.pp != 1:
+        if self.data_parallel.mode == "ddp" and self.layout.pp != 1 and self.pipeline.split != "trace":
             # DDP's reducer expects one backward per forward; a pipeline schedule runs several
-            # microbatches per step and DDP's bucket rebuild fails on them. FSDP2 handles this.
+            # microbatches per step and DDP's bucket rebuild fails on them. FSDP2 handles this. (The
+            # traced split averages its replicas' gradients itself, without DDP's reducer.)
             raise ValueError(
                 "data_parallel_mode='ddp' is not supported with pipeline_parallel_size > 1; use 'fsdp' or 'hsdp' "
-                "('auto' picks fsdp under pipeline parallelism)."
+                "('auto' picks fsdp under pipeline parallelism), or pipeline_split='trace' (stages as replicas)."
             )
 
     @classmethod

@@ -112,6 +112,16 @@ class FaultToleranceRuntime:
 
     def _apply_position(self, position: dict[str, int]) -> None:
         assert self._sampler is not None
+        saved, now = position.get("samples_per_batch"), self._batch_size * self._sampler.sampler.num_replicas
+        if saved is not None and saved != now:
+            # Like Lightning, the strategy takes the loader's batch_size as per rank and never rescales it.
+            rank_zero_warn(
+                f"picotron3d: the checkpoint was written with {saved} samples per batch over all data-parallel "
+                f"ranks; this run has {now} (batch_size {self._batch_size} x {self._sampler.sampler.num_replicas} "
+                "data-parallel ranks), so it does not continue the same training. To keep the global batch when "
+                "the number of data-parallel ranks changes, build the loader in `train_dataloader` with "
+                "batch_size = global batch // trainer.strategy.distributed_sampler_kwargs['num_replicas']."
+            )
         self._sampler.resume_at(position["epoch"], position["samples_consumed"])
         self._pending_position = None
 
@@ -123,7 +133,8 @@ class FaultToleranceRuntime:
             batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
             replicas = self._sampler.sampler.num_replicas
             extra["data_position"] = {"epoch": trainer.current_epoch,
-                                      "samples_consumed": samples_consumed(batches_done, self._batch_size, replicas)}
+                                      "samples_consumed": samples_consumed(batches_done, self._batch_size, replicas),
+                                      "samples_per_batch": self._batch_size * replicas}
         checkpoint[CHECKPOINT_KEY] = extra
 
     def restore_from_checkpoint(self, checkpoint: dict[str, Any], rank: int) -> None:

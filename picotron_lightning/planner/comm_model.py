@@ -13,7 +13,8 @@ What runs, per dimension (T tokens per microbatch, d hidden, V vocabulary, 4-byt
   logits' all-gather of T*V in forward.
 * dp: DDP all-reduces every gradient it holds once per step; FSDP all-gathers each unit (padded
   to a multiple of dp per parameter) in forward and again in backward when it resharded, and
-  reduce-scatters the unit's gradients.
+  reduce-scatters the unit's gradients. Under gradient accumulation (pp=1, M micro-batches, sync
+  off until the last) the gathers repeat per micro-batch, the reductions run once.
 * pp: each microbatch's activation to the next stage in forward, its gradient back in backward.
 * ep: per MoE block and microbatch, dispatch and combine all-to-alls of T*top_k*d in forward and
   in backward.
@@ -111,7 +112,9 @@ def dp_collectives(spec: ModelSpec, c: Candidate, reshard_after_forward: bool = 
         return [*out, Collective("dp", "all_reduce", dense_held * 4, 1, c.dp)]
     shard = c.dp if c.dp_mode == "fsdp" else c.hsdp_shard
     rest = dense_held - blocks * dense_unit
-    gathers = 2 if reshard_after_forward else 1
+    # Gradient accumulation (pp=1, M micro-batches, gradient sync off until the last): FSDP reshards after
+    # every backward, so each micro-batch gathers again; the reduce-scatter runs once, after the last.
+    gathers = (2 if reshard_after_forward else 1) * accumulation_steps(c)
     padded_unit = ceil_div(dense_unit, shard) * shard * 4  # exact when each parameter's rows divide by shard
     padded_rest = ceil_div(rest, shard) * shard * 4
     out += [Collective("dp", "all_gather", padded_unit, blocks * gathers, shard),
@@ -121,6 +124,13 @@ def dp_collectives(spec: ModelSpec, c: Candidate, reshard_after_forward: bool = 
     if c.dp_mode == "hsdp" and c.dp // shard > 1:
         out.append(Collective("dp", "all_reduce", ceil_div(dense_held, shard) * 4, 1, c.dp // shard))
     return out
+
+
+def accumulation_steps(c: Candidate) -> int:
+    """Forward-backward passes of one optimizer step that each gather FSDP's units again: M under gradient
+    accumulation (pp=1), else 1 (under pp the model keeps one gather per step, as before; FSDP with dp > 1
+    under pp has not been compared with a count)."""
+    return c.num_microbatches if c.pp == 1 else 1
 
 
 def _pipeline_sends(c: Candidate, stage: int | None) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from picotron_lightning.planner.comm_model import Collective, collectives, link_of
+from picotron_lightning.planner.comm_model import Collective, accumulation_steps, collectives, link_of
 from picotron_lightning.planner.hardware import DeviceSpec
 from picotron_lightning.planner.memory_model import blocks_per_rank, rank_params
 from picotron_lightning.planner.model_spec import ModelSpec
@@ -70,7 +70,8 @@ def step_time(spec: ModelSpec, c: Candidate, device: DeviceSpec, devices_per_nod
         elif dim == "dp":
             _, unit = rank_params(spec, c)
             first = sum(i.seconds(link) / max(i.count, 1) for i in dim_items if i.kind == "all_gather" and i.count)
-            exposed[dim] = max(seconds - compute, 0.0) + first
+            # The first unit's gather of every forward-backward pass (each accumulation micro-batch) is exposed.
+            exposed[dim] = max(seconds - compute, 0.0) + first * accumulation_steps(c)
         else:
             exposed[dim] = seconds
     bubble = 0.0

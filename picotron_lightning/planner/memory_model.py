@@ -6,7 +6,8 @@ measured on the meta device), divided the way each dimension divides them:
 * parameters, gradients, AdamW's two moments: the most loaded pipeline rank's blocks (plus the
   embedding on the first stage, the head on the last), tp shards every matrix but 1-D weights, ep
   shards routed experts; FSDP shards all of it over dp (HSDP over its shard group); DDP keeps
-  gradients whole (as bucket views, alive the whole run).
+  gradients whole (as bucket views, alive the whole run); FSDP under gradient accumulation (pp=1,
+  M > 1, sync off until the last micro-batch) holds the unsharded gradients too.
 * activations: saved bytes per block per sample (none), block inputs and matmul outputs (selective)
   or block inputs only (full, plus one block recomputed), divided by tp (sequence parallelism shards
   what tp does not), times the micro-batch size, times the blocks this rank holds, times the
@@ -83,6 +84,10 @@ def estimate(spec: ModelSpec, c: Candidate, precision: str = "fp32") -> MemoryBr
     params = ceil_div(held, shard) * BYTES
     optimizer = 2 * params
     grads = params
+    if c.pp == 1 and c.num_microbatches > 1 and shard > 1:
+        # Gradient accumulation with gradient sync off: FSDP keeps every unsharded gradient between
+        # micro-batches (and the sharded ones after the last reduce-scatter).
+        grads += held * BYTES
     mb = c.micro_batch_size
     per_sample = {
         "none": max(spec.block_saved_bytes),

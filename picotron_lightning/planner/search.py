@@ -1,7 +1,8 @@
 """The search space: every layout of a world of ranks, and why each impossible one is rejected.
 
 A candidate fixes the sizes (pp, dp, tp, ep), the data-parallel mode, activation checkpointing, the
-pipeline schedule with its virtual stages and microbatch count. Hardware and model rules apply here,
+pipeline schedule with its virtual stages and microbatch count (without pp: the gradient-accumulation
+steps of one optimizer step). Hardware and model rules apply here,
 before any cost is estimated: tensor parallelism stays inside a node (its collectives are on every
 block's critical path), tp divides heads, kv heads, every sharded width and the vocabulary, pp does
 not exceed the blocks (times virtual stages), ep divides the experts and dp, and the global batch
@@ -32,6 +33,11 @@ class Constraints:
     checkpointing: str | None = None
     schedule: str | None = None
     num_microbatches: int | None = None
+    accumulate: bool = True
+    """Whether layouts without pipeline parallelism may split the local batch into accumulated micro-batches
+    (gradient accumulation: ``Trainer(accumulate_grad_batches=M)`` with the loader's batch the micro-batch).
+    The strategy's ``"auto"`` path passes False: there the loader's batch is already the micro-batch and the
+    accumulation count is the user's."""
 
 
 @dataclass(frozen=True)
@@ -198,11 +204,16 @@ class SearchSpace:
         return modes
 
     def _microbatches(self, dp: int, pp: int) -> list[int]:
+        """Microbatch counts: pipeline microbatches under pp; gradient-accumulation steps without it."""
         local = self.batch_of(dp) // dp
+        if pp == 1 and not self.constraints.accumulate:
+            return [1]
         if self.constraints.num_microbatches is not None:
             return [self.constraints.num_microbatches] if local % self.constraints.num_microbatches == 0 else []
         if pp == 1:
-            return [1]
+            # Gradient accumulation: every split of the local batch (a smaller micro-batch holds fewer
+            # activations; FSDP then gathers once per micro-batch, see comm_model.dp_collectives).
+            return divisors(local)
         # Microbatch count against the bubble: the largest counts that divide the local batch.
         counts = [m for m in divisors(local) if m >= pp]
         return counts[-2:] if counts else []

@@ -63,7 +63,8 @@ def plan_strategy_options(options: Any, module: nn.Module, world_size: int, devi
         dp=_fixed(layout.data_parallel_size), tp=_fixed(layout.tensor_parallel_size),
         pp=_fixed(layout.pipeline_parallel_size), ep=_fixed(layout.expert_parallel_size),
         dp_mode=None if dp_mode == "auto" else dp_mode, checkpointing=options.memory.activation_checkpointing,
-        schedule=options.pipeline.schedule, num_microbatches=options.pipeline.num_microbatches)
+        schedule=options.pipeline.schedule, num_microbatches=options.pipeline.num_microbatches,
+        accumulate=False)  # the loader's batch is the micro-batch; accumulate_grad_batches is the user's
     result = plan_layout(spec, devices=world_size, devices_per_node=devices_per_node, device=device_spec(name),
                          global_batch=None, local_batch=local_batch, constraints=constraints)
     best = result.best

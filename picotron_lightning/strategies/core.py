@@ -26,7 +26,7 @@ from picotron_lightning.parallel import ParallelModel, PipelineRuntime, parallel
 from picotron_lightning.parallel.data import DataParallelOptions, set_gradient_sync
 from picotron_lightning.parallel.expert import reduce_expert_gradients
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
-from picotron_lightning.parallel.pipeline_parallel import check_pipeline_model
+from picotron_lightning.parallel.pipeline_parallel import check_pipeline_model, check_traceable_layout
 from picotron_lightning.parallel.tensor_parallel import loss_parallel_context
 from picotron_lightning.strategies.memory_policy import MemoryPolicyMixin
 from picotron_lightning.topology import ParallelLayout
@@ -243,6 +243,8 @@ class Picotron3DCore(MemoryPolicyMixin):
         if module is None or self.layout.pp == 1:
             return
         check_pipeline_model(module, self.layout.pp, self._options.pipeline)
+        if self._options.pipeline.split == "trace":
+            check_traceable_layout(module, self.layout, self._options.data_parallel.mode)
 
     def _check_compilable(self, module: nn.Module | None) -> None:
         """Refuse ``compile=`` for a model it cannot handle (MoE, no block stack); no collective involved."""

@@ -97,3 +97,19 @@ def test_the_sampler_resumes_after_the_samples_all_ranks_consumed(new_replicas):
     full = _epoch_positions(4, 2, 32, epoch=1)  # 4 steps of 8 samples
     resumed = _epoch_positions(new_replicas, 2 * 4 // new_replicas, 32, epoch=1, skip_samples=16)
     assert resumed == full[2:]  # the same global batches after the first two steps, even with half the ranks
+
+
+@pytest.mark.parametrize(("batch", "warns"), [(4, False), (2, True)])
+def test_resuming_with_another_global_batch_is_reported(batch, warns, recwarn):
+    # Written by 4 ranks x batch 2 (8 samples per step); resumed on 2 ranks with batch 4 (the same 8) or 2 (4).
+    from picotron_lightning.fault_tolerance.runtime import CHECKPOINT_KEY, FaultToleranceRuntime
+
+    runtime = FaultToleranceRuntime(FaultToleranceOptions())
+    sampler = DistributedSampler(list(range(32)), num_replicas=2, rank=0, shuffle=False)
+    runtime.process_dataloader(DataLoader(list(range(32)), batch_size=batch, sampler=sampler))
+    position = {"epoch": 0, "samples_consumed": 16, "samples_per_batch": 8}
+    runtime.restore_from_checkpoint({CHECKPOINT_KEY: {"data_position": position}}, rank=0)
+    messages = [str(w.message) for w in recwarn if "samples per batch" in str(w.message)]
+    assert (len(messages) == 1) == warns, messages
+    if warns:
+        assert "this run has 4 (batch_size 2 x 2 data-parallel ranks)" in messages[0]

@@ -8,6 +8,8 @@ environment (:func:`picotron_lightning.testing.run_script`), the way users start
 from __future__ import annotations
 
 import json
+import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,23 @@ LAYOUTS = {  # strategy arguments, ranks
     "pp2": ({"pipeline_parallel_size": 2}, 2),
     "3d": ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, 8),
 }
+
+
+def kill_step_seed() -> int:
+    """The seed of a random kill step: ``PICOTRON_FT_SEED`` to repeat a failure, otherwise a fresh one."""
+    seed = int(os.environ.get("PICOTRON_FT_SEED", random.SystemRandom().randrange(2**31)))
+    print(f"kill step seed: PICOTRON_FT_SEED={seed}")  # pytest shows it with a failure
+    return seed
+
+
+def random_kill_step(seed: int, checkpoint_every: int, steps: int) -> tuple[int, int]:
+    """A step after the first checkpoint, and the checkpoint a restart must resume from.
+
+    The kill happens at the end of the step, before that step's own save (Lightning runs ``ModelCheckpoint``
+    after the other callbacks), so the restart resumes from the last checkpoint *before* the killed step.
+    """
+    step = random.Random(seed).randint(checkpoint_every + 1, steps)
+    return step, (step - 1) // checkpoint_every * checkpoint_every
 
 
 def torchrun(tmp: Path, spec: dict[str, Any], nproc: int = 2, max_restarts: int = 1, timeout: float = 900) -> Any:
@@ -95,19 +114,26 @@ def check_against_reference(tmp: Path, attempts: dict[str, Any], spec: dict[str,
 def test_killed_rank_resumes_with_the_uninterrupted_trajectory(tmp_path, layout):
     strategy, nproc = LAYOUTS[layout]
     dp = nproc // strategy.get("tensor_parallel_size", 1) // strategy.get("pipeline_parallel_size", 1)
-    # 8*dp samples, global batch 2*dp: the kill at step 3 (after the step-2 checkpoint) is mid-epoch.
     steps = 4 if layout == "3d" else 6  # 8 ranks on a shared 2-core machine: fewer steps
+    seed = kill_step_seed()
+    kill_step, resume_step = random_kill_step(seed, checkpoint_every=2, steps=steps)
+    # 8*dp samples, global batch 2*dp: an epoch is 4 steps, so kills at steps 3 and 4 are mid-epoch and
+    # later ones in the second epoch.
     spec = {"strategy": strategy, "model": MODEL, "steps": steps, "micro_batch": 2, "samples": 8 * dp,
-            "checkpoint_every": 2, "kill": {"rank": nproc - 1, "step": 3},
+            "checkpoint_every": 2, "kill": {"rank": nproc - 1, "step": kill_step},
             # The restarted last rank starts late: its peers meet the launcher's store first, where the stale
             # keys of the killed start are (with a plain torch script this order failed 2 of 3 restarts without
             # launcher_store.py; this Lightning run passed once without it: docs/fault_tolerance.md).
             "late_start": {"rank": nproc - 1, "seconds": 8}}
+    context = f"seed {seed}: rank {nproc - 1} killed at step {kill_step}"
     torchrun(tmp_path, spec, nproc=nproc)
     attempts = attempts_of(tmp_path)
-    assert set(attempts) == {"0", "1"}, attempts  # the launcher restarted the group once
-    assert attempts["1"]["resumed_from"].endswith("step=2.ckpt")
-    assert sorted(map(int, attempts["1"]["losses"])) == list(range(3, steps + 1))
+    assert set(attempts) == {"0", "1"}, (context, attempts)  # the launcher restarted the group once
+    # The restarted group's store holds none of the killed start's keys (fault_tolerance/launcher_store.py).
+    assert attempts["1"]["saw_first_start_key"] is False, (context, attempts)
+    assert sorted(map(int, attempts["0"]["losses"])) == list(range(1, kill_step + 1)), (context, attempts)
+    assert str(attempts["1"]["resumed_from"]).endswith(f"step={resume_step}.ckpt"), (context, attempts)
+    assert sorted(map(int, attempts["1"]["losses"])) == list(range(resume_step + 1, steps + 1)), context
     check_against_reference(tmp_path, attempts, spec, nproc, dp)
 
 

@@ -124,10 +124,74 @@ def test_untraceable_model_names_the_structural_split(world2):
         assert 'pipeline_split="structural"' in message and "configure_pipeline_stages()" in message
 
 
-def test_trace_refuses_data_parallelism():
+def _world4(rank: int, world: int) -> dict:
+    data = make_data(64)
+    return {
+        "auto": run(world, data, MICRO, STEPS, TRACE),
+        "gpt_ddp": fit(world, "gpt", data, MICRO, STEPS, {**TRACE, "data_parallel_mode": "ddp"}),
+    }
+
+
+@pytest.fixture(scope="module")
+def world4() -> list[dict]:
+    return run_ranks(_world4, 4, timeout=900)
+
+
+@pytest.mark.slow
+def test_traced_pp2_dp2_matches_one_process(world4):
+    """pp=2 x dp=2 on 4 ranks: the traced stages as replicas train the one-process model on the global batch."""
+    # rank = pp * dp_size + dp: ranks 0 and 1 are the two replicas' first stage.
+    for name, ref in (("auto", reference_model(make_data(64), STEPS, 2 * MICRO)[1]),
+                      ("gpt_ddp", reference("gpt", make_data(64), STEPS, 2 * MICRO))):
+        replica_mean = [(a + b) / 2 for a, b in zip(world4[0][name]["losses"], world4[1][name]["losses"], strict=True)]
+        diff = max_relative_diff(replica_mean, ref)
+        print(f"trace {name} pp=2 x dp=2: max relative diff {diff:.2e}")
+        assert diff <= RTOL, (replica_mean, ref)
+        for i, r in enumerate(world4):  # both stages of a replica report that replica's loss
+            assert max_relative_diff(r[name]["losses"], world4[i % 2][name]["losses"]) <= RTOL
+
+
+def test_trace_refuses_what_the_traced_graph_cannot_run():
+    from picotron_lightning.models.llama import Llama, llama_config
     from picotron_lightning.parallel.pipeline_parallel import PipelineSplitError, check_traceable_layout
     from picotron_lightning.topology import ParallelLayout
 
-    layout = ParallelLayout(pipeline_parallel_size=2).resolve(4)
-    with pytest.raises(PipelineSplitError, match='data_parallel_size=2.*pipeline_split="structural"'):
-        check_traceable_layout(nn.Linear(2, 2), layout)
+    dense = nn.Linear(2, 2)
+    replicas = ParallelLayout(pipeline_parallel_size=2).resolve(4)
+    check_traceable_layout(dense, replicas)  # dp=2 as replicas: accepted
+    check_traceable_layout(dense, replicas, "ddp")
+    with pytest.raises(PipelineSplitError, match="data_parallel_mode='fsdp' is not supported.*'auto' or 'ddp'"):
+        check_traceable_layout(dense, replicas, "fsdp")
+    tensor = ParallelLayout(pipeline_parallel_size=2, tensor_parallel_size=2).resolve(4)
+    with pytest.raises(PipelineSplitError, match=r"tensor_parallel_size=2.*split\(qkv, hidden\).*IndexError"):
+        check_traceable_layout(dense, tensor)
+    with pytest.raises(PipelineSplitError, match="a model with MoE layers.*GuardOnDataDependentSymNode"):
+        check_traceable_layout(Llama(llama_config("tiny-moe", num_layers=2)), ParallelLayout(pipeline_parallel_size=2)
+                               .resolve(2))
+
+
+def test_trace_allows_ddp_under_pipeline_parallelism():
+    from picotron_lightning.options import Picotron3DOptions
+
+    options = Picotron3DOptions.from_arguments(
+        {"pipeline_parallel_size": 2, "pipeline_split": "trace", "data_parallel_mode": "ddp"})
+    assert options.data_parallel.mode == "ddp"
+    with pytest.raises(ValueError, match="data_parallel_mode='ddp' is not supported with pipeline_parallel_size > 1"):
+        Picotron3DOptions.from_arguments({"pipeline_parallel_size": 2, "data_parallel_mode": "ddp"})
+
+
+def _traced_tp(rank: int, world: int) -> dict:
+    try:
+        # The reference Llama: tensor parallelism alone accepts it, so only the traced-split check refuses.
+        run(world, make_data(16), MICRO, 1, {**TRACE, "tensor_parallel_size": 2})
+        return {"error": None}
+    except Exception as err:  # noqa: BLE001 - the message, and whether a process group existed, is the result
+        return {"error": f"{type(err).__name__}: {err}", "group": torch.distributed.is_initialized()}
+
+
+@pytest.mark.slow
+def test_traced_tp_is_refused_before_any_process_group():
+    for rank in run_ranks(_traced_tp, 4, timeout=600):
+        assert rank["error"] is not None, "pp=2 x tp=2 with the traced split trained"
+        assert "pipeline_split='trace' does not support tensor_parallel_size=2" in rank["error"]
+        assert not rank["group"], "the refusal came after the process group was created"

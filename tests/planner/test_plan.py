@@ -39,7 +39,8 @@ def test_divisibility_rejects_with_reasons(tiny_spec) -> None:
     assert any("exceeds the 4 blocks" in r for r in reasons.values())
     layouts = {(p.candidate.dp, p.candidate.tp, p.candidate.pp) for p in result.ranked}
     assert layouts and all(tp <= 2 and pp <= 4 for _, tp, pp in layouts)
-    assert result.ranked == sorted(result.ranked, key=lambda p: (p.time.total, p.memory.peak, p.candidate.describe()))
+    assert result.ranked == sorted(result.ranked, key=lambda p: (p.time.total, p.candidate.num_microbatches,
+                                                                 p.memory.peak, p.candidate.describe()))
 
 
 def test_experts_divisibility() -> None:
@@ -123,3 +124,35 @@ def test_seventy_b_plans_on_meta() -> None:
                          global_batch=64, memory_budget=int(20 * GiB))
     assert result.best.memory.peak <= 20 * GiB
     assert any("> budget" in r.reason for r in result.rejected)
+
+
+def test_gradient_accumulation_without_pp_fits_a_batch_no_single_pass_fits(tiny_spec) -> None:
+    """Without pp the search splits the local batch into accumulated micro-batches: a budget no single
+    forward-backward of the whole local batch fits is met by accumulation, and the strategy's path
+    (``accumulate=False``: the loader's batch is the micro-batch) keeps M=1."""
+    one_pass = _plan(tiny_spec, devices=2, per_node=2, pp=1, accumulate=False)
+    smallest_one_pass = min(p.memory.peak for p in one_pass.ranked)
+    result = _plan(tiny_spec, devices=2, per_node=2, pp=1, budget=smallest_one_pass - 1)
+    assert result.ranked, "accumulation should fit where one pass does not"
+    assert all(p.candidate.pp == 1 and p.candidate.num_microbatches > 1 for p in result.ranked)
+    best = result.best.candidate
+    assert best.micro_batch_size * best.num_microbatches * best.dp == 16  # the global batch, in M micro-batches
+    assert {p.candidate.num_microbatches for p in one_pass.ranked} == {1}
+
+
+def test_accumulation_costs_fsdp_gathers_per_micro_batch(tiny_spec) -> None:
+    """FSDP re-gathers every unit in each accumulated micro-batch and reduce-scatters once; DDP all-reduces once;
+    FSDP keeps the unsharded gradients between micro-batches."""
+    from picotron_lightning.planner.comm_model import bytes_per_dim, collectives
+    from picotron_lightning.planner.memory_model import estimate
+
+    def dp_bytes(mode: str, m: int) -> dict[str, int]:
+        c = Candidate(2, 1, 1, 1, mode, "none", "1f1b", 1, m, 8 // m, 2 if mode == "fsdp" else 1)
+        return bytes_per_dim(collectives(tiny_spec, c))["dp"]
+
+    assert dp_bytes("fsdp", 4)["all_gather"] == 4 * dp_bytes("fsdp", 1)["all_gather"]
+    assert dp_bytes("fsdp", 4)["reduce_scatter"] == dp_bytes("fsdp", 1)["reduce_scatter"]
+    assert dp_bytes("ddp", 4) == dp_bytes("ddp", 1)
+    fsdp_one = estimate(tiny_spec, Candidate(2, 1, 1, 1, "fsdp", "none", "1f1b", 1, 1, 8, 2))
+    fsdp_four = estimate(tiny_spec, Candidate(2, 1, 1, 1, "fsdp", "none", "1f1b", 1, 4, 2, 2))
+    assert fsdp_four.grads > fsdp_one.grads and fsdp_four.activations < fsdp_one.activations

@@ -153,6 +153,25 @@ def test_3d_checkpoint_resumes_where_it_stopped(lightning8):
     _assert_parity(lightning8, RUNS_8[3], dp=2)
 
 
+# --------------------------------------------------------------------------- the traced split, 4 processes
+# A GPT whose blocks pass two tensors to each other (hidden state and a running sum the head reads):
+# the traced split carries both across the stage boundary. pp=2 x dp=2, the stages as replicas.
+TRACED = {"pipeline_parallel_size": 2, "pipeline_split": "trace"}
+RUNS_TRACED = [_run("trace_two_stream_pp2_dp2", 2, model={"kind": "two_stream"}, strategy=TRACED)]
+
+
+@pytest.fixture(scope="module")
+def traced4(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("traced4"), {"devices": 4, "runs": RUNS_TRACED})
+
+
+@pytest.mark.parametrize("run", RUNS_TRACED, ids=[r["name"] for r in RUNS_TRACED])
+def test_traced_split_with_data_parallelism_from_a_plain_script(traced4, run):
+    result = traced4[run["name"]]
+    assert result["world_size"] == 4 and result["data_parallel_mode"] == "ddp", result
+    _assert_parity(traced4, run, dp=2)
+
+
 # --------------------------------------------------------------------------- precision plugin and monitoring
 BF16_MODEL = {"kind": "llama", "config": {"num_layers": 4}, "lr": 3e-3}
 

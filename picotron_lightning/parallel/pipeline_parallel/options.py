@@ -27,7 +27,8 @@ class PipelineOptions:
 
     split: str = field(default="structural", metadata={"flat": "pipeline_split"})
     """``"structural"`` (the model's own forward per stage; composes with FSDP2/TP/EP) or ``"trace"``
-    (``torch.export`` split by ``torch.distributed.pipelining.pipeline``; pp alone). Both keep parameter
+    (``torch.export`` split by ``torch.distributed.pipelining.pipeline``; with data parallelism as replicas
+    only: no FSDP2, tensor or expert parallelism). Both keep parameter
     names, so checkpoints move between pipeline sizes and splitters."""
 
     def __post_init__(self) -> None:

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from picotron_lightning.parallel.data import DataParallelOptions, fully_shard_units
-from picotron_lightning.parallel.expert import find_moe_layers, set_aux_loss_scale
+from picotron_lightning.parallel.expert import set_aux_loss_scale
 from picotron_lightning.parallel.pipeline_parallel import user_step
 from picotron_lightning.parallel.pipeline_parallel.options import PipelineOptions
 from picotron_lightning.parallel.pipeline_parallel.schedule import (
@@ -58,7 +58,12 @@ from picotron_lightning.parallel.pipeline_parallel.tied import (
     check_tied_supported,
     find_tied_across_stages,
 )
-from picotron_lightning.parallel.pipeline_parallel.trace import TracedStage, trace_pipe
+from picotron_lightning.parallel.pipeline_parallel.trace import (
+    ReplicatedGradients,
+    TracedStage,
+    check_traceable_layout,
+    trace_pipe,
+)
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -114,6 +119,7 @@ class PipelineRuntime:
         self._full_class: type = type(parts.container)
         self._full_parts: dict[str, nn.Module] = {}
         self._traced: dict[tuple, list[nn.Module]] = {}
+        self._replicas: ReplicatedGradients | None = None  # the traced split's data parallelism (trace.py)
 
     # ------------------------------------------------------------------ stage forward support
     @property
@@ -174,11 +180,18 @@ class PipelineRuntime:
 
     def apply_data_parallel(self, mesh: DeviceMesh, layout: ParallelLayout, config: DataParallelOptions,
                             device: torch.device, local_processes: int) -> tuple[nn.Module, str]:
-        """FSDP2 (stage module as root) or DDP over ``dp`` for each stage; returns the root and mode."""
+        """FSDP2 (stage module as root) over ``dp`` for each stage, or replicas for the traced split; root and mode."""
         self.device = device
         self._drop_other_stages_modules()
         for sm in self.stage_modules:
             sm.attach()
+        if self.options.split == "trace":
+            # The traced stages run as replicas whose gradients are averaged after the schedule (trace.py).
+            check_traceable_layout(self.root, layout, config.mode)
+            if layout.dp == 1:
+                return self.root, "none"
+            self._replicas = ReplicatedGradients(mesh["dp"].get_group(), list(self.root.parameters()))
+            return self.root, "ddp"
         # "auto" shards: DDP cannot follow a schedule's microbatches (refused in the strategy's arguments).
         mode = "fsdp" if config.mode == "auto" else config.mode
         if layout.dp > 1:
@@ -317,6 +330,8 @@ class PipelineRuntime:
         """Add the gradients of the latest training step's schedule (called by the strategy's ``backward``)."""
         pending, self._pending_grads = self._pending_grads or [], None
         pending = self.tied.reduce(pending)  # the tied copies' gradients summed over their pair of ranks
+        if self._replicas is not None:
+            pending = self._replicas.average(pending)
         for p, grad in pending:
             if p.grad is None:
                 p.grad = grad
@@ -354,18 +369,6 @@ def split_into_stages(root: nn.Module, mesh: DeviceMesh, layout: ParallelLayout,
         runtime._full_blocks = OrderedDict(parts.container._modules)
     keep_blocks(parts.container, {b for s in mine for b in assignment[s]})
     return runtime
-
-
-def check_traceable_layout(root: nn.Module, layout: ParallelLayout) -> None:
-    """pipeline_split="trace" runs the traced graphs directly: no FSDP/DDP, tensor or expert parallelism in them."""
-    others = {"data_parallel_size": layout.dp, "tensor_parallel_size": layout.tp, "expert_parallel_size": layout.ep}
-    used = {k: v for k, v in others.items() if v > 1}
-    if used or find_moe_layers(root):
-        what = ", ".join(f"{k}={v}" for k, v in used.items()) or "a model with MoE layers"
-        raise PipelineSplitError(
-            f"pipeline_split='trace' supports pipeline parallelism alone in this version; got {what}. Use "
-            "pipeline_split=\"structural\" (the default), which composes with FSDP2, tensor and expert parallelism."
-        )
 
 
 def check_pipeline_model(root: nn.Module, pp: int, options: PipelineOptions) -> None:

@@ -13,6 +13,17 @@ Tracing needs example inputs, so it happens at the first step of each input shap
 captured arguments of the step's first microbatch (a traced graph is specialised to its shapes).
 To trace the whole model again for a new shape, each rank keeps the modules of the other stages
 outside the LightningModule (not registered: not in its ``state_dict`` or optimizer).
+
+What composes with it (checked before any process group by :func:`check_traceable_layout`):
+
+* data parallelism, as replicas: every ``dp`` rank of a stage holds the stage's parameters whole
+  and the step's gradients are averaged over ``dp`` after the schedule (:class:`ReplicatedGradients`),
+  so the parameters the optimizer holds are never swapped, whichever input shape is traced later.
+  FSDP2 is refused: it replaces the parameters when it shards them, and the traced stages exist only
+  from the first step on (after the optimizer took the parameters), once per input shape.
+* tensor parallelism is refused: the exported graph hard-codes global sizes (``split(qkv, d)``,
+  ``view(q, [b, t, heads, -1])``), which a tensor-parallel rank's local shards do not have.
+* MoE layers are refused: ``torch.export`` cannot trace their routing (data-dependent shapes).
 """
 
 from __future__ import annotations
@@ -20,14 +31,85 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from picotron_lightning.parallel.expert import find_moe_layers
 from picotron_lightning.parallel.pipeline_parallel.split import PIPELINE_STAGES_HOOK, PipelineSplitError
 from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
 
 if TYPE_CHECKING:
     from torch.distributed.pipelining import Pipe
+
+    from picotron_lightning.topology import ParallelLayout
+
+REPLICATED_MODES = ("auto", "ddp")
+"""``data_parallel_mode`` values the traced split runs (as replicas with averaged gradients)."""
+
+
+def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_parallel_mode: str = "auto") -> None:
+    """Refuse what the traced stages cannot run, naming the reason; no collective involved.
+
+    Called by the strategy before any process group exists, and again by the split.
+    """
+    structural = ('Use pipeline_split="structural" (the default), which composes with FSDP2, tensor and expert '
+                  "parallelism")
+    if layout.tp > 1:
+        raise PipelineSplitError(
+            f"pipeline_split='trace' does not support tensor_parallel_size={layout.tp}: the torch.export graph it "
+            "runs hard-codes the global sizes of the model (e.g. split(qkv, hidden) and view(q, [batch, seq, heads, "
+            "-1])), which a tensor-parallel rank's local shards do not have (measured on a GPT block with a fused qkv: "
+            "IndexError: list index out of range in that split; a view with the global head count and -1 would "
+            "silently make heads of the wrong size). Use "
+            f"tensor_parallel_size=1 with the traced split. {structural}."
+        )
+    if layout.ep > 1 or find_moe_layers(root):
+        what = f"expert_parallel_size={layout.ep}" if layout.ep > 1 else "a model with MoE layers"
+        raise PipelineSplitError(
+            f"pipeline_split='trace' does not support {what}: torch.export cannot trace MoE routing (the tokens per "
+            "expert are data-dependent shapes; measured: GuardOnDataDependentSymNode in moe/grouped.py "
+            f"pad_by_group). {structural}."
+        )
+    if layout.dp > 1 and data_parallel_mode not in REPLICATED_MODES:
+        raise PipelineSplitError(
+            f"pipeline_split='trace' with data_parallel_size={layout.dp} runs the stages as replicas and averages "
+            f"their gradients; data_parallel_mode={data_parallel_mode!r} is not supported with it (FSDP2 replaces "
+            "the parameters when it shards them, and the traced stages are built at the first step, after the "
+            f"optimizer took them). Use data_parallel_mode='auto' or 'ddp' with the traced split. {structural}."
+        )
+
+
+class ReplicatedGradients:
+    """Average a stage's gradients over its data-parallel replicas (the traced split's data parallelism).
+
+    The replicas start from the parameters of data-parallel rank 0 (as DDP does) and every step's
+    gradients are averaged over ``dp`` before they reach ``.grad``, so every replica takes the step one
+    process takes on the global batch. One flat all-reduce per step.
+    """
+
+    def __init__(self, group: dist.ProcessGroup, params: list[nn.Parameter]) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group)
+        source = dist.get_global_rank(group, 0)
+        with torch.no_grad():
+            for p in params:
+                dist.broadcast(p.data, src=source, group=group)
+
+    def average(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``pending`` (parameter, this replica's gradient) pairs with the gradients averaged over ``dp``."""
+        if not pending:
+            return pending
+        averaged: list[torch.Tensor | None] = [None] * len(pending)
+        for dtype in dict.fromkeys(g.dtype for _, g in pending):  # one flat all-reduce per dtype, in a fixed order
+            index = [i for i, (_, g) in enumerate(pending) if g.dtype == dtype]
+            grads = [pending[i][1] for i in index]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=self.group)
+            flat.div_(self.size)
+            for i, piece, g in zip(index, flat.split([g.numel() for g in grads]), grads, strict=True):
+                averaged[i] = piece.view_as(g)
+        return [(p, g) for (p, _), g in zip(pending, averaged, strict=True) if g is not None]
 
 
 def tensor_inputs(call: tuple[tuple, dict]) -> list[torch.Tensor]:

@@ -12,10 +12,18 @@ SPEC: ``{"strategy": {...}, "model": {...}, "steps": 6, "micro_batch": 2, "sampl
   directory (the shards of the others may or may not be written; the marker never is).
 * ``late_start``: on a restart, that rank sleeps before creating its Trainer, so its peers reach the
   process group's store first (the order in which torchrun's restarted workers read stale keys).
+* ``kill.agent``: the killing worker (``local_rank`` of this agent, in place of ``rank``) SIGKILLs its torchrun
+  agent and every worker of that agent, then itself: a whole node is lost (torchrun starts each worker in a
+  session of its own, so the agent's process group would not take them with it).
+* ``global_batch`` (in place of ``micro_batch``): the batch of all data-parallel ranks together; each rank's
+  DataLoader gets ``global_batch / dp`` of the world it runs in, so a start with fewer ranks keeps the
+  global batch (the strategy, like Lightning, takes the DataLoader's ``batch_size`` as per rank).
 * ``devices``: for Lightning's own launcher (``python train_resume.py``); under torchrun the local world size.
 
 Global rank 0 writes ``OUT_DIR/attempts.json``: one entry per start with the per-step global-batch losses
-by step, the world size, and the checkpoint it resumed from.
+by step, the world size, the checkpoint it resumed from, and whether the process group's store still held
+a key that the first start's rank 0 wrote into its own (``saw_first_start_key``: torchrun keeps its store
+across restarts; a restarted group must not read what the dead one left there).
 """
 
 from __future__ import annotations
@@ -44,6 +52,8 @@ SPEC = json.loads(Path(sys.argv[1]).read_text())
 # This start of the run: the launcher's restarts plus the starts the test made by hand (``attempt``).
 ATTEMPT = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) + int(SPEC.get("attempt", 0))
 
+FIRST_START_KEY = "train_resume/first_start"
+
 
 class Tokens(Dataset):
     def __init__(self, data: torch.Tensor) -> None:
@@ -54,6 +64,20 @@ class Tokens(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.data[i]
+
+
+class TokenData(L.LightningDataModule):
+    """The run's samples; ``global_batch`` is split over the data-parallel ranks of the world this start has."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def train_dataloader(self) -> DataLoader:
+        micro_batch = self.spec.get("micro_batch")
+        if micro_batch is None:  # called after the strategy's setup, when the data-parallel size is known
+            micro_batch = self.spec["global_batch"] // self.trainer.strategy.distributed_sampler_kwargs["num_replicas"]
+        return DataLoader(Tokens(token_data(self.spec["samples"])), batch_size=micro_batch)
 
 
 def _die(how: str = "SIGKILL") -> None:
@@ -77,6 +101,29 @@ class KillDuringSave(Picotron3DStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
 
+def _register_worker(out: Path) -> None:
+    """Note this worker's pid under its agent's pid, so that a worker can take its whole node down."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        node = out / "workers" / str(os.getppid())
+        node.mkdir(parents=True, exist_ok=True)
+        (node / str(os.getpid())).touch()
+
+
+def _kill_node() -> None:
+    """SIGKILL this worker's torchrun agent first (so it cannot restart anyone), then its other workers, then self."""
+    agent = os.getppid()
+    print(f"train_resume: rank {os.environ.get('RANK')} kills its agent (pid {agent}) and its workers at "
+          f"{time.time():.3f}", flush=True)
+    os.kill(agent, signal.SIGKILL)
+    for worker in (Path(sys.argv[2]) / "workers" / str(agent)).iterdir():
+        if int(worker.name) != os.getpid():
+            try:
+                os.kill(int(worker.name), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    _die()
+
+
 def _kill_when_written(partial: Path, rank: int) -> None:
     while not any(partial.glob(f"__{rank}_*.distcp")):  # DCP's file name for this rank's shards
         time.sleep(0.001)
@@ -87,6 +134,16 @@ class Record(L.Callback):
     def __init__(self, out: Path, kill: dict[str, Any] | None) -> None:
         self.out, self.kill = out, kill
         self.losses: dict[int, float] = {}
+        self.saw_first_start_key: bool | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        if not trainer.is_global_zero or not torch.distributed.is_initialized():
+            return
+        store = torch.distributed.distributed_c10d._get_default_store()  # the process group's store
+        if ATTEMPT == 0:
+            store.set(FIRST_START_KEY, "written by the first start")
+        else:
+            self.saw_first_start_key = store.check([FIRST_START_KEY])
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int) -> None:
         loss = float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean"))
@@ -96,9 +153,11 @@ class Record(L.Callback):
         if trainer.is_global_zero:
             self._write(trainer)
         kill = self.kill
-        if kill and not kill.get("during_save") and ATTEMPT == 0 and trainer.global_step == kill["step"] \
-                and trainer.global_rank == kill["rank"]:
-            _die(kill.get("signal", "SIGKILL"))
+        if kill and not kill.get("during_save") and ATTEMPT == 0 and trainer.global_step == kill["step"]:
+            if kill.get("agent") and trainer.local_rank == kill["local_rank"]:
+                _kill_node()
+            elif not kill.get("agent") and trainer.global_rank == kill["rank"]:
+                _die(kill.get("signal", "SIGKILL"))
 
     def _write(self, trainer: L.Trainer) -> None:
         path = self.out / "attempts.json"
@@ -106,7 +165,8 @@ class Record(L.Callback):
         resumed = trainer.strategy._fault_tolerance.resumed_from
         attempts[str(ATTEMPT)] = {"losses": self.losses, "world_size": trainer.world_size,
                                   "resumed_from": str(resumed) if resumed else None,
-                                  "async_saves": trainer.strategy._fault_tolerance.writer.async_saves}
+                                  "async_saves": trainer.strategy._fault_tolerance.writer.async_saves,
+                                  "saw_first_start_key": self.saw_first_start_key}
         path.write_text(json.dumps(attempts))
 
 
@@ -114,6 +174,7 @@ def main() -> None:
     spec = SPEC
     out = Path(sys.argv[2])
     torch.set_num_threads(1)
+    _register_worker(out)
     late = spec.get("late_start")
     if late and ATTEMPT > 0 and int(os.environ.get("RANK", "0")) == late["rank"]:
         time.sleep(late["seconds"])
@@ -128,8 +189,7 @@ def main() -> None:
         callbacks=[Record(out, kill), ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1, filename="{step}",
                                                       every_n_train_steps=spec["checkpoint_every"])],
     )
-    data = token_data(spec["samples"])
-    trainer.fit(build_module(spec.get("model", {})), DataLoader(Tokens(data), batch_size=spec["micro_batch"]))
+    trainer.fit(build_module(spec.get("model", {})), datamodule=TokenData(spec))
 
 
 if __name__ == "__main__":

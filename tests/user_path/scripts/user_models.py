@@ -5,6 +5,9 @@
 * ``gpt``: a plain GPT with its own naming (``blocks.*.attn.query/key/value``, ``ff.up/down``,
   LayerNorm, biases, GELU, learned position embedding): no plan source knows it, so tensor parallelism must
   come from the data-flow detector. ``"vocab"`` and ``"ffn"`` give it sizes tp does not divide.
+* ``two_stream``: a GPT whose blocks pass two tensors to each other (the hidden state and a running
+  sum of the block outputs that the head reads): only ``pipeline_split="trace"`` carries both
+  across a stage boundary (the structural split carries one tensor).
 * ``gpt2``: Hugging Face ``GPT2LMHeadModel`` from a tiny config (``Conv1D`` projections, one fused
   ``c_attn``), vocabulary ``"vocab"`` (odd by default), ``"tied"`` input/output embeddings or not.
 """
@@ -79,6 +82,29 @@ class GPT(nn.Module):
         return self.lm_head(self.norm(x))
 
 
+class TwoStreamBlock(Block):
+    """A block of two streams: the hidden state, and the running sum of every block's output."""
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        x = super().forward(x)
+        return x, memory + x
+
+
+class TwoStreamGPT(GPT):
+    """The head reads the hidden state plus the sum of all block outputs: two tensors flow between blocks."""
+
+    def __init__(self, num_blocks: int = 4) -> None:
+        super().__init__(num_blocks)
+        self.blocks = nn.ModuleList(TwoStreamBlock() for _ in range(num_blocks))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        memory = torch.zeros_like(x)
+        for block in self.blocks:
+            x, memory = block(x, memory)
+        return self.lm_head(self.norm(x + memory / len(self.blocks)))
+
+
 class GPTModule(L.LightningModule):
     """Next-token prediction with the plain GPT."""
 
@@ -123,11 +149,13 @@ def vocab_size(spec: dict[str, Any]) -> int:
 
 
 def build_module(spec: dict[str, Any]) -> L.LightningModule:
-    """``{"kind": "llama" | "moe" | "gpt" | "gpt2", ...}`` -> a fresh module, initialised identically everywhere."""
+    """``{"kind": "llama" | "moe" | "gpt" | "two_stream" | "gpt2", ...}`` -> a fresh module, the same everywhere."""
     kind = spec.get("kind", "llama")
     if kind == "gpt":
         return GPTModule(num_blocks=spec.get("num_blocks", 4), lr=spec.get("lr", 1e-2), vocab=vocab_size(spec),
                          ffn=spec.get("ffn", 4 * WIDTH))
+    if kind == "two_stream":
+        return GPTModule(lr=spec.get("lr", 1e-2), net=lambda: TwoStreamGPT(spec.get("num_blocks", 4)))
     if kind == "gpt2":
         vocab, tied = vocab_size(spec), spec.get("tied", True)
         return GPTModule(lr=spec.get("lr", 1e-2), net=lambda: hf_gpt2(vocab, tied))
