@@ -39,17 +39,24 @@ class BlockStack:
         return len(self.container)
 
 
-def find_block_stacks(module: nn.Module, min_blocks: int = 2) -> list[BlockStack]:
-    """All containers of >= ``min_blocks`` same-class children that hold parameters, outermost first."""
+def find_block_stacks(
+    module: nn.Module, min_blocks: int = 2, block_classes: tuple[type, ...] = ()
+) -> list[BlockStack]:
+    """All containers of >= ``min_blocks`` same-class children that hold parameters, outermost first.
+
+    ``block_classes``: classes already known to be blocks (found on the whole model before a pipeline
+    split); a container of them counts from one child on, so a stage that kept one block still has a stack.
+    """
     stacks: list[BlockStack] = []
     claimed: list[str] = []
     for name, child in module.named_modules():
         if any(name.startswith(prefix + ".") for prefix in claimed):
             continue  # inside a stack already found: its inner repeats are not separate stacks
-        if not isinstance(child, (nn.ModuleList, nn.Sequential)) or len(child) < min_blocks:
+        if not isinstance(child, (nn.ModuleList, nn.Sequential)) or len(child) == 0:
             continue
         classes = {type(c) for c in child}
-        if len(classes) != 1 or num_params(child) == 0:
+        known = len(classes) == 1 and next(iter(classes)) in block_classes
+        if (len(child) < min_blocks and not known) or len(classes) != 1 or num_params(child) == 0:
             continue
         stacks.append(BlockStack(name, child, classes.pop()))
         claimed.append(name)

@@ -44,11 +44,14 @@ def selective_checkpoint_context() -> Any:
     return create_selective_checkpoint_contexts(_keep_matmul_outputs)
 
 
-def apply_activation_checkpointing(root: nn.Module, every: int = 1, mode: str = "full") -> int:
+def apply_activation_checkpointing(
+    root: nn.Module, every: int = 1, mode: str = "full", block_classes: tuple[type, ...] = ()
+) -> int:
     """Wrap every ``every``-th block of each block stack under ``root``; return how many were wrapped.
 
     ``mode`` is ``"full"`` (recompute the whole block) or ``"selective"`` (keep matmul outputs);
-    ``"none"`` wraps nothing.
+    ``"none"`` wraps nothing. ``block_classes``: the block classes of the whole model, when ``root`` is a
+    pipeline stage that may hold a single block (see :func:`~picotron_lightning.structure.find_block_stacks`).
     """
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
@@ -62,7 +65,7 @@ def apply_activation_checkpointing(root: nn.Module, every: int = 1, mode: str = 
     if mode == "selective":
         extra["context_fn"] = partial(selective_checkpoint_context)
     wrapped = 0
-    for stack in find_block_stacks(root):
+    for stack in find_block_stacks(root, block_classes=block_classes):
         for index, block in enumerate(stack.blocks):
             if index % every == 0:
                 # Non-reentrant: works with keyword arguments, DTensor and FSDP2's hooks.

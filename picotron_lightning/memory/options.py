@@ -42,6 +42,26 @@ class MemoryOptions:
     fragmentation_check_every_n_steps: int = field(default=100, metadata={"flat": None})
     """How often (in steps) the ranks compare fragmentation; one tiny all-reduce each time."""
 
+    activation_offload: bool = field(default=False, metadata={"flat": None})
+    """Keep the tensors autograd saves for backward in host memory (``torch.autograd.graph.save_on_cpu``, pinned on
+    CUDA): no recompute, but every saved tensor crosses to the host and back once per step. On a CPU device the
+    host is the device, so it saves nothing there (the hooks still run)."""
+
+    cpu_offload: bool = field(default=False, metadata={"flat": None})
+    """FSDP2 ``CPUOffloadPolicy``: sharded parameters, gradients and optimizer state live in host memory and the
+    optimizer steps on the CPU. Needs ``data_parallel_mode`` ``"fsdp"`` or ``"hsdp"``."""
+
+    memory_budget: int | float | None = None
+    """Per-rank device memory the step may use: bytes (an int), or a fraction in (0, 1] of ``device_memory``.
+    The strategy then estimates each policy of :data:`picotron_lightning.memory.policy.POLICIES` before the
+    process group exists and applies the first (cheapest) whose estimated peak fits; the choice and the reason
+    are logged on rank 0. Replaces ``activation_checkpointing``, ``checkpoint_every``, ``activation_offload``
+    and ``cpu_offload`` (pass those or a budget, not both). Trainer only."""
+
+    device_memory: int | None = field(default=None, metadata={"flat": None})
+    """Bytes a fractional ``memory_budget`` is a fraction of. Default: the CUDA device's total memory. A CPU run
+    has no device memory of its own (the ranks share the host), so there a fraction needs this stated."""
+
     oom_recovery: bool = field(default=False, metadata={"flat": None})
     """Recover from ``torch.OutOfMemoryError`` in forward or backward on any rank (Trainer, data_parallel_mode
     ``"ddp"``): every rank agrees at one fixed point of the step, frees what the step held and redoes the same
@@ -83,6 +103,32 @@ class MemoryOptions:
             raise ValueError(f"`memory.oom_recovery` must be True or False, got {self.oom_recovery!r}.")
         _positive_int("oom_retry_larger_after", self.oom_retry_larger_after, minimum=0, extra=" (0: keep the split)")
         _positive_int("oom_memory_history", self.oom_memory_history, minimum=0, extra=" (0: no history)")
+        for name in ("activation_offload", "cpu_offload"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`memory.{name}` must be True or False, got {getattr(self, name)!r}.")
+        self._check_budget()
+
+    def _check_budget(self) -> None:
+        budget = self.memory_budget
+        if budget is None:
+            return
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+            raise ValueError(f"`memory_budget={budget!r}` must be bytes (an int) or a fraction in (0, 1] (a float).")
+        if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+            raise ValueError(f"`memory_budget={budget!r}`: a float is a fraction of the device's memory, in (0, 1]; "
+                             "pass bytes as an int.")
+        if isinstance(budget, int) and budget < 1:
+            raise ValueError(f"`memory_budget={budget!r}` must be a positive number of bytes.")
+        if self.device_memory is not None:
+            _positive_int("device_memory", self.device_memory)
+        chosen = {name: getattr(self, name) for name in ("activation_checkpointing", "checkpoint_every",
+                                                          "activation_offload", "cpu_offload")}
+        defaults = {"activation_checkpointing": "none", "checkpoint_every": 1, "activation_offload": False,
+                    "cpu_offload": False}
+        set_by_user = {k: v for k, v in chosen.items() if v != defaults[k]}
+        if set_by_user:
+            raise ValueError(f"`memory_budget={budget!r}` chooses the memory policy itself, but {set_by_user} "
+                             "were also given; pass either a budget or the policy fields.")
 
     @classmethod
     def from_arg(cls, value: MemoryOptions | dict[str, Any] | None) -> MemoryOptions:

@@ -10,6 +10,12 @@ steps with it (and inject out-of-memory errors with a subclass, ``picotron_light
 At every new peak the set of live storages is remembered, so the peak can be broken down into
 parameters, gradients, optimizer state, activations (tensors autograd saved for backward) and
 temporaries (everything else) after the step.
+
+With ``offload_saved=True`` it also plays ``torch.autograd.graph.save_on_cpu`` on a device whose
+host is elsewhere: every saved tensor is copied into a storage counted as *host* bytes (not in
+``current``/``peak``), and each unpack makes a new device copy, as ``tensor.to(device)`` does. That
+is how the estimate counts activation offload on a CPU trace, where the real ``save_on_cpu`` moves
+nothing.
 """
 
 from __future__ import annotations
@@ -61,8 +67,15 @@ class PeakBreakdown:
 class LiveBytes(TorchDispatchMode):
     """Count the bytes of live tensor storages; remember the peak and what was live at it."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload_saved: bool = False) -> None:
         super().__init__()
+        self.offload_saved = offload_saved
+
+        self.host_current = 0  # bytes of the simulated host copies (offload_saved) alive now
+        self.host_peak = 0
+        self.offloaded_bytes = 0  # bytes copied to the host (each comes back once: 2x this crosses the link)
+        self._host_live: dict[int, int] = {}  # id(storage) -> bytes, for the simulated host copies
+        self._to_host = False
         self._live: dict[int, tuple[int, weakref.ref]] = {}  # id(storage) -> (bytes, storage)
         self._saved: set[int] = set()  # storages autograd packed for backward
         self.current = 0
@@ -74,9 +87,15 @@ class LiveBytes(TorchDispatchMode):
     # ------------------------------------------------------------------ accounting
     def _track(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
-        if key in self._live:
+        if key in self._live or key in self._host_live:
             return
         nbytes = storage.nbytes()
+        if self._to_host:  # a simulated host copy: never device bytes
+            self._host_live[key] = nbytes
+            weakref.finalize(storage, self._release, key)
+            self.host_current += nbytes
+            self.host_peak = max(self.host_peak, self.host_current)
+            return
         self._on_allocate(nbytes)
         self._live[key] = (nbytes, weakref.ref(storage))
         weakref.finalize(storage, self._release, key)
@@ -86,6 +105,9 @@ class LiveBytes(TorchDispatchMode):
             self._peak_pending = True
 
     def _release(self, key: int) -> None:
+        if key in self._host_live:
+            self.host_current -= self._host_live.pop(key)
+            return
         if self._peak_pending:  # leaving the peak: remember what was live there (copied once per peak)
             self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
             self._peak_pending = False
@@ -116,12 +138,29 @@ class LiveBytes(TorchDispatchMode):
     # ------------------------------------------------------------------ saved activations
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = storage_of(t)
+        if self.offload_saved:
+            self._to_host = True
+            try:
+                host = t.detach().clone()  # what save_on_cpu's copy to the host allocates
+            finally:
+                self._to_host = False
+            self.offloaded_bytes += t.numel() * t.element_size()
+            return host
         if storage is not None and id(storage) in self._live:
             self._saved.add(id(storage))
         return t
 
+    def _unpack(self, t: torch.Tensor) -> torch.Tensor:
+        return t.clone() if self.offload_saved else t  # save_on_cpu's unpack: a new device copy each time
+
+    def peak_sizes(self) -> list[int]:
+        """Bytes of each storage live at the peak (what an allocator would have had to hold)."""
+        if self._peak_pending:
+            return [n for n, _ in self._live.values()]
+        return [n for n, _, _ in self._at_peak.values()]
+
     def __enter__(self) -> LiveBytes:
-        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
         return super().__enter__()
 

@@ -66,6 +66,9 @@ class DataParallelOptions:
     param_dtype: torch.dtype | None = None
     """Dtype FSDP gathers parameters in for compute; ``None`` keeps the stored dtype."""
 
+    cpu_offload: bool = field(default=False, metadata={"flat": None})
+    """FSDP2 ``CPUOffloadPolicy`` on every unit; set by ``parallelize`` from the strategy's ``memory.cpu_offload``."""
+
     def __post_init__(self) -> None:
         if self.mode not in DATA_PARALLEL_MODES:
             raise ValueError(
@@ -122,6 +125,10 @@ def fully_shard_units(root: nn.Module, units: Iterable[nn.Module], dp_mesh, conf
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": dp_mesh, "mp_policy": _mp_policy(config)}
+    if config.cpu_offload:
+        from picotron_lightning.memory.offload import fsdp_offload_policy
+
+        kwargs["offload_policy"] = fsdp_offload_policy(torch.device(dp_mesh.device_type))
     ignored_params = set(_expert_parameters(root))
     if ignored_params:
         kwargs["ignored_params"] = ignored_params

@@ -26,6 +26,7 @@ from picotron_lightning.parallel.data import DataParallelOptions, apply_ddp, app
 from picotron_lightning.parallel.expert import convert_moe_layers, find_moe_layers, validate_expert_parallel
 from picotron_lightning.parallel.pipeline_parallel import PipelineRuntime, split_into_stages
 from picotron_lightning.parallel.tensor_parallel import TensorParallelPlan, apply_plan, make_tensor_plan
+from picotron_lightning.structure import find_block_stacks
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
 if TYPE_CHECKING:
@@ -118,11 +119,17 @@ def apply_expert_parallel(root: nn.Module, layout: ParallelLayout, device: torch
     return expert_mesh
 
 
-def apply_memory_policies(root: nn.Module, options: Picotron3DOptions) -> None:
-    """Activation checkpointing (full or selective, every n-th block) when asked for (identity by default)."""
+def apply_memory_policies(root: nn.Module, options: Picotron3DOptions, block_classes: tuple[type, ...] = ()) -> None:
+    """Activation checkpointing (full or selective, every n-th block) when asked for (identity by default).
+
+    ``block_classes`` are the whole model's block classes (found before the pipeline split), so a stage
+    holding a single block is checkpointed too. Activation offload is a per-step context
+    (``Picotron3DCore._step_context``); FSDP2's CPU offload is applied with data parallelism.
+    """
     memory = options.memory
     if memory.activation_checkpointing != "none":
-        apply_activation_checkpointing(root, every=memory.checkpoint_every, mode=memory.activation_checkpointing)
+        apply_activation_checkpointing(root, every=memory.checkpoint_every, mode=memory.activation_checkpointing,
+                                       block_classes=block_classes)
 
 
 def apply_data_parallel(
@@ -170,13 +177,18 @@ def parallelize(
                      traced_pipeline=layout.pp > 1 and options.pipeline.split == "trace",
                      tensor_parallel_size=layout.tp)
     tensor_plan = plan_tensor_parallel(root, layout, options)  # on the whole model: every block visible
+    block_classes = tuple({stack.block_class for stack in find_block_stacks(root)})  # before the split, too
     pipeline = apply_pipeline_split(root, mesh, layout, options)
     apply_tensor_parallel(root, mesh, options, tensor_plan)
     expert_mesh = apply_expert_parallel(root, layout, device)
-    apply_memory_policies(root, options)
+    apply_memory_policies(root, options, block_classes)
     apply_compile(root, options.compile, pipeline)
-    module, mode = apply_data_parallel(
-        root, mesh, layout, options.data_parallel, device, local_processes, pipeline=pipeline
-    )
-    return ParallelModel(module=module, data_parallel_mode=mode, data_parallel=options.data_parallel,
+    dp_options = dataclasses.replace(options.data_parallel, cpu_offload=options.memory.cpu_offload)
+    module, mode = apply_data_parallel(root, mesh, layout, dp_options, device, local_processes, pipeline=pipeline)
+    if options.memory.cpu_offload and mode not in ("fsdp", "hsdp"):
+        raise LayoutError(
+            f"`memory.cpu_offload=True` is FSDP2's CPUOffloadPolicy, but data parallelism here is {mode!r}; use "
+            "data_parallel_mode='fsdp' or 'hsdp' with more than one data-parallel rank, or cpu_offload=False."
+        )
+    return ParallelModel(module=module, data_parallel_mode=mode, data_parallel=dp_options,
                          tensor_plan=tensor_plan, pipeline=pipeline, expert_mesh=expert_mesh)

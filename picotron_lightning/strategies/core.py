@@ -7,6 +7,7 @@ the two strategy classes only adapt it to their framework's hooks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import warnings
@@ -18,6 +19,8 @@ import torch.distributed as dist
 from torch import nn
 
 from picotron_lightning.fault_tolerance.launcher_store import restart_scoped_store
+from picotron_lightning.memory.offload import ActivationOffload
+from picotron_lightning.memory.policy import PolicyEstimate
 from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.parallel import ParallelModel, PipelineRuntime, parallelize
 from picotron_lightning.parallel.data import DataParallelOptions, set_gradient_sync
@@ -25,6 +28,7 @@ from picotron_lightning.parallel.expert import reduce_expert_gradients
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
 from picotron_lightning.parallel.pipeline_parallel import check_pipeline_model, check_traceable_layout
 from picotron_lightning.parallel.tensor_parallel import loss_parallel_context
+from picotron_lightning.strategies.memory_policy import MemoryPolicyMixin
 from picotron_lightning.topology import ParallelLayout
 
 if TYPE_CHECKING:
@@ -46,7 +50,7 @@ def show_library_warnings_once(rank: int) -> None:
     warnings.filterwarnings("ignore", module=_LIBRARY_MODULES)
 
 
-class Picotron3DCore:
+class Picotron3DCore(MemoryPolicyMixin):
     """Parallelism shared by :class:`Picotron3DStrategy` and :class:`Picotron3DFabricStrategy`.
 
     The strategies' flat keyword arguments become one :class:`~picotron_lightning.options.Picotron3DOptions`
@@ -63,6 +67,11 @@ class Picotron3DCore:
         self._layout: ParallelLayout | None = None
         self._device_mesh: DeviceMesh | None = None
         self._parallel_model: ParallelModel | None = None
+        self._activation_offload: ActivationOffload | None = None
+        self.memory_policy: PolicyEstimate | None = None
+        """The policy ``memory_budget`` chose (with every rank's estimate), or None without a budget."""
+        self.memory_policy_reason = ""
+        """Why that policy: its estimated peak, its cost, and why each cheaper one did not fit."""
         self._plan: Any = None  # the planner's PlanResult when sizes were "auto"
 
     @property
@@ -160,6 +169,7 @@ class Picotron3DCore:
         show_library_warnings_once(rank)
         self._check_pipeline_model(module)  # more stages than blocks fails here, not in a collective
         self._check_compilable(module)
+        self._apply_memory_budget(module)  # fake process group: before the real one exists
         device = self.root_device
         self._process_group_backend = self._process_group_backend or _get_default_process_group_backend_for_device(
             device
@@ -172,6 +182,7 @@ class Picotron3DCore:
         if store is not None:
             kwargs["store"] = store
         _init_dist_connection(env, self._process_group_backend, **kwargs)
+        self._agree_on_memory_policy()  # every rank applies rank 0's choice
         self._build_mesh(device, self.num_processes)
 
     def _barrier(self) -> None:
@@ -310,6 +321,8 @@ class Picotron3DCore:
             )
         options = dataclasses.replace(self._options, data_parallel=self._data_parallel_options(precision, device))
         self._parallel_model = parallelize(module, self.device_mesh, self.layout, options, device, local_processes)
+        if options.memory.activation_offload:
+            self._activation_offload = ActivationOffload(device)
         return self._parallel_model.module
 
     def _data_parallel_options(self, precision: Any, device: torch.device) -> DataParallelOptions:
@@ -331,8 +344,9 @@ class Picotron3DCore:
 
     @contextmanager
     def _step_context(self):  # noqa: ANN202
-        """Every per-step context, entered around each step and its backward in one place (loss parallel today)."""
-        with self.loss_parallel():
+        """Every per-step context, entered around each step and its backward in one place (loss parallel, offload)."""
+        offload = self._activation_offload
+        with self.loss_parallel(), offload if offload is not None else contextlib.nullcontext():
             yield
 
     @contextmanager
@@ -387,3 +401,4 @@ class Picotron3DCore:
 
     def _norm_module(self) -> nn.Module:  # overridden by each strategy
         raise NotImplementedError
+

@@ -118,6 +118,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
         memory: MemoryOptions | dict[str, Any] | None = None,
+        memory_budget: int | float | None = None,
         compile: bool | dict[str, Any] = False,
         start_method: Literal["popen", "spawn"] = "popen",
         resume: Literal["on_restart", "auto", "never"] = "on_restart",
@@ -139,6 +140,14 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             precision=precision,
         )
         self._init_core(Picotron3DOptions.from_arguments(locals()))  # validated here, at construction
+        if self._options.memory.memory_budget is not None:
+            # The budget is estimated with a training batch before the process group exists; a Fabric script
+            # has none to give at that point.
+            raise ValueError(
+                f"`memory_budget={self._options.memory.memory_budget!r}` is not supported with Fabric; call "
+                "`strategy.estimate_memory(model, batch)` per policy and pass the policy's fields in `memory=`, or "
+                "use the Trainer (`Picotron3DStrategy`)."
+            )
         # Fault tolerance: complete-only (optionally asynchronous) checkpoints and heartbeats. A Fabric script
         # chooses where it resumes itself (`picotron_lightning.fault_tolerance.newest_complete_checkpoint`).
         self._fault_tolerance = FaultToleranceRuntime(self._options.fault_tolerance)
@@ -208,6 +217,10 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             module.to(self.root_device)
         wrapped = self._parallelize(module, self.root_device, self.num_processes, self.precision)
         _materialize_distributed_module(module, self.root_device)
+        offload = self._activation_offload
+        if offload is not None:  # a Fabric script calls forward itself: offload what forward saves
+            wrapped.register_forward_pre_hook(lambda *_: offload.__enter__())
+            wrapped.register_forward_hook(lambda *_: offload.__exit__(), always_call=True)
         self._module = module
         if self._pipeline is not None:
             self._refuse_direct_calls(module)

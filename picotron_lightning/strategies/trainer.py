@@ -117,6 +117,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         pipeline_split: str = "structural",
         activation_checkpointing: bool = False,
         memory: MemoryOptions | dict[str, Any] | None = None,
+        memory_budget: int | float | None = None,
         compile: bool | dict[str, Any] = False,
         start_method: Literal["popen", "spawn"] = "popen",
         resume: Literal["on_restart", "auto", "never"] = "on_restart",
@@ -195,7 +196,8 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             self._reset_optimizers_and_schedulers()
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == TrainerFn.FITTING and not self._options.memory.cpu_offload:
+            # (FSDP2's CPU offload keeps the optimizer state on the host, where the optimizer steps.)
             _optimizers_to_device(self.optimizers, self.root_device)
         self._oom: OOMRecoveryStep | None = None
         if trainer.state.fn == TrainerFn.FITTING and self._options.memory.oom_recovery:
@@ -208,6 +210,20 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         if self.lightning_module.trainer.training:
             return self._fault_tolerance.process_dataloader(dataloader)
         return dataloader
+
+    def _sample_batch(self) -> Any:
+        """The first batch of the training data, for ``memory_budget``'s estimate (only its shape matters).
+
+        Read from a fresh iterator of the loader given to ``fit`` (or ``train_dataloader()``), before
+        Lightning puts its sampler in; the per-rank batch size is the same.
+        """
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+        loader = source.dataloader() if source is not None and source.is_defined() else None
+        if loader is None:
+            raise ValueError("`memory_budget` estimates with one training batch, but `trainer.fit` got no training "
+                             "data; pass a dataloader (or a datamodule) to `fit`.")
+        return next(iter(loader))
 
     def model_to_device(self) -> None:
         assert self.model is not None

@@ -11,10 +11,10 @@ MICRO = 4  # per-rank micro-batch (samples of SEQ + 1 tokens)
 CHECKPOINTING = ("none", "selective", "full")
 
 
-def build_module() -> Any:
+def build_module(preset: str = "tiny") -> Any:
     from tests.parity import make_module
 
-    return make_module("tiny")
+    return make_module(preset)
 
 
 def sample_batch() -> torch.Tensor:
@@ -23,7 +23,8 @@ def sample_batch() -> torch.Tensor:
     return make_data(MICRO)
 
 
-def measured_peaks(rank: int, world: int, strategy_kwargs: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def measured_peaks(rank: int, world: int, strategy_kwargs: dict[str, Any], preset: str = "tiny",
+                   ) -> dict[str, dict[str, Any]]:
     """For each checkpointing mode: ``Trainer.fit`` for 2 steps, live bytes of the second step on this rank."""
     import lightning as L
 
@@ -41,7 +42,7 @@ def measured_peaks(rank: int, world: int, strategy_kwargs: dict[str, Any]) -> di
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             callbacks=[probe])
         loader = DataLoader(TokenDataset(make_data(64)), batch_size=MICRO, shuffle=False)
-        trainer.fit(build_module(), loader)
+        trainer.fit(build_module(preset), loader)
         out[mode] = {"peak": probe.peak, "breakdown": probe.breakdown, "dp_mode": strategy.data_parallel_mode}
     return out
 

@@ -46,3 +46,22 @@ def test_wrappers_are_checkpoint_wrappers() -> None:
     assert sum(isinstance(m, CheckpointWrapper) for m in module.modules()) == 2
     with pytest.raises(ValueError, match="mode='half'"):
         apply_activation_checkpointing(module, mode="half")
+
+
+@pytest.mark.slow
+def test_pipeline_stage_with_a_single_block_is_checkpointed() -> None:
+    """pp=2 on the 2-block model: each stage keeps one block, which is still checkpointed; losses as one process."""
+    from picotron_lightning.testing import run_ranks
+    from tests.parity import RTOL, make_data, max_relative_diff, reference_losses
+
+    data = make_data(32)
+    runs = run_ranks(_pipeline_run, 2, data, timeout=600)
+    assert [r["checkpointed_blocks"] for r in runs] == [1, 1], runs
+    reference = reference_losses(data, 3, 4)["losses"]
+    assert max_relative_diff(runs[0]["losses"], reference) <= RTOL, (runs[0]["losses"], reference)
+
+
+def _pipeline_run(rank: int, world: int, data: torch.Tensor) -> dict:
+    from tests.parity import trainer_run
+
+    return trainer_run(world, data, 4, 3, {"pipeline_parallel_size": 2, "activation_checkpointing": True})

@@ -7,6 +7,8 @@ before any rank exists, must be within 5% of every rank's measurement.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 from picotron_lightning.memory.estimate import estimate_memory
@@ -19,22 +21,27 @@ from tests.memory.mem_runs import CHECKPOINTING, build_module, measured_peaks, s
 TOLERANCE = 0.05
 
 LAYOUTS = {
-    # name: (strategy kwargs, layout, data-parallel mode)
+    # name: (strategy kwargs, layout, data-parallel mode[, model preset])
     "ddp": ({"data_parallel_mode": "ddp"}, ParallelLayout(2, 1, 1, 1), "ddp"),
     "fsdp": ({"data_parallel_mode": "fsdp"}, ParallelLayout(2, 1, 1, 1), "fsdp"),
     "tp2": ({"tensor_parallel_size": 2}, ParallelLayout(1, 2, 1, 1), "fsdp"),
     "pp2": ({"pipeline_parallel_size": 2}, ParallelLayout(1, 1, 2, 1), "fsdp"),
+    # (ep=2 with tiny-moe is not here: the estimator's real trace fails under selective checkpointing with
+    # "Trying to backward an extra time" while Trainer.fit runs; see docs/memory.md, Not built yet.)
+    # (4 ranks, dp2-tp2 and pp2-dp2, are not here yet: dp2-tp2 failed this test once on 2026-11-30 and the
+    # cause was not read in time; pp2-dp2 was not run. See the memory-budget branch report.)
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_estimate_within_5_percent_of_measured_peak(name: str) -> None:
-    strategy_kwargs, layout, dp_mode = LAYOUTS[name]
-    measured = run_ranks(measured_peaks, layout.world_size, strategy_kwargs, timeout=900)
+    strategy_kwargs, layout, dp_mode, *preset = LAYOUTS[name]
+    model = preset[0] if preset else "tiny"
+    measured = run_ranks(measured_peaks, layout.world_size, strategy_kwargs, model, timeout=900)
     config = Picotron3DOptions(data_parallel=DataParallelOptions(mode=dp_mode))
     for mode in CHECKPOINTING:
-        estimates = estimate_memory(build_module, sample_batch(), layout, options=config,
+        estimates = estimate_memory(functools.partial(build_module, model), sample_batch(), layout, options=config,
                                     checkpointing=mode, ranks=range(layout.world_size), allow_real_trace=True)
         for est in estimates:
             real = measured[est.rank][mode]

@@ -1,0 +1,60 @@
+"""Workers for the memory-policy tests: Trainer runs on real gloo ranks, one per policy or budget."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+LAYERS = 4  # enough blocks that the policies' peaks differ: none > selective > every 2nd block > full
+MICRO = 16  # per-rank micro-batch (samples of SEQ + 1 tokens)
+STEPS = 3
+POLICY_FIELDS = ("activation_checkpointing", "checkpoint_every", "activation_offload", "cpu_offload")
+
+
+def build_module() -> Any:
+    from tests.parity import make_module
+
+    return make_module("tiny", {"num_layers": LAYERS})
+
+
+def sample_batch() -> torch.Tensor:
+    from tests.parity import make_data
+
+    return make_data(MICRO)
+
+
+def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples: int = 128) -> dict[str, Any]:
+    """``Trainer.fit`` (FSDP2 over the ranks) with ``memory`` options; losses, the second step's live bytes on
+    this rank (``PeakProbe``), and evidence of what the strategy applied."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    from picotron_lightning import Picotron3DStrategy
+    from picotron_lightning.testing import COLLECTIVE_TIMEOUT, TokenDataset
+    from picotron_lightning.testing_memory import PeakProbe
+    from tests.fitting import fit_and_record
+    from tests.parity import make_data
+
+    probe = PeakProbe(step=2)
+    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode="fsdp", memory=memory)
+    module = build_module()
+    loader = DataLoader(TokenDataset(make_data(data_samples)), batch_size=MICRO, shuffle=False)
+    fitted = fit_and_record(module, loader, callbacks=[probe], strategy=strategy, devices=world, max_steps=STEPS)
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in module.modules() if isinstance(m, FSDPModule)]
+    offload_policies = {type(group.offload_policy).__name__ for group in groups if group is not None}
+    chosen = strategy.memory_policy
+    return {
+        "losses": fitted.losses, "peak": probe.peak,
+        "checkpointed_blocks": sum(isinstance(m, CheckpointWrapper) for m in module.modules()),
+        "offloaded_activation_bytes": strategy.offloaded_activation_bytes,
+        "cpu_offload": offload_policies == {CPUOffloadPolicy.__name__},
+        "applied": {name: getattr(strategy.options.memory, name) for name in POLICY_FIELDS},
+        "chosen": None if chosen is None else chosen.policy.name, "reason": strategy.memory_policy_reason,
+    }
+
+
+def fit_each(rank: int, world: int, memories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`fit_with_memory` for each of ``memories`` in turn, in the same ranks."""
+    return [fit_with_memory(rank, world, memory) for memory in memories]

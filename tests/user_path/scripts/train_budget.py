@@ -1,0 +1,40 @@
+"""A user's script with a memory budget: ``python train_budget.py BUDGET_BYTES OUT.json``.
+
+Two ranks on CPU started by Lightning's launcher; the strategy picks the memory policy that fits the
+budget. Global rank 0 writes each step's global-batch loss and the chosen policy to OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import timedelta
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from picotron_lightning import Picotron3DStrategy
+from picotron_lightning.models import CausalLMModule
+from picotron_lightning.testing import TokenDataset, token_data
+
+
+class RecordLoss(L.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+        self.losses.append(float(trainer.strategy.reduce(outputs["loss"].detach().clone(), reduce_op="mean")))
+
+
+if __name__ == "__main__":
+    budget, out = int(sys.argv[1]), sys.argv[2]
+    strategy = Picotron3DStrategy(data_parallel_mode="fsdp", memory_budget=budget, timeout=timedelta(seconds=120))
+    recorder = RecordLoss()
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[recorder])
+    model = CausalLMModule("tiny", config={"num_layers": 4}, learning_rate=1e-2, seed=0)
+    trainer.fit(model, DataLoader(TokenDataset(token_data(128, 16, 256, 1234)), batch_size=16))
+    if trainer.is_global_zero:
+        with open(out, "w") as f:
+            json.dump({"losses": recorder.losses, "policy": strategy.memory_policy.policy.name,
+                       "checkpointing": strategy.options.memory.activation_checkpointing}, f)
