@@ -7,7 +7,9 @@ measured on the meta device), divided the way each dimension divides them:
   embedding on the first stage, the head on the last), tp shards every matrix but 1-D weights, ep
   shards routed experts; FSDP shards all of it over dp (HSDP over its shard group); DDP keeps
   gradients whole (as bucket views, alive the whole run); FSDP under gradient accumulation (pp=1,
-  M > 1, sync off until the last micro-batch) holds the unsharded gradients too.
+  M > 1, sync off until the last micro-batch) holds the unsharded gradients too, DDP its accumulated
+  gradients next to its bucket; under pp the previous step's gradients stay alive through the schedule
+  (set aside by the runtime until Lightning zeroes them).
 * activations: saved bytes per block per sample (none), block inputs and matmul outputs (selective)
   or block inputs only (full, plus one block recomputed), divided by tp (sequence parallelism shards
   what tp does not), times the micro-batch size, times the blocks this rank holds, times the
@@ -84,10 +86,17 @@ def estimate(spec: ModelSpec, c: Candidate, precision: str = "fp32") -> MemoryBr
     params = ceil_div(held, shard) * BYTES
     optimizer = 2 * params
     grads = params
-    if c.pp == 1 and c.num_microbatches > 1 and shard > 1:
+    if c.pp == 1 and c.num_microbatches > 1 and (shard > 1 or (c.dp_mode == "ddp" and c.dp > 1)):
         # Gradient accumulation with gradient sync off: FSDP keeps every unsharded gradient between
-        # micro-batches (and the sharded ones after the last reduce-scatter).
+        # micro-batches (and the sharded ones after the last reduce-scatter); DDP accumulates into fresh
+        # .grad tensors (Lightning's zero_grad set them to None) next to its always-allocated flat bucket,
+        # and copies them into it only in the synced backward, so it holds both then.
         grads += held * BYTES
+    if c.pp > 1:
+        # The pipeline runs forward and backward inside Lightning's training_step and sets the previous
+        # step's gradients aside meanwhile (runtime._hold_gradients); Lightning frees them (zero_grad) only
+        # after training_step returns, so during the schedule each rank holds two sets of gradients.
+        grads += params
     mb = c.micro_batch_size
     per_sample = {
         "none": max(spec.block_saved_bytes),

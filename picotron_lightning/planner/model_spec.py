@@ -12,10 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from picotron_lightning.structure import find_main_block_stack
@@ -225,6 +227,24 @@ def _count_flops(module: Callable[[torch.Tensor], object], blocks: list[nn.Modul
     return flops, block_forward, tuple(linear), float(outer_forward + outer_backward)
 
 
+class _AttentionFlag(TorchFunctionMode):
+    """Sets ``flag[0]`` while ``F.scaled_dot_product_attention`` runs (its saved tensors are packed then)."""
+
+    def __init__(self, flag: list[bool]) -> None:
+        super().__init__()
+        self.flag = flag
+
+    def __torch_function__(self, func: Callable[..., Any], types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **(kwargs or {}))
+        self.flag[0] = True
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            self.flag[0] = False
+
+
 def _count_saved(module: Callable[[torch.Tensor], object], parameters: list[torch.Tensor],
                  blocks: list[nn.Module], tokens: torch.Tensor,
                  vocab: int) -> tuple[tuple[int, ...], tuple[int, ...], int, int]:
@@ -238,12 +258,16 @@ def _count_saved(module: Callable[[torch.Tensor], object], parameters: list[torc
     outer = [0]
     seen: set[int] = set()
 
+    in_attention = [False]
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         key = storage._cdata
         # The meta device runs attention's math path, which saves the (s x s) probabilities; the fused
-        # kernels that run on real devices (flash, memory-efficient, CPU flash) never store them.
-        probabilities = t.dim() >= 2 and t.shape[-1] == t.shape[-2] == seq_len
+        # kernels that run on real devices (flash, memory-efficient, CPU flash) never store them. Only
+        # what `scaled_dot_product_attention` itself saves can be them: a block's (s x hidden) states
+        # have the same shape when hidden == s (the tiny model at s=64, 1b at s=2048) and are real.
+        probabilities = in_attention[0] and t.dim() >= 2 and t.shape[-1] == t.shape[-2] == seq_len
         if key not in params and key not in seen and t.dtype.is_floating_point and not probabilities:
             seen.add(key)
             index = current[0]
@@ -272,7 +296,7 @@ def _count_saved(module: Callable[[torch.Tensor], object], parameters: list[torc
         handles += [b.register_forward_pre_hook(enter(i)), b.register_forward_hook(leave)]
         handles += [m.register_forward_hook(linear_out(i)) for m in b.modules() if isinstance(m, nn.Linear)]
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _AttentionFlag(in_attention):
             output = module(tokens)
             loss = _loss(output, tokens, vocab)
     finally:
