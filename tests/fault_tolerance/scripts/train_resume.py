@@ -19,6 +19,11 @@ SPEC: ``{"strategy": {...}, "model": {...}, "steps": 6, "micro_batch": 2, "sampl
   DataLoader gets ``global_batch / dp`` of the world it runs in, so a start with fewer ranks keeps the
   global batch (the strategy, like Lightning, takes the DataLoader's ``batch_size`` as per rank).
 * ``devices``: for Lightning's own launcher (``python train_resume.py``); under torchrun the local world size.
+* ``precision``: ``AdaptivePrecision`` arguments, with ``scaler`` as ``AdaptiveLossScaler`` arguments;
+  ``anomaly``: ``AnomalyDetector`` arguments. With either, each entry of ``attempts.json`` also holds
+  ``states``: the plugin's and the detector's ``state_dict`` as Lightning put them into each checkpoint
+  (``saved``, by step), as they were when training started (``at_start``: after a resume, the restored ones)
+  and after each step (``after_step``).
 
 Global rank 0 writes ``OUT_DIR/attempts.json``: one entry per start with the per-step global-batch losses
 by step, the world size, the checkpoint it resumed from, and whether the process group's store still held
@@ -101,6 +106,17 @@ class KillDuringSave(Picotron3DStrategy):
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
 
+def _states(trainer: L.Trainer) -> dict[str, Any]:
+    """The precision plugin's and the AnomalyDetector's state now (JSON, so saved and restored compare alike)."""
+    from picotron_lightning import AdaptivePrecision, AnomalyDetector
+
+    plugin = trainer.precision_plugin
+    detector = next((c for c in trainer.callbacks if isinstance(c, AnomalyDetector)), None)
+    return json.loads(json.dumps({
+        "precision": plugin.state_dict() if isinstance(plugin, AdaptivePrecision) else None,
+        "anomaly": detector.state_dict() if detector is not None else None}, default=str))
+
+
 def _register_worker(out: Path) -> None:
     """Note this worker's pid under its agent's pid, so that a worker can take its whole node down."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -135,8 +151,21 @@ class Record(L.Callback):
         self.out, self.kill = out, kill
         self.losses: dict[int, float] = {}
         self.saw_first_start_key: bool | None = None
+        self.states: dict[str, Any] = {"saved": {}, "at_start": None, "after_step": {}}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        from picotron_lightning import AnomalyDetector
+
+        detector = next((c for c in trainer.callbacks if isinstance(c, AnomalyDetector)), None)
+        self.states["saved"][checkpoint["global_step"]] = json.loads(json.dumps({
+            "precision": checkpoint.get(type(trainer.precision_plugin).__qualname__),
+            "anomaly": checkpoint["callbacks"].get(detector.state_key) if detector is not None else None},
+            default=str))
+        if trainer.is_global_zero:  # ModelCheckpoint saves after this callback's on_train_batch_end wrote the step
+            self._write(trainer)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.states["at_start"] = _states(trainer)
         if not trainer.is_global_zero or not torch.distributed.is_initialized():
             return
         store = torch.distributed.distributed_c10d._get_default_store()  # the process group's store
@@ -150,6 +179,7 @@ class Record(L.Callback):
         if trainer.fit_loop._should_accumulate():
             return
         self.losses[trainer.global_step] = loss * trainer.accumulate_grad_batches
+        self.states["after_step"][trainer.global_step] = _states(trainer)
         if trainer.is_global_zero:
             self._write(trainer)
         kill = self.kill
@@ -166,7 +196,7 @@ class Record(L.Callback):
         attempts[str(ATTEMPT)] = {"losses": self.losses, "world_size": trainer.world_size,
                                   "resumed_from": str(resumed) if resumed else None,
                                   "async_saves": trainer.strategy._fault_tolerance.writer.async_saves,
-                                  "saw_first_start_key": self.saw_first_start_key}
+                                  "saw_first_start_key": self.saw_first_start_key, "states": self.states}
         path.write_text(json.dumps(attempts))
 
 
@@ -182,12 +212,27 @@ def main() -> None:
     kwargs = dict(spec.get("strategy", {}))
     strategy = KillDuringSave(kill, **kwargs) if kill and kill.get("during_save") else Picotron3DStrategy(**kwargs)
     accumulate = spec.get("accumulate", 1)
+    plugins: list[Any] = []
+    if spec.get("precision") is not None:
+        from picotron_lightning import AdaptivePrecision
+        from picotron_lightning.precision import AdaptiveLossScaler
+
+        precision = dict(spec["precision"])
+        scaler = precision.pop("scaler", None)
+        plugins.append(AdaptivePrecision(**precision, scaler=AdaptiveLossScaler(**scaler) if scaler else None))
+    callbacks: list[L.Callback] = []
+    if spec.get("anomaly") is not None:
+        from picotron_lightning import AnomalyDetector
+
+        callbacks.append(AnomalyDetector(**spec["anomaly"]))
     trainer = L.Trainer(
         accelerator="cpu", devices=int(os.environ.get("LOCAL_WORLD_SIZE", spec.get("devices", 1))),
         num_nodes=int(os.environ.get("GROUP_WORLD_SIZE", 1)), strategy=strategy, max_steps=spec["steps"],
         accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[Record(out, kill), ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1, filename="{step}",
-                                                      every_n_train_steps=spec["checkpoint_every"])],
+        plugins=plugins,
+        callbacks=[*callbacks, Record(out, kill), ModelCheckpoint(dirpath=out / "checkpoints", save_top_k=-1,
+                                                                  filename="{step}",
+                                                                  every_n_train_steps=spec["checkpoint_every"])],
     )
     trainer.fit(build_module(spec.get("model", {})), datamodule=TokenData(spec))
 
