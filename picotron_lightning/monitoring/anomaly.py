@@ -420,11 +420,18 @@ class AnomalyDetector(Callback):
         self.end_batch(trainer.global_step, self._checked)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"recorded": self.recorded, "skipped_steps": self.skipped_steps}
+        # The loss and gradient-norm histories go along, so spike detection after a resume judges the next step
+        # against the same window as an uninterrupted run instead of warming up again. Step times do not: a
+        # restarted group may run on other machines.
+        return {"recorded": self.recorded, "skipped_steps": self.skipped_steps,
+                "loss_history": list(self.loss_stats.values), "grad_norm_history": list(self.grad_stats.values)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.recorded = list(state_dict.get("recorded", []))
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
+        for stats, key in ((self.loss_stats, "loss_history"), (self.grad_stats, "grad_norm_history")):
+            stats.values.clear()
+            stats.values.extend(float(v) for v in state_dict.get(key, []))
         # Resuming: the batches an earlier run skipped are skipped again if they come around.
         self.skip_set |= {(int(r["epoch"]), int(b)) for r in self.recorded if "skip" in r.get("actions", ())
                           for b in r["batches"]}

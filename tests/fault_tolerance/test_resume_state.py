@@ -64,6 +64,8 @@ def test_resume_auto_restores_precision_plugin_and_anomaly_detector_state(tmp_pa
     assert saved["precision"]["scaler"]["overflow_steps"] >= 1, saved["precision"]
     assert saved["precision"]["scaler"]["scale"] != fresh["precision"]["scaler"]["scale"], (saved, fresh)
     assert saved["precision"]["step"] == STOP_AT and fresh["precision"]["step"] == 0, (saved, fresh)
+    # The spike detector's windows: a resume without them would warm up again instead of judging step 5.
+    assert saved["anomaly"]["loss_history"] and not fresh["anomaly"]["loss_history"], (saved, fresh)
     # What was saved is what the uninterrupted run had after the same step.
     assert not differences(saved, uninterrupted["states"]["after_step"][str(STOP_AT)])
 
