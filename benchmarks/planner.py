@@ -75,6 +75,8 @@ def probe_cpu(rows: int, width: int, ffn: int, nbytes: int = 4 << 20, repeats: i
     bandwidth and latency over all ranks (min over repeats; the mean FLOP/s over ranks)."""
     import torch.distributed as dist
 
+    from picotron_lightning.planner.hardware import link_from_all_reduce_times, time_all_reduces
+
     world = dist.get_world_size()
     x, w = torch.randn(rows, width), torch.randn(width, ffn)
     x @ w
@@ -88,21 +90,8 @@ def probe_cpu(rows: int, width: int, ffn: int, nbytes: int = 4 << 20, repeats: i
     rate = torch.tensor([max(rates)], dtype=torch.float64)
     dist.all_reduce(rate)
 
-    def best(numel: int) -> float:
-        t = torch.ones(numel)
-        dist.all_reduce(t)
-        times = []
-        for _ in range(repeats):
-            dist.barrier()
-            start = time.perf_counter()
-            dist.all_reduce(t)
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    big, small = best(nbytes // 4), best(1)
-    factor = 2 * (world - 1) / world
-    return {"flops": float(rate.item()) / world, "bandwidth": factor * nbytes / max(big - small, 1e-9),
-            "latency": small}
+    link = link_from_all_reduce_times(world, nbytes, *time_all_reduces(nbytes, repeats))
+    return {"flops": float(rate.item()) / world, "bandwidth": link.bandwidth, "latency": link.latency}
 
 
 def _bench_worker(rank: int, world: int, preset: str, config: dict, seq: int, global_batch: int,

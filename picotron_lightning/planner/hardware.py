@@ -110,12 +110,17 @@ def probe_gloo_link(world_size: int = 2, nbytes: int = 8 << 20, repeats: int = 5
     from picotron_lightning.testing import run_ranks
 
     results = run_ranks(_probe_worker, world_size, nbytes, repeats, timeout=120.0)
-    big, small = results[0]
+    return link_from_all_reduce_times(world_size, nbytes, *results[0])
+
+
+def link_from_all_reduce_times(world_size: int, nbytes: int, big: float, small: float) -> Link:
+    """A ring all-reduce's bus bandwidth and latency from the times of an ``nbytes`` one and a one-element one."""
     factor = 2 * (world_size - 1) / world_size
     return Link("gloo on CPU (measured)", bandwidth=factor * nbytes / max(big - small, 1e-9), latency=small)
 
 
-def _probe_worker(rank: int, world_size: int, nbytes: int, repeats: int) -> tuple[float, float]:
+def time_all_reduces(nbytes: int, repeats: int) -> tuple[float, float]:
+    """In a running process group: the best of ``repeats`` all-reduce times of ``nbytes`` and of one element."""
     import torch
     import torch.distributed as dist
 
@@ -131,3 +136,15 @@ def _probe_worker(rank: int, world_size: int, nbytes: int, repeats: int) -> tupl
         return min(times)
 
     return best(nbytes // 4), best(1)
+
+
+def _probe_worker(rank: int, world_size: int, nbytes: int, repeats: int) -> tuple[float, float]:
+    import torch.distributed as dist
+
+    from picotron_lightning.testing import init_gloo
+
+    init_gloo(rank, world_size)  # run_ranks sets the rendezvous variables; the group is the worker's to make
+    try:
+        return time_all_reduces(nbytes, repeats)
+    finally:
+        dist.destroy_process_group()

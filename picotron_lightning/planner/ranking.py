@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from picotron_lightning.planner.cost_model import StepTime, step_time
-from picotron_lightning.planner.hardware import DeviceSpec, GiB
+from picotron_lightning.planner.hardware import DeviceSpec, GiB, Link
 from picotron_lightning.planner.memory_model import MemoryBreakdown, estimate
 from picotron_lightning.planner.model_spec import ModelSpec
 from picotron_lightning.planner.search import Candidate, Constraints, Rejection, SearchSpace
@@ -52,6 +52,7 @@ class PlanResult:
             f"seq {self.spec.seq_len}, global batch {self.global_batch or 'per-rank'}; "
             f"{self.world_size} x {self.device.name} "
             f"({self.devices_per_node} per node), budget {self.budget / GiB:.2f} GiB per rank",
+            f"links: within a node {_link(self.device.intra_node)}; across nodes {_link(self.device.inter_node)}",
             f"{'#':>3}  {'layout':<58} {'mem GiB':>8} {'step ms':>10} {'compute':>9} {'tp':>7} {'dp':>7} "
             f"{'pp':>7} {'ep':>7} {'bubble':>8}  settings",
         ]
@@ -134,3 +135,7 @@ def plan_layout(spec: ModelSpec, *, devices: int, devices_per_node: int, device:
     result.ranked.sort(key=lambda p: (p.time.total / space.batch_of(p.candidate.dp), p.candidate.num_microbatches,
                                       p.memory.peak, p.candidate.describe()))
     return result
+
+
+def _link(link: Link) -> str:
+    return f"{link.name} ({link.bandwidth / 1e9:.2f} GB/s, {link.latency * 1e6:.0f} us)"

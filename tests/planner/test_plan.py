@@ -97,6 +97,20 @@ def test_cli_table_lists_layouts_and_rejections(capsys) -> None:
 
 
 @pytest.mark.slow
+def test_cli_probe_measures_the_gloo_link_and_plans_with_it() -> None:
+    """`--probe` starts two local processes to time gloo all-reduces; it failed before any rank made its group."""
+    from picotron_lightning.testing import run_script
+
+    out = run_script("picotron_lightning.plan", "--model", "picotron_lightning.models:CausalLMModule",
+                     "--model-args", '{"preset": "tiny"}', "--devices", "4", "--devices-per-node", "2",
+                     "--device", "cpu", "--seq-len", "64", "--global-batch", "8", "--top", "3", "--probe",
+                     module=True, timeout=300).stdout
+    links = next(line for line in out.splitlines() if line.startswith("links:"))
+    assert links.count("gloo on CPU (measured)") == 2, out[-3000:]
+    assert "mem GiB" in out and "step ms" in out, out[-3000:]
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--device", "Imaginary X1"], "not in the device table"),
     (["--tp", "3"], "does not divide the world size 8"),
