@@ -53,6 +53,7 @@ from torch import nn
 from picotron_lightning.moe.communication import ExpertCommunication
 from picotron_lightning.moe.grouped import grouped_matmul
 from picotron_lightning.moe.layer import MoELayer, sort_by_expert
+from picotron_lightning.parallel.collectives import mean_all_reduce_
 from picotron_lightning.parallel.grad_norm import DISTINCT_PIECES_ATTR
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
@@ -347,18 +348,8 @@ def reduce_expert_gradients(module: nn.Module, expert_mesh: DeviceMesh) -> None:
     Call once per optimizer step, after the last backward. One coalesced all-reduce; nothing when
     there is a single replica or no expert parameters.
     """
-    group = expert_mesh.get_group("ep_replicate")
-    replicas = dist.get_world_size(group)
     grads = [p.grad for p in expert_parameters(module) if p.grad is not None]
-    if replicas == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)  # gloo has no AVG: sum, then divide
-    flat.div_(replicas)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset: offset + g.numel()].view_as(g))
-        offset += g.numel()
+    mean_all_reduce_(grads, expert_mesh.get_group("ep_replicate"))
 
 
 def set_aux_loss_scale(module: nn.Module, scale: float) -> None:

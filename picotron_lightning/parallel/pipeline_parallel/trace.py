@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from picotron_lightning.parallel.collectives import mean_all_reduce_
 from picotron_lightning.parallel.expert import find_moe_layers
 from picotron_lightning.parallel.pipeline_parallel.split import PIPELINE_STAGES_HOOK, PipelineSplitError
 from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
@@ -90,26 +91,16 @@ class ReplicatedGradients:
 
     def __init__(self, group: dist.ProcessGroup, params: list[nn.Parameter]) -> None:
         self.group = group
-        self.size = dist.get_world_size(group)
         source = dist.get_global_rank(group, 0)
         with torch.no_grad():
             for p in params:
                 dist.broadcast(p.data, src=source, group=group)
 
     def average(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``pending`` (parameter, this replica's gradient) pairs with the gradients averaged over ``dp``."""
-        if not pending:
-            return pending
-        averaged: list[torch.Tensor | None] = [None] * len(pending)
-        for dtype in dict.fromkeys(g.dtype for _, g in pending):  # one flat all-reduce per dtype, in a fixed order
-            index = [i for i, (_, g) in enumerate(pending) if g.dtype == dtype]
-            grads = [pending[i][1] for i in index]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, group=self.group)
-            flat.div_(self.size)
-            for i, piece, g in zip(index, flat.split([g.numel() for g in grads]), grads, strict=True):
-                averaged[i] = piece.view_as(g)
-        return [(p, g) for (p, _), g in zip(pending, averaged, strict=True) if g is not None]
+        """``pending`` (parameter, this replica's gradient) pairs with the gradients averaged over ``dp``, in place
+        (they are the schedule's own gradients, not yet in any ``.grad``)."""
+        mean_all_reduce_([g for _, g in pending], self.group)
+        return pending
 
 
 def tensor_inputs(call: tuple[tuple, dict]) -> list[torch.Tensor]:
