@@ -36,14 +36,6 @@ def test_moe_models_are_refused_with_the_reason():
         Picotron3DStrategy(compile=True)._check_compilable(moe)
 
 
-def test_tensor_parallelism_is_refused_with_the_reason():
-    model = CausalLMModule(preset="tiny")
-    with pytest.raises(LayoutError, match="tensor_parallel_size=2 in this version: torch.compile of a tensor-parallel"):
-        check_compilable(model, CompileOptions(enabled=True), moe=False, traced_pipeline=False, tensor_parallel_size=2)
-    with pytest.raises(LayoutError, match="tensor_parallel_size=2"):  # before any process group (`_setup_processes`)
-        Picotron3DStrategy(compile=True, tensor_parallel_size=2)._check_compilable(model)
-
-
 def test_a_model_without_blocks_is_refused():
     with pytest.raises(LayoutError, match="has no stack of repeated blocks"):
         check_compilable(torch.nn.Linear(4, 4), CompileOptions(enabled=True), moe=False, traced_pipeline=False)

@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
+from torch.utils._pytree import tree_map_only
 
 from picotron_lightning.structure import find_block_stacks
 from picotron_lightning.topology import LayoutError
@@ -63,20 +65,10 @@ class CompileOptions:
         )
 
 
-def check_compilable(root: nn.Module, options: CompileOptions, *, moe: bool, traced_pipeline: bool,
-                     tensor_parallel_size: int = 1) -> None:
+def check_compilable(root: nn.Module, options: CompileOptions, *, moe: bool, traced_pipeline: bool) -> None:
     """Refuse what per-block compilation cannot handle, before anything is changed."""
     if not options.enabled:
         return
-    if tensor_parallel_size > 1:
-        # Measured on torch 2.13 (tests/test_compile.py docs, docs/compile.md): a compiled block between
-        # DTensor redistributions gets its gradients wrong (with sequence parallelism the embedding gets no
-        # gradient; without it the backward of a redistribution receives a plain tensor and fails).
-        raise LayoutError(
-            f"compile=... is not supported with tensor_parallel_size={tensor_parallel_size} in this version: "
-            "torch.compile of a tensor-parallel (DTensor) block gives wrong gradients on torch 2.13. Use compile "
-            "with data and pipeline parallelism (tensor_parallel_size=1), or compile=False."
-        )
     if moe:
         raise LayoutError(
             "compile=... is not supported for models with MoE layers: routing sends a different number of tokens "
@@ -102,19 +94,84 @@ def _blocks_to_compile(root: nn.Module, pipeline: PipelineRuntime | None) -> lis
     return [block for stack in find_block_stacks(root) for block in stack.blocks]
 
 
+def _holds_dtensors(module: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in module.parameters(recurse=False))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every pending collective result made a plain tensor (waited for, then copied).
+
+    A redistribution's local result is an ``AsyncCollectiveTensor``; a compiled graph that takes one as
+    input returns outputs that do not require grad on torch 2.13 (measured: every block parameter got no
+    gradient under ``aot_eager`` and inductor). A copy is the only way out of the wrapper that keeps the
+    autograd edge (its ``wait`` returns the inner tensor, detached from the graph).
+    """
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return tree_map_only(AsyncCollectiveTensor, lambda t: t.clone(), value)
+
+
+def _run_eagerly(module: nn.Module) -> None:
+    call = module._call_impl
+
+    @torch.compiler.disable
+    def eager_call(*args: Any, **kwargs: Any) -> Any:
+        return _plain(call(*args, **kwargs))
+
+    module._call_impl = eager_call  # type: ignore[method-assign]
+
+
+def _keep_distributed_parts_eager(block: nn.Module) -> int:
+    """Run the block's tensor-parallel modules (and their redistribution hooks) outside the compiled graphs.
+
+    Compiled graphs that take or return DTensors, or trace the hooks that convert between DTensors and
+    local tensors, give wrong gradients on torch 2.13 (measured before this: with sequence parallelism the
+    embedding got none; without it a redistribution's backward received a plain tensor). Every module
+    holding a DTensor parameter (the sharded linears, sequence-parallel norms) runs its whole call, hooks
+    included, eagerly, and hands plain tensors on; the compiled graphs hold what lies between them
+    (norms, attention, activations, residual adds). Returns how many modules run eagerly.
+    """
+    eager = [m for m in block.modules() if m is not block and _holds_dtensors(m)]
+    for module in eager:
+        _run_eagerly(module)
+    return len(eager)
+
+
+def _compile_forward(block: nn.Module, arguments: dict[str, Any]) -> None:
+    """Compile ``block.forward`` only: its hooks (the sequence-parallel region's entry and exit, FSDP2's)
+    stay eager. Assigned on the instance, so names and state dicts are unchanged."""
+    compiled = torch.compile(block.forward, **arguments)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return compiled(*_plain(args), **_plain(kwargs))
+
+    block.forward = forward  # type: ignore[method-assign]
+    block._compiled_forward = True  # type: ignore[assignment]
+
+
 def apply_compile(root: nn.Module, options: CompileOptions, pipeline: PipelineRuntime | None = None) -> int:
-    """Compile each block of ``root`` (this rank's stage blocks under pp) in place; return how many."""
+    """Compile each block of ``root`` (this rank's stage blocks under pp) in place; return how many.
+
+    Without tensor parallelism the whole block call is compiled (``nn.Module.compile``); with it, the
+    block's forward, around its sharded linears run eagerly (:func:`_keep_distributed_parts_eager`).
+    """
     if not options.enabled:
         return 0
     blocks = _blocks_to_compile(root, pipeline)
     for block in blocks:
-        block.compile(**options.arguments)
+        if _keep_distributed_parts_eager(block):
+            _compile_forward(block, options.arguments)
+        else:
+            block.compile(**options.arguments)
     return len(blocks)
 
 
 def compiled_blocks(root: nn.Module) -> int:
     """How many modules under ``root`` have a compiled call (for tests and logs)."""
-    return sum(1 for m in root.modules() if getattr(m, "_compiled_call_impl", None) is not None)
+    return sum(1 for m in root.modules()
+               if getattr(m, "_compiled_call_impl", None) is not None or getattr(m, "_compiled_forward", False))
 
 
 __all__ = ["COMPILE_ARGUMENTS", "CompileOptions", "apply_compile", "check_compilable", "compiled_blocks"]

@@ -96,7 +96,9 @@ def apply_tensor_parallel(
     """Shard the blocks this rank holds Megatron-style over the ``tp`` mesh dimension (identity without a plan)."""
     if plan is None:
         return
-    apply_plan(root, mesh["tp"], plan, loss_parallel=options.tensor_parallel.loss_parallel)
+    # Compiled blocks must not see DTensors between the sharded linears (parallel/compile.py).
+    apply_plan(root, mesh["tp"], plan, loss_parallel=options.tensor_parallel.loss_parallel,
+               local_norm_output=options.compile.enabled)
 
 
 def apply_expert_parallel(root: nn.Module, layout: ParallelLayout, device: torch.device) -> DeviceMesh | None:
@@ -174,8 +176,7 @@ def parallelize(
 ) -> ParallelModel:
     """Apply every step, in the order of this module's docstring, to ``root`` in place."""
     check_compilable(root, options.compile, moe=bool(find_moe_layers(root)),
-                     traced_pipeline=layout.pp > 1 and options.pipeline.split == "trace",
-                     tensor_parallel_size=layout.tp)
+                     traced_pipeline=layout.pp > 1 and options.pipeline.split == "trace")
     tensor_plan = plan_tensor_parallel(root, layout, options)  # on the whole model: every block visible
     block_classes = tuple({stack.block_class for stack in find_block_stacks(root)})  # before the split, too
     pipeline = apply_pipeline_split(root, mesh, layout, options)

@@ -254,8 +254,7 @@ class Picotron3DCore(MemoryPolicyMixin):
         from picotron_lightning.parallel.expert import find_moe_layers
 
         traced = self.layout.pp > 1 and self._options.pipeline.split == "trace"
-        check_compilable(module, self._options.compile, moe=bool(find_moe_layers(module)), traced_pipeline=traced,
-                         tensor_parallel_size=self.layout.tp)
+        check_compilable(module, self._options.compile, moe=bool(find_moe_layers(module)), traced_pipeline=traced)
 
     def _plan_auto_sizes(self, module: nn.Module | None, world_size: int) -> None:
         """Sizes left to ``"auto"`` (tensor, pipeline, expert): the planner chooses them from the model.

@@ -242,6 +242,9 @@ COMPILE_RUNS = [
     _run("compile_fsdp_selective", 2, strategy={"compile": True, "data_parallel_mode": "fsdp",
                                                 "memory": {"activation_checkpointing": "selective"}}),
     _run("compile_pp2", 1, strategy={"compile": True, "pipeline_parallel_size": 2}),
+    # tp: the sharded linears run eagerly between the compiled parts (parallel/compile.py)
+    _run("compile_tp2", 1, strategy={"compile": True, "tensor_parallel_size": 2}),
+    _run("compile_tp2_no_sp", 1, strategy={"compile": True, "tensor_parallel_size": 2, "sequence_parallel": False}),
     _run("compile_bf16", 2, model=BF16_MODEL, strategy={"compile": True}, precision={"mode": "bf16"}),
 ]
 
@@ -251,7 +254,10 @@ def compiled(tmp_path_factory) -> dict[str, Any]:
     return _launch(tmp_path_factory.mktemp("compiled"), {"devices": 2, "runs": COMPILE_RUNS}, timeout=1800)
 
 
-@pytest.mark.parametrize("run", COMPILE_RUNS[:3], ids=[r["name"] for r in COMPILE_RUNS[:3]])
+EAGER_ONE_PROCESS = [r for r in COMPILE_RUNS if "precision" not in r]
+
+
+@pytest.mark.parametrize("run", EAGER_ONE_PROCESS, ids=[r["name"] for r in EAGER_ONE_PROCESS])
 def test_compiled_blocks_match_eager_one_process(compiled, run):
     blocks_per_rank = 4 // run["strategy"].get("pipeline_parallel_size", 1)
     assert compiled[run["name"]]["compiled_blocks"] == blocks_per_rank, compiled[run["name"]]

@@ -51,16 +51,22 @@ SEQUENCE_DIM = 1
 log = logging.getLogger(__name__)
 
 
-def _replicate_output(mesh: DeviceMesh, sequence_sharded: bool):  # noqa: ANN202
-    """Forward hook: the norm's output as one replicated DTensor (gathered along the sequence if sharded)."""
+def _replicate_output(mesh: DeviceMesh, sequence_sharded: bool, local: bool = False):  # noqa: ANN202
+    """Forward hook: the norm's output as one replicated DTensor (gathered along the sequence if sharded).
+
+    With ``local`` the output is that DTensor's local tensor: each column-wise linear then makes its own
+    replicated input (and reduces its own input gradient), so no DTensor crosses into code around the
+    linears; compiled blocks need that (``parallel/compile.py``).
+    """
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     def hook(module: nn.Module, args: tuple, out: Any) -> Any:
         if sequence_sharded:
             if not isinstance(out, DTensor):
                 out = DTensor.from_local(out, mesh, [Shard(SEQUENCE_DIM)], run_check=False)
-            return out.redistribute(mesh, [Replicate()])
-        return DTensor.from_local(out, mesh, [Replicate()], run_check=False)
+            out = out.redistribute(mesh, [Replicate()])
+            return out.to_local() if local else out
+        return out if local else DTensor.from_local(out, mesh, [Replicate()], run_check=False)
 
     return hook
 
@@ -166,7 +172,8 @@ def _untie(root: nn.Module, plan: TensorParallelPlan) -> None:
                 plan.styles.pop(e, None)
 
 
-def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss_parallel: bool = False) -> None:
+def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss_parallel: bool = False,
+               local_norm_output: bool = False) -> None:
     """Shard ``root`` in place according to ``plan`` (from :func:`make_tensor_plan`) over the 1-D ``mesh``.
 
     ``root`` may be one pipeline stage of the model the plan was made for: entries naming modules
@@ -183,7 +190,7 @@ def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss
         if kind == "norm":
             if sequence_parallel:
                 parallelize_module(module, mesh, SequenceParallel(sequence_dim=SEQUENCE_DIM))
-            module.register_forward_hook(_replicate_output(mesh, sequence_parallel))
+            module.register_forward_hook(_replicate_output(mesh, sequence_parallel, local_norm_output))
             continue
         groups = plan.fused.get(name, 1)
         if groups > 1:  # the attention around a fused q|k|v reads its width from attributes: make them local
