@@ -26,6 +26,7 @@ from picotron_lightning.parallel.data import DataParallelOptions, apply_ddp, app
 from picotron_lightning.parallel.expert import convert_moe_layers, find_moe_layers, validate_expert_parallel
 from picotron_lightning.parallel.pipeline_parallel import PipelineRuntime, split_into_stages
 from picotron_lightning.parallel.tensor_parallel import TensorParallelPlan, apply_plan, make_tensor_plan
+from picotron_lightning.parallel.tensor_parallel.traced import traced_plan
 from picotron_lightning.structure import find_block_stacks
 from picotron_lightning.topology import LayoutError, ParallelLayout
 
@@ -87,11 +88,17 @@ def plan_tensor_parallel(
                 "or 'auto' (which turns it off for them)."
             )
         tp_options = dataclasses.replace(tp_options, sequence_parallel=False)
-    return make_tensor_plan(root, layout.tp, tp_options)
+    traced = layout.pp > 1 and options.pipeline.split == "trace"
+    if traced:  # the traced stages keep whole sequences (check_traceable_layout refused sequence_parallel=True)
+        tp_options = dataclasses.replace(tp_options, sequence_parallel=False)
+    plan = make_tensor_plan(root, layout.tp, tp_options)
+    # The traced split shards the blocks' linears only (tensor_parallel/traced.py).
+    return traced_plan(root, plan) if traced else plan
 
 
 def apply_tensor_parallel(
-    root: nn.Module, mesh: DeviceMesh, options: Picotron3DOptions, plan: TensorParallelPlan | None
+    root: nn.Module, mesh: DeviceMesh, options: Picotron3DOptions, plan: TensorParallelPlan | None,
+    pipeline: PipelineRuntime | None = None,
 ) -> None:
     """Shard the blocks this rank holds Megatron-style over the ``tp`` mesh dimension (identity without a plan)."""
     if plan is None:
@@ -99,6 +106,8 @@ def apply_tensor_parallel(
     # Compiled blocks must not see DTensors between the sharded linears (parallel/compile.py).
     apply_plan(root, mesh["tp"], plan, loss_parallel=options.tensor_parallel.loss_parallel,
                local_norm_output=options.compile.enabled)
+    if pipeline is not None and pipeline.options.split == "trace":
+        pipeline.trace_tensor_parallel(plan, mesh["tp"])  # traced with local twins of the sharded linears
 
 
 def apply_expert_parallel(root: nn.Module, layout: ParallelLayout, device: torch.device) -> DeviceMesh | None:
@@ -145,7 +154,7 @@ def apply_data_parallel(
 ) -> tuple[nn.Module, str]:
     """FSDP2, DDP or HSDP over the ``dp`` ranks; returns the module to run and the mode used."""
     if pipeline is not None:  # one FSDP root (or DDP wrapper) per pipeline stage
-        if layout.tp > 1 and dp_config.mode == "ddp" and layout.dp > 1:
+        if layout.tp > 1 and dp_config.mode == "ddp" and layout.dp > 1 and pipeline.options.split != "trace":
             raise LayoutError(
                 "data_parallel_mode='ddp' cannot reduce tensor-parallel (DTensor) parameters; "
                 "use data_parallel_mode='fsdp' or 'hsdp' with tensor_parallel_size > 1."
@@ -180,7 +189,7 @@ def parallelize(
     tensor_plan = plan_tensor_parallel(root, layout, options)  # on the whole model: every block visible
     block_classes = tuple({stack.block_class for stack in find_block_stacks(root)})  # before the split, too
     pipeline = apply_pipeline_split(root, mesh, layout, options)
-    apply_tensor_parallel(root, mesh, options, tensor_plan)
+    apply_tensor_parallel(root, mesh, options, tensor_plan, pipeline)
     expert_mesh = apply_expert_parallel(root, layout, device)
     apply_memory_policies(root, options, block_classes)
     apply_compile(root, options.compile, pipeline)

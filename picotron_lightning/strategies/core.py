@@ -244,7 +244,8 @@ class Picotron3DCore(MemoryPolicyMixin):
             return
         check_pipeline_model(module, self.layout.pp, self._options.pipeline)
         if self._options.pipeline.split == "trace":
-            check_traceable_layout(module, self.layout, self._options.data_parallel.mode)
+            check_traceable_layout(module, self.layout, self._options.data_parallel.mode,
+                                   self._options.tensor_parallel)
 
     def _check_compilable(self, module: nn.Module | None) -> None:
         """Refuse ``compile=`` for a model it cannot handle (MoE, no block stack); no collective involved."""

@@ -107,8 +107,21 @@ class LMModule(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=0.0)
 
 
+def two_stream_gpt() -> nn.Module:
+    """The user-path GPT whose blocks pass two tensors to each other (``tests/user_path/scripts/user_models.py``)."""
+    import sys
+    from pathlib import Path
+
+    scripts = str(Path(__file__).parents[1] / "user_path" / "scripts")
+    if scripts not in sys.path:
+        sys.path.insert(0, scripts)
+    from user_models import TwoStreamGPT
+
+    return TwoStreamGPT()
+
+
 BUILDERS: dict[str, Callable[[], nn.Module]] = {"gpt": TinyGPT, "hf_llama": tiny_hf_llama,
-                                                "hf_llama_tied": tiny_hf_llama_tied}
+                                                "hf_llama_tied": tiny_hf_llama_tied, "two_stream": two_stream_gpt}
 
 
 def reference(build: str, data: torch.Tensor, steps: int, global_batch: int) -> list[float]:

@@ -162,9 +162,7 @@ def test_trace_refuses_what_the_traced_graph_cannot_run():
     check_traceable_layout(dense, replicas, "ddp")
     with pytest.raises(PipelineSplitError, match="data_parallel_mode='fsdp' is not supported.*'auto' or 'ddp'"):
         check_traceable_layout(dense, replicas, "fsdp")
-    tensor = ParallelLayout(pipeline_parallel_size=2, tensor_parallel_size=2).resolve(4)
-    with pytest.raises(PipelineSplitError, match=r"tensor_parallel_size=2.*split\(qkv, hidden\).*IndexError"):
-        check_traceable_layout(dense, tensor)
+    check_traceable_layout(dense, ParallelLayout(pipeline_parallel_size=2, tensor_parallel_size=2).resolve(4))
     with pytest.raises(PipelineSplitError, match="a model with MoE layers.*GuardOnDataDependentSymNode"):
         check_traceable_layout(Llama(llama_config("tiny-moe", num_layers=2)), ParallelLayout(pipeline_parallel_size=2)
                                .resolve(2))
@@ -180,18 +178,93 @@ def test_trace_allows_ddp_under_pipeline_parallelism():
         Picotron3DOptions.from_arguments({"pipeline_parallel_size": 2, "data_parallel_mode": "ddp"})
 
 
-def _traced_tp(rank: int, world: int) -> dict:
+# ---------------------------------------------------------------------- tensor parallelism in the traced stages
+TRACE_TP = {**TRACE, "tensor_parallel_size": 2}
+
+
+def _world4_tp(rank: int, world: int) -> dict:
+    data = make_data(64)
+    return {
+        "llama": run(world, data, MICRO, STEPS, TRACE_TP, clip=0.05),
+        "two_stream": fit(world, "two_stream", data, MICRO, STEPS, TRACE_TP),
+    }
+
+
+@pytest.fixture(scope="module")
+def world4_tp() -> list[dict]:
+    return run_ranks(_world4_tp, 4, timeout=900)
+
+
+@pytest.mark.slow
+def test_traced_pp2_tp2_matches_one_process(world4_tp):
+    """pp=2 x tp=2 on 4 ranks: the traced stages run this rank's shards between the Megatron operators.
+
+    The Llama run clips at 0.05 (below the gradient norm of every step): the clipped step equals one
+    process's only if the norm counts each shard once and the replicated parameters once.
+    """
+    refs = {"llama": reference_model(make_data(64), STEPS, MICRO, clip=0.05)[1],
+            "two_stream": reference("two_stream", make_data(64), STEPS, MICRO)}
+    for name, ref in refs.items():
+        for r in world4_tp:
+            diff = max_relative_diff(r[name]["losses"], ref)
+            print(f"trace {name} pp=2 x tp=2: max relative diff {diff:.2e}")
+            assert diff <= RTOL, (name, r[name]["losses"], ref)
+    # The sharded linears are DTensors with the model's global shapes: names and state dict as one process.
+    assert "model.layers.1.mlp.up_proj.weight" in world4_tp[0]["llama"]["params"]
+    assert all(all(r["llama"]["grads_seen"]) for r in world4_tp)
+
+
+def _world8(rank: int, world: int) -> dict:
+    data = make_data(64)
+    return {
+        "llama": run(world, data, MICRO, STEPS, TRACE_TP, clip=0.05),
+        "two_stream": fit(world, "two_stream", data, MICRO, STEPS, {**TRACE_TP, "data_parallel_mode": "ddp"}),
+    }
+
+
+@pytest.fixture(scope="module")
+def world8() -> list[dict]:
+    return run_ranks(_world8, 8, timeout=1500)
+
+
+@pytest.mark.slow
+def test_traced_pp2_dp2_tp2_matches_one_process(world8):
+    """pp=2 x dp=2 x tp=2 on 8 ranks (rank = pp * 4 + dp * 2 + tp): replicas of tensor-parallel stages."""
+    refs = {"llama": reference_model(make_data(64), STEPS, 2 * MICRO, clip=0.05)[1],
+            "two_stream": reference("two_stream", make_data(64), STEPS, 2 * MICRO)}
+    for name, ref in refs.items():
+        replica_mean = [(a + b) / 2 for a, b in zip(world8[0][name]["losses"], world8[2][name]["losses"], strict=True)]
+        diff = max_relative_diff(replica_mean, ref)
+        print(f"trace {name} pp=2 x dp=2 x tp=2: max relative diff {diff:.2e}")
+        assert diff <= RTOL, (name, replica_mean, ref)
+
+
+def test_trace_refuses_sequence_and_loss_parallelism():
+    from picotron_lightning.parallel.pipeline_parallel import PipelineSplitError, check_traceable_layout
+    from picotron_lightning.parallel.tensor_parallel import TensorParallelOptions
+    from picotron_lightning.topology import ParallelLayout
+
+    tensor = ParallelLayout(pipeline_parallel_size=2, tensor_parallel_size=2).resolve(4)
+    check_traceable_layout(nn.Linear(2, 2), tensor, tensor_parallel=TensorParallelOptions())  # "auto": accepted
+    with pytest.raises(PipelineSplitError, match="tensor_parallel_size=2 does not support sequence_parallel=True.*"
+                                                 "sequence_parallel=False or 'auto'"):
+        check_traceable_layout(nn.Linear(2, 2), tensor, tensor_parallel=TensorParallelOptions(sequence_parallel=True))
+    with pytest.raises(PipelineSplitError, match="does not support loss_parallel=True.*Use loss_parallel=False"):
+        check_traceable_layout(nn.Linear(2, 2), tensor, tensor_parallel=TensorParallelOptions(loss_parallel=True))
+
+
+def _traced_sp(rank: int, world: int) -> dict:
     try:
-        # The reference Llama: tensor parallelism alone accepts it, so only the traced-split check refuses.
-        run(world, make_data(16), MICRO, 1, {**TRACE, "tensor_parallel_size": 2})
+        run(world, make_data(16), MICRO, 1, {**TRACE_TP, "sequence_parallel": True})
         return {"error": None}
     except Exception as err:  # noqa: BLE001 - the message, and whether a process group existed, is the result
         return {"error": f"{type(err).__name__}: {err}", "group": torch.distributed.is_initialized()}
 
 
 @pytest.mark.slow
-def test_traced_tp_is_refused_before_any_process_group():
-    for rank in run_ranks(_traced_tp, 4, timeout=600):
-        assert rank["error"] is not None, "pp=2 x tp=2 with the traced split trained"
-        assert "pipeline_split='trace' does not support tensor_parallel_size=2" in rank["error"]
+def test_traced_sequence_parallel_is_refused_before_any_process_group():
+    for rank in run_ranks(_traced_sp, 4, timeout=600):
+        assert rank["error"] is not None, "pp=2 x tp=2 with the traced split and sequence_parallel=True trained"
+        assert "pipeline_split='trace' with tensor_parallel_size=2 does not support sequence_parallel=True" in \
+            rank["error"]
         assert not rank["group"], "the refusal came after the process group was created"

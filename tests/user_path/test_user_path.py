@@ -157,7 +157,10 @@ def test_3d_checkpoint_resumes_where_it_stopped(lightning8):
 # A GPT whose blocks pass two tensors to each other (hidden state and a running sum the head reads):
 # the traced split carries both across the stage boundary. pp=2 x dp=2, the stages as replicas.
 TRACED = {"pipeline_parallel_size": 2, "pipeline_split": "trace"}
-RUNS_TRACED = [_run("trace_two_stream_pp2_dp2", 2, model={"kind": "two_stream"}, strategy=TRACED)]
+RUNS_TRACED = [_run("trace_two_stream_pp2_dp2", 2, model={"kind": "two_stream"}, strategy=TRACED),
+               # and pp=2 x tp=2: the traced stages run each rank's shards between the Megatron operators
+               _run("trace_two_stream_pp2_tp2", 1, model={"kind": "two_stream"},
+                    strategy={**TRACED, "tensor_parallel_size": 2})]
 
 
 @pytest.fixture(scope="module")
@@ -166,10 +169,11 @@ def traced4(tmp_path_factory) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("run", RUNS_TRACED, ids=[r["name"] for r in RUNS_TRACED])
-def test_traced_split_with_data_parallelism_from_a_plain_script(traced4, run):
+def test_traced_split_with_data_and_tensor_parallelism_from_a_plain_script(traced4, run):
     result = traced4[run["name"]]
-    assert result["world_size"] == 4 and result["data_parallel_mode"] == "ddp", result
-    _assert_parity(traced4, run, dp=2)
+    dp = 1 if run["strategy"].get("tensor_parallel_size", 1) > 1 else 2
+    assert result["world_size"] == 4 and result["data_parallel_mode"] == ("ddp" if dp > 1 else "none"), result
+    _assert_parity(traced4, run, dp=dp)
 
 
 def test_structural_split_refuses_a_second_stream_between_blocks(tmp_path):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +61,8 @@ from picotron_lightning.parallel.pipeline_parallel.tied import (
 from picotron_lightning.parallel.pipeline_parallel.trace import (
     ReplicatedGradients,
     TracedStage,
+    TracedTensorParallel,
+    as_parameter_gradients,
     check_traceable_layout,
     trace_pipe,
 )
@@ -68,6 +70,7 @@ from picotron_lightning.parallel.pipeline_parallel.trace import (
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
+    from picotron_lightning.parallel.tensor_parallel import TensorParallelPlan
     from picotron_lightning.topology import ParallelLayout
 
 
@@ -120,6 +123,7 @@ class PipelineRuntime:
         self._full_parts: dict[str, nn.Module] = {}
         self._traced: dict[tuple, list[nn.Module]] = {}
         self._replicas: ReplicatedGradients | None = None  # the traced split's data parallelism (trace.py)
+        self._tensor_twins: TracedTensorParallel | None = None  # the traced split's tensor parallelism (trace.py)
 
     # ------------------------------------------------------------------ stage forward support
     @property
@@ -163,6 +167,13 @@ class PipelineRuntime:
             for name, module in swapped:
                 replace_submodule(self.root, name, module)
 
+    def trace_tensor_parallel(self, plan: TensorParallelPlan, tp_mesh: DeviceMesh) -> None:
+        """Trace with local twins of ``plan``'s (DTensor-sharded) linears over ``tp_mesh`` (trace.py)."""
+        self._tensor_twins = TracedTensorParallel(self.root, plan, tp_mesh)
+
+    def _local_linears(self) -> AbstractContextManager[None]:
+        return self._tensor_twins.swapped() if self._tensor_twins is not None else nullcontext()
+
     def traced_modules(self, signature: tuple) -> list[nn.Module]:
         """This rank's stages traced by ``torch.distributed.pipelining.pipeline`` for this input signature."""
         if signature not in self._traced:
@@ -170,7 +181,7 @@ class PipelineRuntime:
             prefix = self.parts.blocks_name[len(self.parts.inner_name) + 1:] if self.parts.inner_name \
                 else self.parts.blocks_name
             points = [f"{prefix}.{keys[r.start]}" for r in self.assignment[1:]]
-            with self.full_model():
+            with self.full_model(), self._local_linears():
                 pipe = trace_pipe(self.inner, points, self.state.calls[0], self.num_stages)
             self._traced[signature] = [
                 TracedStage(self.state, sm.index, self.num_stages, pipe.get_stage_module(sm.index))
@@ -321,9 +332,11 @@ class PipelineRuntime:
         return held
 
     def _release_gradients(self, held: list[tuple[nn.Parameter, torch.Tensor | None]]) -> list:
-        new = [(p, p.grad) for p, _ in held if p.grad is not None]
+        new: list[tuple[torch.Tensor, torch.Tensor]] = [(p, p.grad) for p, _ in held if p.grad is not None]
         for p, grad in held:
             p.grad = grad
+        if self._tensor_twins is not None:  # the traced graph's local shards' gradients, for the DTensors
+            new += self._tensor_twins.take_gradients()
         return new
 
     def finish_backward(self) -> None:
@@ -332,6 +345,8 @@ class PipelineRuntime:
         pending = self.tied.reduce(pending)  # the tied copies' gradients summed over their pair of ranks
         if self._replicas is not None:
             pending = self._replicas.average(pending)
+        if self._tensor_twins is not None:
+            pending = as_parameter_gradients(pending)
         for p, grad in pending:
             if p.grad is None:
                 p.grad = grad

@@ -21,50 +21,71 @@ What composes with it (checked before any process group by :func:`check_traceabl
   so the parameters the optimizer holds are never swapped, whichever input shape is traced later.
   FSDP2 is refused: it replaces the parameters when it shards them, and the traced stages exist only
   from the first step on (after the optimizer took the parameters), once per input shape.
-* tensor parallelism is refused: the exported graph hard-codes global sizes (``split(qkv, d)``,
-  ``view(q, [b, t, heads, -1])``), which a tensor-parallel rank's local shards do not have.
+* tensor parallelism: the parameters are DTensor-sharded as with the structural split, and the model
+  is traced with its sharded linears swapped for local twins between Megatron's two operators as
+  custom ops (``tensor_parallel/traced.py``), so the sizes the graph hard-codes are the local ones.
+  The gradients of the twins' parameters become the DTensors' gradients after the schedule. Sequence
+  and loss parallelism are refused; the embedding and head stay whole on every tp rank.
 * MoE layers are refused: ``torch.export`` cannot trace their routing (data-dependent shapes).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten
 
 from picotron_lightning.parallel.collectives import mean_all_reduce_
 from picotron_lightning.parallel.expert import find_moe_layers
-from picotron_lightning.parallel.pipeline_parallel.split import PIPELINE_STAGES_HOOK, PipelineSplitError
+from picotron_lightning.parallel.pipeline_parallel.split import (
+    PIPELINE_STAGES_HOOK,
+    PipelineSplitError,
+    replace_submodule,
+)
 from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
+from picotron_lightning.parallel.tensor_parallel.traced import LocalShardLinear, local_twin
 
 if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.pipelining import Pipe
 
+    from picotron_lightning.parallel.tensor_parallel import TensorParallelPlan
+    from picotron_lightning.parallel.tensor_parallel.options import TensorParallelOptions
     from picotron_lightning.topology import ParallelLayout
 
 REPLICATED_MODES = ("auto", "ddp")
 """``data_parallel_mode`` values the traced split runs (as replicas with averaged gradients)."""
 
 
-def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_parallel_mode: str = "auto") -> None:
+def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_parallel_mode: str = "auto",
+                           tensor_parallel: TensorParallelOptions | None = None) -> None:
     """Refuse what the traced stages cannot run, naming the reason; no collective involved.
 
     Called by the strategy before any process group exists, and again by the split.
     """
     structural = ('Use pipeline_split="structural" (the default), which composes with FSDP2, tensor and expert '
                   "parallelism")
-    if layout.tp > 1:
-        raise PipelineSplitError(
-            f"pipeline_split='trace' does not support tensor_parallel_size={layout.tp}: the torch.export graph it "
-            "runs hard-codes the global sizes of the model (e.g. split(qkv, hidden) and view(q, [batch, seq, heads, "
-            "-1])), which a tensor-parallel rank's local shards do not have (measured on a GPT block with a fused qkv: "
-            "IndexError: list index out of range in that split; a view with the global head count and -1 would "
-            "silently make heads of the wrong size). Use "
-            f"tensor_parallel_size=1 with the traced split. {structural}."
-        )
+    if layout.tp > 1 and tensor_parallel is not None:
+        # The traced graph runs local shards between plain-tensor Megatron operators
+        # (tensor_parallel/traced.py): nothing keeps a sequence-sharded or vocabulary-sharded DTensor there.
+        if tensor_parallel.sequence_parallel is True:
+            raise PipelineSplitError(
+                f"pipeline_split='trace' with tensor_parallel_size={layout.tp} does not support sequence_parallel=True "
+                "(the traced stages keep whole sequences on every tp rank). Use sequence_parallel=False or 'auto' "
+                f"(off with the traced split). {structural}, sequence parallelism included."
+            )
+        if tensor_parallel.loss_parallel:
+            raise PipelineSplitError(
+                f"pipeline_split='trace' with tensor_parallel_size={layout.tp} does not support loss_parallel=True "
+                "(the output head stays whole on every tp rank with the traced split). Use loss_parallel=False. "
+                f"{structural}, loss parallelism included."
+            )
     if layout.ep > 1 or find_moe_layers(root):
         what = f"expert_parallel_size={layout.ep}" if layout.ep > 1 else "a model with MoE layers"
         raise PipelineSplitError(
@@ -93,14 +114,69 @@ class ReplicatedGradients:
         self.group = group
         source = dist.get_global_rank(group, 0)
         with torch.no_grad():
-            for p in params:
-                dist.broadcast(p.data, src=source, group=group)
+            for p in params:  # a DTensor parameter: its local shard, the same one on every dp rank of a tp rank
+                dist.broadcast(p.to_local() if isinstance(p, DTensor) else p.data, src=source, group=group)
 
     def average(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``pending`` (parameter, this replica's gradient) pairs with the gradients averaged over ``dp``, in place
         (they are the schedule's own gradients, not yet in any ``.grad``)."""
         mean_all_reduce_([g for _, g in pending], self.group)
         return pending
+
+
+class TracedTensorParallel:
+    """The traced split's tensor parallelism: the model is traced with its sharded linears swapped for
+    local twins (``tensor_parallel/traced.py``); their gradients become the DTensor parameters' gradients.
+
+    The twins are made once (their parameters share the DTensors' local storage, so optimizer steps and
+    in-place loads are seen) and swapped in for each trace, so a new input shape traces the same ones.
+    """
+
+    def __init__(self, root: nn.Module, plan: TensorParallelPlan, tp_mesh: DeviceMesh) -> None:
+        self.root, self.entries = root, dict(plan.styles)
+        self.tp, self.rank = tp_mesh.size(), tp_mesh.get_local_rank()
+        self.group_name = tp_mesh.get_group().group_name
+        self._twins: dict[str, LocalShardLinear] = {}
+        self._sources: list[tuple[nn.Parameter, torch.Tensor]] = []  # (twin's parameter, DTensor parameter)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The twins in place of the sharded linears (every stage's: call inside ``PipelineRuntime.full_model``)."""
+        if not self._twins:
+            for name, kind in self.entries.items():
+                linear = cast(nn.Linear, self.root.get_submodule(name))
+                twin = local_twin(linear, kind, self.tp, self.rank, self.group_name)
+                self._twins[name] = twin
+                if isinstance(linear.weight, DTensor):  # held by this rank (sharded by apply_plan)
+                    self._sources += [(twin.weight, linear.weight)]
+                    if linear.bias is not None and twin.bias is not None:
+                        self._sources += [(twin.bias, linear.bias)]
+        saved = [(name, replace_submodule(self.root, name, twin)) for name, twin in self._twins.items()]
+        try:
+            yield
+        finally:
+            for name, module in saved:
+                replace_submodule(self.root, name, module)
+
+    def take_gradients(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(DTensor parameter, local gradient) for every twin parameter the schedule gave a gradient; clears them."""
+        out = []
+        for twin, param in self._sources:
+            if twin.grad is not None:
+                out.append((param, twin.grad))
+                twin.grad = None
+        return out
+
+
+def as_parameter_gradients(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Local gradients of DTensor parameters wrapped as DTensors of the parameter's placements."""
+    out = []
+    for p, grad in pending:
+        if isinstance(p, DTensor) and not isinstance(grad, DTensor):
+            grad = DTensor.from_local(grad, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=p.stride())
+        out.append((p, grad))
+    return out
 
 
 def tensor_inputs(call: tuple[tuple, dict]) -> list[torch.Tensor]:

@@ -23,6 +23,7 @@ linear (HF ``Conv1D``, ``linears.is_linear_like``).
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,7 +244,21 @@ def example_block_call(root: nn.Module, stack: BlockStack) -> tuple[tuple, dict]
         if "call" in captured:
             return captured["call"]
     hidden = hidden_size(root, block)
-    return (torch.randn(1, EXAMPLE_SEQ, hidden, device=param.device, dtype=param.dtype),), {}
+    # A block that passes several streams (``forward(x, memory)``) gets each required positional
+    # argument as a hidden-state-shaped tensor; the first one is the residual stream.
+    shape = (1, EXAMPLE_SEQ, hidden)
+    return tuple(torch.randn(shape, device=param.device, dtype=param.dtype)
+                 for _ in range(_required_positional(block))), {}
+
+
+def _required_positional(block: nn.Module) -> int:
+    """How many positional arguments without a default ``block.forward`` takes (at least one)."""
+    try:
+        params = inspect.signature(block.forward).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return max(1, sum(p.kind in positional and p.default is inspect.Parameter.empty for p in params))
 
 
 def hidden_size(root: nn.Module, block: nn.Module) -> int:
