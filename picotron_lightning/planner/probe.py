@@ -3,14 +3,15 @@
 The cost model's CPU constants (``hardware.DeviceSpec``): fp32 matmul FLOP/s, the host time of one aten
 operation on plain tensors and on DTensors, the copy bandwidth, and gloo's all-reduce bus bandwidth and
 latency. Each is timed on every rank at the same moment (a barrier before each repeat), so with more
-processes than cores the rates already include the sharing; the best of the repeats (the uncontended rate,
-as for the link), averaged over ranks. On a machine shared with other work that is the rate of a quiet
-moment: compare it with the fastest steps, not with steps slowed by the neighbours.
+processes than cores the rates already include the sharing (each timing lasts ``min_seconds``, longer than
+the scheduler's slices); the median of the repeats, averaged over ranks. On a machine shared with other
+work the rates include that work's share too, at the moment of the probe.
 Nothing here is fitted to step times: each rate comes from its own microbenchmark.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -26,21 +27,37 @@ from picotron_lightning.planner.hardware import (
 )
 
 
-def _best_seconds(work: Callable[[], object], repeats: int) -> float:
+def _seconds_per_call(work: Callable[[], object], repeats: int, min_seconds: float) -> float:
+    """Seconds of one ``work()``, timed in stretches of at least ``min_seconds`` on every rank at once.
+
+    A stretch longer than the scheduler's time slices makes ranks that share a core really share it (a
+    burst of a few milliseconds can run alone while another rank waits); the median of the stretches.
+    """
     import torch.distributed as dist
 
-    work()
+    calls = 1
+    while True:  # no collective in here: ranks may stop at different counts
+        start = time.perf_counter()
+        for _ in range(calls):
+            work()
+        if time.perf_counter() - start >= min_seconds / 4:
+            break
+        calls *= 2
+    agreed = torch.tensor([calls * 4], dtype=torch.int64)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    calls = int(agreed.item())
     times = []
     for _ in range(repeats):
         dist.barrier()
         start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for _ in range(calls):
+            work()
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
 
 
 def measure_rates(rows: int = 512, width: int = 256, ffn: int = 704, ops: int = 400, copy_bytes: int = 16 << 20,
-                  link_bytes: int = 4 << 20, repeats: int = 7) -> dict[str, float]:
+                  link_bytes: int = 4 << 20, repeats: int = 5, min_seconds: float = 0.2) -> dict[str, float]:
     """In a running gloo group, on every rank at once: the rates of :class:`DeviceSpec` (mean over ranks).
 
     ``rows x width @ width x ffn`` is the matmul (a block's linear); ``ops`` small adds time one operation,
@@ -52,19 +69,19 @@ def measure_rates(rows: int = 512, width: int = 256, ffn: int = 704, ops: int = 
 
     world = dist.get_world_size()
     x, w = torch.randn(rows, width), torch.randn(width, ffn)
-    matmul = _best_seconds(lambda: [x @ w for _ in range(4)], repeats) / 4
+    matmul = _seconds_per_call(lambda: x @ w, repeats, min_seconds)
     small = torch.ones(8, 8)
 
     def adds(t: torch.Tensor) -> None:
         for _ in range(ops):
             torch.add(t, t)
 
-    plain = _best_seconds(lambda: adds(small), repeats) / ops
+    plain = _seconds_per_call(lambda: adds(small), repeats, min_seconds) / ops
     mesh = init_device_mesh("cpu", (world,))
     sharded = DTensor.from_local(small, mesh, [Shard(0)], run_check=False)
-    dtensor = _best_seconds(lambda: adds(sharded), repeats) / ops
+    dtensor = _seconds_per_call(lambda: adds(sharded), repeats, min_seconds) / ops
     src, dst = torch.randn(copy_bytes // 4), torch.empty(copy_bytes // 4)
-    copy = _best_seconds(lambda: dst.copy_(src), repeats)
+    copy = _seconds_per_call(lambda: dst.copy_(src), repeats, min_seconds)
     big, one = time_all_reduces(link_bytes, repeats)
     link = link_from_all_reduce_times(world, link_bytes, big, one)
     local = torch.tensor([2 * rows * width * ffn / matmul, plain, dtensor, copy_bytes / copy, link.bandwidth,
