@@ -8,12 +8,13 @@ from a barrier to a barrier; each layout's number is the median of its steps aft
 
 The prediction is the planner's: ``plan_layout`` with the layout's sizes, mode, checkpointing and
 microbatches fixed (the planner fills the communication settings, which the run then uses), scored
-with the CPU constants measured in the same run (``probe_cpu`` below: per-process matmul FLOP/s with
-all ranks computing at once, gloo all-reduce bandwidth and latency over the ranks) and, for comparison,
-with the fixed table the strategy uses. Prints per world size the table, Spearman's rank correlation
+with the CPU rates measured in the same run, all ranks busy at once (``planner/probe.py``'s
+``measure_rates``: matmul FLOP/s, host time of a plain and of a DTensor op, copy bandwidth, gloo
+all-reduce bandwidth and latency) and, for comparison, with the fixed table the strategy uses.
+Prints per world size the table, Spearman's rank correlation
 of predicted and measured step times, and the probe.
 
-    python benchmarks/planner.py [--preset small --layers 4 --seq 128 --global-batch 8 --rounds 6]
+    python benchmarks/planner.py [--preset small --layers 4 --seq 128 --global-batch 8 --rounds 8 --steps 3]
 """
 
 from __future__ import annotations
@@ -70,30 +71,6 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else 0.0
 
 
-def probe_cpu(rows: int, width: int, ffn: int, nbytes: int = 4 << 20, repeats: int = 5) -> dict[str, float]:
-    """On every rank at once: fp32 matmul FLOP/s of one block-sized linear, and gloo's all-reduce bus
-    bandwidth and latency over all ranks (min over repeats; the mean FLOP/s over ranks)."""
-    import torch.distributed as dist
-
-    from picotron_lightning.planner.hardware import link_from_all_reduce_times, time_all_reduces
-
-    world = dist.get_world_size()
-    x, w = torch.randn(rows, width), torch.randn(width, ffn)
-    x @ w
-    rates = []
-    for _ in range(repeats):
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(4):
-            x @ w
-        rates.append(4 * 2 * rows * width * ffn / (time.perf_counter() - start))
-    rate = torch.tensor([max(rates)], dtype=torch.float64)
-    dist.all_reduce(rate)
-
-    link = link_from_all_reduce_times(world, nbytes, *time_all_reduces(nbytes, repeats))
-    return {"flops": float(rate.item()) / world, "bandwidth": link.bandwidth, "latency": link.latency}
-
-
 def _bench_worker(rank: int, world: int, preset: str, config: dict, seq: int, global_batch: int,
                   runs: list[dict[str, Any]], warmup: int, rounds: int, steps: int) -> dict[str, Any]:
     import warnings
@@ -107,8 +84,10 @@ def _bench_worker(rank: int, world: int, preset: str, config: dict, seq: int, gl
 
     warnings.simplefilter("ignore")
     init_gloo(rank, world)
+    from picotron_lightning.planner.probe import measure_rates
+
     cfg = CausalLMModule(preset, config).config
-    probe = probe_cpu(global_batch * seq // world, cfg.hidden_size, cfg.ffn_size)
+    probe = measure_rates(global_batch * seq // world, cfg.hidden_size, cfg.ffn_size)
     prepared = []
     for run in runs:
         layout, options = run["layout"], run["options"]
@@ -159,7 +138,7 @@ def bench_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
     from picotron_lightning.parallel.pipeline_parallel import PipelineOptions
     from picotron_lightning.planner import build_on_meta, describe_model, device_spec
     from picotron_lightning.planner.cost_model import step_time
-    from picotron_lightning.planner.hardware import DeviceSpec, Link
+    from picotron_lightning.planner.probe import probed_spec
     from picotron_lightning.testing import run_ranks
     from picotron_lightning.topology import ParallelLayout
 
@@ -184,40 +163,64 @@ def bench_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
                     args.rounds, args.steps, timeout=args.timeout)[0]
     wall = time.perf_counter() - start
     probe = out["probe"]
-    link = Link("gloo on CPU (probed)", probe["bandwidth"], probe["latency"])
-    probed = DeviceSpec("cpu (probed)", {"fp32": probe["flops"]}, table.memory_bytes, link, link, efficiency=1.0)
+    probed = probed_spec(probe, table)
     measured = [statistics.median(t) for t in out["times"]]
     fastest = [min(t) for t in out["times"]]
-    spread = [(max(t) - min(t)) / statistics.median(t) for t in out["times"]]
+    quartiles = [statistics.quantiles(t, n=4) for t in out["times"]]
+    # The minimum of each A-B-B-A block of rounds (2 rounds x steps): how much the minimum itself moves.
+    block = 2 * args.steps
+    block_minima = [[min(t[i:i + block]) for i in range(0, len(t), block)] for t in out["times"]]
+    spread = [(q[2] - q[0]) / m for q, m in zip(quartiles, measured, strict=True)]
     predicted, fixed = [], []
     for plan in planned:
         reshard = plan.settings.reshard_after_forward is not False
         predicted.append(step_time(spec, plan.candidate, probed, world, reshard_after_forward=reshard))
         fixed.append(plan.time)
     return {"rows": rows, "planned": planned, "measured": measured, "fastest": fastest, "spread": spread,
-            "predicted": predicted, "fixed": fixed, "probe": probe, "wall": wall,
+            "predicted": predicted, "fixed": fixed, "probe": probe, "wall": wall, "quartiles": quartiles,
+            "block_minima": block_minima,
             "steps": [len(t) for t in out["times"]]}
+
+
+def resolved_pairs(low: list[float], high: list[float], measured: list[float]) -> list[bool]:
+    """For neighbours in measured order: is the faster one's upper end below the slower one's lower end?"""
+    order = sorted(range(len(measured)), key=lambda i: measured[i])
+    return [high[a] < low[b] for a, b in zip(order, order[1:], strict=False)]
 
 
 def report(world: int, res: dict[str, Any]) -> str:
     p = res["probe"]
-    lines = [f"world {world}: probe {p['flops'] / 1e9:.1f} GFLOP/s per process, gloo bus bandwidth "
-             f"{p['bandwidth'] / 1e9:.2f} GB/s, latency {p['latency'] * 1e6:.0f} us; run {res['wall']:.0f} s",
-             "| layout (planner's settings) | measured ms (median) | min ms | spread | predicted ms (probed) "
-             "| compute | exposed comm | bubble | predicted ms (fixed table) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row, plan, m, low, s, t, f in zip(res["rows"], res["planned"], res["measured"], res["fastest"],
-                                          res["spread"], res["predicted"], res["fixed"], strict=True):
+    lines = [f"world {world}: probe {p['flops'] / 1e9:.1f} GFLOP/s per process, op {p['op_seconds'] * 1e6:.1f} us, "
+             f"DTensor op {p['dtensor_op_seconds'] * 1e6:.1f} us, copy {p['copy_bandwidth'] / 1e9:.2f} GB/s, gloo "
+             f"{p['bandwidth'] / 1e9:.2f} GB/s, {p['latency'] * 1e6:.0f} us; run {res['wall']:.0f} s, "
+             f"{res['steps'][0]} timed steps per layout",
+             "| layout (planner's settings) | measured ms (median) | IQR / median | min ms | block minima ms "
+             "| predicted ms (probed) "
+             "| compute | exposed comm | bubble | dispatch | optimizer | copies | predicted ms (fixed table) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, plan, m, low, s, t, f, bm in zip(res["rows"], res["planned"], res["measured"], res["fastest"],
+                                              res["spread"], res["predicted"], res["fixed"], res["block_minima"],
+                                              strict=True):
         exposed = sum(t.exposed.values())
+        o = t.overhead
         lines.append(f"| {row[0]}: {plan.candidate.describe()} {plan.settings.describe()} | {m * 1e3:.0f} | "
-                     f"{low * 1e3:.0f} | "
-                     f"{s * 100:.0f}% | {t.total * 1e3:.0f} | {t.compute * 1e3:.0f} | {exposed * 1e3:.0f} | "
-                     f"{t.bubble * 1e3:.0f} | {f.total * 1e3:.0f} |")
+                     f"{s * 100:.0f}% | {low * 1e3:.0f} | {min(bm) * 1e3:.0f}-{max(bm) * 1e3:.0f} | "
+                     f"{t.total * 1e3:.0f} | {t.compute * 1e3:.0f} | "
+                     f"{exposed * 1e3:.0f} | {t.bubble * 1e3:.0f} | {o['dispatch'] * 1e3:.0f} | "
+                     f"{o['optimizer'] * 1e3:.0f} | {o['copies'] * 1e3:.0f} | {f.total * 1e3:.0f} |")
     rho = spearman([t.total for t in res["predicted"]], res["measured"])
     rho_fixed = spearman([t.total for t in res["fixed"]], res["measured"])
     rho_min = spearman([t.total for t in res["predicted"]], res["fastest"])
-    lines.append(f"Spearman(predicted with probe, measured median) = {rho:.2f}; with the fixed table = "
-                 f"{rho_fixed:.2f}; probe vs measured min = {rho_min:.2f} ({res['steps'][0]} timed steps per layout)")
+    rho_min_fixed = spearman([t.total for t in res["fixed"]], res["fastest"])
+    by_median = resolved_pairs([q[0] for q in res["quartiles"]], [q[2] for q in res["quartiles"]], res["measured"])
+    by_min = resolved_pairs([min(b) for b in res["block_minima"]], [max(b) for b in res["block_minima"]],
+                            res["fastest"])
+    lines.append(f"Spearman(predicted with probe, measured median) = {rho:.2f} (fixed table {rho_fixed:.2f}); "
+                 f"neighbours in median order whose interquartile ranges do not overlap: {sum(by_median)} of "
+                 f"{len(by_median)}")
+    lines.append(f"Spearman(predicted with probe, measured minimum) = {rho_min:.2f} (fixed table {rho_min_fixed:.2f}); "
+                 f"neighbours in minimum order whose A-B-B-A block minima do not overlap: {sum(by_min)} of "
+                 f"{len(by_min)}")
     return "\n".join(lines)
 
 
@@ -227,9 +230,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=6, help="A-B-B-A: even counts visit each layout symmetrically")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per layout per round")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=8, help="A-B-B-A: even counts visit each layout symmetrically")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per layout per round")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], choices=sorted(LAYOUTS))
     parser.add_argument("--timeout", type=float, default=900.0)
     args = parser.parse_args()

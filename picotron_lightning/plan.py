@@ -27,7 +27,8 @@ from picotron_lightning.planner import (
     device_spec,
     plan_layout,
 )
-from picotron_lightning.planner.hardware import GiB, probe_gloo_link
+from picotron_lightning.planner.hardware import GiB
+from picotron_lightning.planner.probe import probe_cpu
 
 
 def load_model_factory(target: str, model_args: dict) -> Callable[[], nn.Module]:
@@ -60,7 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--checkpointing", choices=("none", "selective", "full"), default=None)
     parser.add_argument("--top", type=int, default=15, help="rows of the ranked table (0: all)")
     parser.add_argument("--no-rejected", action="store_true", help="do not list rejected candidates")
-    parser.add_argument("--probe", action="store_true", help="cpu: measure the gloo link with 2 local processes")
+    parser.add_argument("--probe", action="store_true",
+                        help="cpu: measure the cost model's rates (matmul FLOP/s, host time per op and per DTensor "
+                             "op, copy bandwidth, gloo link) with one local process per device of a node, all busy")
     args = parser.parse_args(argv)
     try:
         result = run(args)
@@ -75,12 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> PlanResult:
-    import dataclasses
-
     device = device_spec(args.device)  # an unknown name fails here, before the model is built
     if args.probe and device.name == "cpu":
-        link = probe_gloo_link()
-        device = dataclasses.replace(device, intra_node=link, inter_node=link)
+        device = probe_cpu(max(2, min(args.devices, args.devices_per_node)))
     try:
         model_args = json.loads(args.model_args)
     except json.JSONDecodeError as error:

@@ -7,7 +7,10 @@
   DDP's all-reduce overlaps backward except for its last bucket; FSDP's gathers overlap the compute
   of the previous unit (prefetch) except for the first unit, and its reduce-scatters overlap backward.
   Whatever does not fit under the compute it overlaps with is exposed.
-* bubble: (pp - 1) / (v * M) of the pipeline's compute (1F1B and interleaved 1F1B).
+* overhead (``overhead.py``): host costs that are neither FLOPs nor communication: per-op dispatch,
+  the optimizer's per-tensor loop and passes over memory, FSDP's buffer copies. Zero on GPUs.
+* bubble: (pp - 1) / (v * M) of the pipeline's compute and dispatch (1F1B and interleaved 1F1B).
+* more processes than cores (CPU): compute and overhead are stretched by ``DeviceSpec.sharing_factor``.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from picotron_lightning.planner.comm_model import Collective, accumulation_steps
 from picotron_lightning.planner.hardware import DeviceSpec
 from picotron_lightning.planner.memory_model import blocks_per_rank, rank_params
 from picotron_lightning.planner.model_spec import ModelSpec
+from picotron_lightning.planner.overhead import overheads
 from picotron_lightning.planner.search import Candidate
 
 DDP_BUCKET_BYTES = 25 << 20
@@ -44,15 +48,18 @@ class StepTime:
     compute: float
     exposed: dict[str, float] = field(default_factory=dict)
     bubble: float = 0.0
+    overhead: dict[str, float] = field(default_factory=dict)
+    """Host costs (``overhead.py``): dispatch, optimizer, copies."""
 
     @property
     def total(self) -> float:
-        return self.compute + sum(self.exposed.values()) + self.bubble
+        return self.compute + sum(self.exposed.values()) + self.bubble + sum(self.overhead.values())
 
 
 def step_time(spec: ModelSpec, c: Candidate, device: DeviceSpec, devices_per_node: int, precision: str = "fp32",
               reshard_after_forward: bool = True, ddp_bucket_bytes: int = DDP_BUCKET_BYTES) -> StepTime:
-    compute = rank_flops(spec, c) / device.flops_per_second(precision)
+    sharing = device.sharing_factor(min(devices_per_node, c.dp * c.tp * c.pp))  # processes on one node
+    compute = rank_flops(spec, c) / device.flops_per_second(precision) * sharing
     forward = compute / 3.0
     backward = compute - forward
     exposed: dict[str, float] = {}
@@ -74,7 +81,9 @@ def step_time(spec: ModelSpec, c: Candidate, device: DeviceSpec, devices_per_nod
             exposed[dim] = max(seconds - compute, 0.0) + first * accumulation_steps(c)
         else:
             exposed[dim] = seconds
+    overhead = {k: v * sharing for k, v in overheads(spec, c, device, by_dim.get("dp", [])).items()}
     bubble = 0.0
     if c.pp > 1:
-        bubble = compute * (c.pp - 1) / (c.virtual_stages * c.num_microbatches)
-    return StepTime(compute, exposed, bubble)
+        # A stage's idle time is (pp - 1) of its per-microbatch work, host dispatch included.
+        bubble = (compute + overhead["dispatch"]) * (c.pp - 1) / (c.virtual_stages * c.num_microbatches)
+    return StepTime(compute, exposed, bubble, overhead)

@@ -4,7 +4,7 @@ Peaks come from the monitoring FLOPs table (``monitoring/flops.py``, the vendors
 Link numbers are *bus bandwidths* as nccl-tests reports them (bytes of the whole buffer moved per
 second, after the ring's 2(n-1)/n or (n-1)/n factor is taken out), for the common fabrics of each
 device generation. A planner run on the real cluster can replace them with a measured probe
-(:func:`probe_gloo_link` measures the gloo-on-CPU link this way).
+(``planner/probe.py`` measures a CPU machine's rates and its gloo link this way).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ INFINIBAND_NDR = Link("InfiniBand NDR 400G per GPU", 45e9, 20e-6)
 INFINIBAND_HDR = Link("InfiniBand HDR 200G per GPU", 22e9, 20e-6)
 PCIE5 = Link("PCIe Gen5 x16", 40e9, 15e-6)
 PCIE4 = Link("PCIe Gen4 x16", 20e9, 15e-6)
-# gloo between processes of this project's 2-core CPU machine; `probe_gloo_link` re-measures it.
+# gloo between processes of this project's 2-core CPU machine; `plan --probe` re-measures it.
 GLOO_CPU = Link("gloo on CPU (shared memory / loopback TCP)", 1.0e9, 150e-6)
 
 
@@ -49,6 +49,27 @@ class DeviceSpec:
     inter_node: Link
     efficiency: float = 0.5
     """Fraction of peak a transformer's matmuls reach (model FLOPs utilisation of the compute alone)."""
+    op_seconds: float = 0.0
+    """Host time of one aten operation on plain tensors (dispatch, Python). 0 on GPUs: kernel launches are
+    asynchronous there and hide behind the kernels running (a 7B step's matmuls take far longer than the
+    launches); on CPU the op runs on the calling thread, so the host cost adds to the step."""
+    dtensor_op_seconds: float = 0.0
+    """The same for an operation on DTensors (sharding propagation, local-tensor unwrapping); 0 on GPUs."""
+    copy_bandwidth: float = 0.0
+    """Bytes per second one process copies tensor to tensor (``dst.copy_(src)``); what FSDP's buffer copies,
+    DDP's gradient division and the optimizer's elementwise passes are charged at. 0: not charged (GPUs:
+    HBM copies are under 1% of a large model's step and overlap other streams)."""
+    cores: int | None = None
+    """Cores the processes of one node share (CPU only); more processes than cores slow each one down."""
+    rates_processes: int = 1
+    """How many processes ran at once when the rates above were measured (a probe runs all of them)."""
+
+    def sharing_factor(self, processes: int) -> float:
+        """How much slower each of ``processes`` processes on one node runs than the rates say: 1 on GPUs;
+        on a CPU with fewer cores than processes they share the cores (relative to the measurement's sharing)."""
+        if not self.cores:
+            return 1.0
+        return max(1.0, processes / self.cores) / max(1.0, self.rates_processes / self.cores)
 
     def flops_per_second(self, precision: str) -> float:
         if precision not in self.peak_flops:
@@ -79,6 +100,17 @@ _MEMORY_AND_LINKS: list[tuple[str, float, Link, Link]] = [
 # A CPU's peak has no datasheet; this is the fp32 matmul rate measured on one core of the project's
 # CI machine (`measure_cpu_peak_flops`, 512^3 matmuls). Fixed, so every rank plans identically.
 CPU_FP32_FLOPS = 40e9
+# Host costs on the same machine, one process alone (`probe_cpu(1)`, planner/probe.py, 2026-11-30, load
+# under 1); fixed for the same reason. `plan --probe` replaces all of them with a measurement.
+CPU_OP_SECONDS = 3e-6  # measured 2.7 us (torch.add on 8x8 tensors)
+CPU_DTENSOR_OP_SECONDS = 60e-6  # measured 57 us (the same add on DTensors, Shard(0))
+CPU_COPY_BANDWIDTH = 5e9  # measured 4.9 GB/s (16 MiB copy_)
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def known_devices() -> list[str]:
@@ -91,7 +123,9 @@ def device_spec(name: str, memory_bytes: int | None = None) -> DeviceSpec:
     lowered = name.strip().lower()
     if lowered == "cpu":
         return DeviceSpec("cpu", {"fp32": CPU_FP32_FLOPS, "bf16": CPU_FP32_FLOPS / 4}, memory_bytes or 16 * GiB,
-                          GLOO_CPU, GLOO_CPU, efficiency=1.0)
+                          GLOO_CPU, GLOO_CPU, efficiency=1.0, op_seconds=CPU_OP_SECONDS,
+                          dtensor_op_seconds=CPU_DTENSOR_OP_SECONDS, copy_bandwidth=CPU_COPY_BANDWIDTH,
+                          cores=_cores())
     peak = lookup_peak(name)
     if peak is None:
         raise ValueError(f"--device {name!r} is not in the device table; known devices: {known_devices()} "
@@ -103,14 +137,6 @@ def device_spec(name: str, memory_bytes: int | None = None) -> DeviceSpec:
     precisions = {p: v * TFLOP for p in ("fp32", "tf32", "bf16", "fp16", "fp8") if (v := peak.tflops(p))}
     spec = DeviceSpec(peak.name, precisions, int(gib * GiB), intra, inter)
     return replace(spec, memory_bytes=memory_bytes) if memory_bytes else spec
-
-
-def probe_gloo_link(world_size: int = 2, nbytes: int = 8 << 20, repeats: int = 5) -> Link:
-    """Measure gloo's all-reduce bus bandwidth and latency between local CPU processes (a few seconds)."""
-    from picotron_lightning.testing import run_ranks
-
-    results = run_ranks(_probe_worker, world_size, nbytes, repeats, timeout=120.0)
-    return link_from_all_reduce_times(world_size, nbytes, *results[0])
 
 
 def link_from_all_reduce_times(world_size: int, nbytes: int, big: float, small: float) -> Link:
@@ -136,15 +162,3 @@ def time_all_reduces(nbytes: int, repeats: int) -> tuple[float, float]:
         return min(times)
 
     return best(nbytes // 4), best(1)
-
-
-def _probe_worker(rank: int, world_size: int, nbytes: int, repeats: int) -> tuple[float, float]:
-    import torch.distributed as dist
-
-    from picotron_lightning.testing import init_gloo
-
-    init_gloo(rank, world_size)  # run_ranks sets the rendezvous variables; the group is the worker's to make
-    try:
-        return time_all_reduces(nbytes, repeats)
-    finally:
-        dist.destroy_process_group()

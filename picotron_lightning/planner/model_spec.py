@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from picotron_lightning.structure import find_main_block_stack
@@ -71,6 +72,18 @@ class ModelSpec:
     logits_bytes: int
     dims: dict[str, int] = field(default_factory=dict)
     """Output sizes of every Linear in one block (for divisibility by tp)."""
+    block_ops: tuple[int, ...] = ()
+    """aten operations one block dispatches in one forward + backward pass (any batch size: a count of
+    calls, not of work); what a per-op dispatch overhead is charged on."""
+    block_forward_ops: tuple[int, ...] = ()
+    """Of which forward (what full checkpointing runs again)."""
+    block_linear_forward_ops: tuple[int, ...] = ()
+    """Of the forward, those inside nn.Linear layers (selective checkpointing does not rerun them)."""
+    outer_ops: int = 0
+    """aten operations outside the blocks (embedding, final norm, head, loss), forward + backward."""
+    block_param_tensors: tuple[int, ...] = ()
+    """Parameter tensors of each block (the optimizer's per-tensor work)."""
+    outer_param_tensors: int = 0
 
     @property
     def total_params(self) -> int:
@@ -149,6 +162,8 @@ def describe_model(module: nn.Module, seq_len: int, name: str = "model") -> Mode
     forward, meta_params = _meta_forward(module)
     flops, forward_flops, linear_flops, outer_flops = _count_flops(forward, blocks, tokens, vocab)
     saved, matmul_out, outer_saved, logits_bytes = _count_saved(forward, meta_params, blocks, tokens, vocab)
+    ops, forward_ops, linear_ops, outer_ops = _count_ops(forward, blocks, tokens, vocab)
+    block_tensors = tuple(len(list(b.parameters())) for b in blocks)
     return ModelSpec(
         name=name, seq_len=seq_len, num_blocks=len(blocks), block_params=tuple(block_params),
         block_expert_params=tuple(expert_params), block_norm_params=tuple(norm_params),
@@ -160,6 +175,9 @@ def describe_model(module: nn.Module, seq_len: int, name: str = "model") -> Mode
         outer_flops=outer_flops,
         block_saved_bytes=saved, block_matmul_out_bytes=matmul_out, block_input_bytes=seq_len * hidden * 4,
         outer_saved_bytes=outer_saved, logits_bytes=logits_bytes, dims=dims,
+        block_ops=ops, block_forward_ops=forward_ops, block_linear_forward_ops=linear_ops, outer_ops=outer_ops,
+        block_param_tensors=block_tensors,
+        outer_param_tensors=len(list(module.parameters())) - sum(block_tensors),
     )
 
 
@@ -225,6 +243,54 @@ def _count_flops(module: Callable[[torch.Tensor], object], blocks: list[nn.Modul
     share = [f / max(sum(block_forward), 1.0) for f in block_forward]
     flops = tuple(f + s * block_backward_total for f, s in zip(block_forward, share, strict=True))
     return flops, block_forward, tuple(linear), float(outer_forward + outer_backward)
+
+
+class _OpCount(TorchDispatchMode):
+    """Counts every aten operation dispatched inside it (``total``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.total += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _count_ops(module: Callable[[torch.Tensor], object], blocks: list[nn.Module], tokens: torch.Tensor,
+               vocab: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
+    """aten calls of one forward + backward: per block (forward + backward, forward, Linear forward), outside."""
+    counter = _OpCount()
+    forward = [0] * len(blocks)
+    linear = [0] * len(blocks)
+
+    def around(counts: list[int], i: int, sign: int) -> Callable[..., None]:
+        def hook(*_: object) -> None:
+            if torch.is_grad_enabled():  # not during a checkpointed block's recomputation
+                counts[i] += sign * counter.total
+        return hook
+
+    handles = []
+    for i, b in enumerate(blocks):
+        handles += [b.register_forward_pre_hook(around(forward, i, -1)), b.register_forward_hook(around(forward, i, 1))]
+        for m in b.modules():
+            if isinstance(m, nn.Linear):
+                handles += [m.register_forward_pre_hook(around(linear, i, -1)),
+                            m.register_forward_hook(around(linear, i, 1))]
+    try:
+        with counter:
+            loss = _loss(module(tokens), tokens, vocab)
+            total_forward = counter.total
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    backward = counter.total - total_forward
+    # The backward's calls are split over blocks and the rest in proportion to their forward calls (the
+    # engine runs a block's backward ops in one stretch, but it has no hook that says where it starts).
+    share = [f / max(total_forward, 1) for f in forward]
+    per_block = tuple(f + round(s * backward) for f, s in zip(forward, share, strict=True))
+    return per_block, tuple(forward), tuple(linear), counter.total - sum(per_block)
 
 
 class _AttentionFlag(TorchFunctionMode):

@@ -54,13 +54,14 @@ class PlanResult:
             f"({self.devices_per_node} per node), budget {self.budget / GiB:.2f} GiB per rank",
             f"links: within a node {_link(self.device.intra_node)}; across nodes {_link(self.device.inter_node)}",
             f"{'#':>3}  {'layout':<58} {'mem GiB':>8} {'step ms':>10} {'compute':>9} {'tp':>7} {'dp':>7} "
-            f"{'pp':>7} {'ep':>7} {'bubble':>8}  settings",
+            f"{'pp':>7} {'ep':>7} {'bubble':>8} {'host':>8}  settings",
         ]
         for i, p in enumerate(self.ranked[:top] if top else self.ranked, 1):
             t = p.time
             dims = " ".join(f"{t.exposed.get(d, 0.0) * 1e3:>7.1f}" for d in ("tp", "dp", "pp", "ep"))
             lines.append(f"{i:>3}  {p.candidate.describe():<58} {p.memory.peak / GiB:>8.2f} {t.total * 1e3:>10.1f} "
-                         f"{t.compute * 1e3:>9.1f} {dims} {t.bubble * 1e3:>8.1f}  {p.settings.describe()}")
+                         f"{t.compute * 1e3:>9.1f} {dims} {t.bubble * 1e3:>8.1f} "
+                         f"{sum(t.overhead.values()) * 1e3:>8.1f}  {p.settings.describe()}")
         if top and len(self.ranked) > top:
             lines.append(f"     ... {len(self.ranked) - top} more layouts fit (--top 0 lists all)")
         if show_rejected and self.rejected:

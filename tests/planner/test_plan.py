@@ -98,7 +98,8 @@ def test_cli_table_lists_layouts_and_rejections(capsys) -> None:
 
 @pytest.mark.slow
 def test_cli_probe_measures_the_gloo_link_and_plans_with_it() -> None:
-    """`--probe` starts two local processes to time gloo all-reduces; it failed before any rank made its group."""
+    """`--probe` starts one local process per device of a node (2 here) and measures the cost model's rates
+    with all of them busy; it failed before any rank made its group."""
     from picotron_lightning.testing import run_script
 
     out = run_script("picotron_lightning.plan", "--model", "picotron_lightning.models:CausalLMModule",
@@ -106,8 +107,9 @@ def test_cli_probe_measures_the_gloo_link_and_plans_with_it() -> None:
                      "--device", "cpu", "--seq-len", "64", "--global-batch", "8", "--top", "3", "--probe",
                      module=True, timeout=300).stdout
     links = next(line for line in out.splitlines() if line.startswith("links:"))
-    assert links.count("gloo on CPU (measured)") == 2, out[-3000:]
-    assert "mem GiB" in out and "step ms" in out, out[-3000:]
+    assert links.count("gloo on CPU (probed, 2 processes)") == 2, out[-3000:]
+    assert "x cpu (probed, 2 processes)" in out, out[-3000:]
+    assert "mem GiB" in out and "step ms" in out and "host" in out, out[-3000:]
 
 
 @pytest.mark.slow
