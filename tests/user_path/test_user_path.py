@@ -269,6 +269,26 @@ def test_compiled_blocks_match_eager_one_process(compiled, run):
     _assert_parity(compiled, run, dp)
 
 
+# Compiled blocks with tensor parallelism combined: FSDP2 over the tp-sharded blocks, and tp pipeline stages.
+COMPILE_RUNS_4 = [
+    _run("compile_dp2_tp2_fsdp", 2, strategy={"compile": True, "tensor_parallel_size": 2,
+                                              "data_parallel_mode": "fsdp"}),
+    _run("compile_pp2_tp2", 1, strategy={"compile": True, "tensor_parallel_size": 2, "pipeline_parallel_size": 2}),
+]
+
+
+@pytest.fixture(scope="module")
+def compiled4(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("compiled4"), {"devices": 4, "runs": COMPILE_RUNS_4}, timeout=1800)
+
+
+@pytest.mark.parametrize("run", COMPILE_RUNS_4, ids=[r["name"] for r in COMPILE_RUNS_4])
+def test_compiled_tensor_parallel_blocks_with_fsdp_and_pipeline_stages(compiled4, run):
+    pp = run["strategy"].get("pipeline_parallel_size", 1)
+    assert compiled4[run["name"]]["compiled_blocks"] == 4 // pp, compiled4[run["name"]]
+    _assert_parity(compiled4, run, dp=2 if run["strategy"].get("data_parallel_mode") else 1)
+
+
 def test_compiled_blocks_with_the_precision_plugin(compiled):
     from torch.utils.data import DataLoader
 
