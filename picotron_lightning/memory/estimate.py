@@ -227,6 +227,9 @@ def _fake_trace(
             probe = build_module()
             mode = resolve_mode("auto", probe, torch.device("cpu"), layout.world_size, tensor_parallel=False)
         config = dataclasses.replace(config, data_parallel=dataclasses.replace(config.data_parallel, mode=mode))
+    if config.data_parallel.mode == "ddp" and layout.dp > 1 and layout.ep > 1:
+        # One replica without data parallelism would hold every expert; the real trace shares them out.
+        raise NotImplementedError("DDP with expert parallelism: the one-replica trace cannot share out the experts")
     if config.data_parallel.mode == "ddp" and layout.dp > 1:
         # DDP's replicas each hold and compute what one process would; its only addition is the
         # gradient buckets (added arithmetically). DDP cannot be built on fake tensors, so trace one replica.
@@ -283,7 +286,8 @@ def _trace_in_group(
     step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, fake: bool, *,
     count_flops: bool = False,
 ) -> RankEstimate:
-    """Build, parallelize and run two steps as ``rank`` of the process group that exists; measure the second.
+    """Build, parallelize and run two steps as ``rank`` of the process group that exists; measure the second
+    (the third under real DDP, after its buckets are rebuilt).
 
     With ``count_flops`` a third step runs under :class:`FlopCount`: the measured step is the same with or
     without it.
@@ -306,6 +310,10 @@ def _trace_in_group(
             optimizer = _optimizer(module, build_optimizer)
             run = _step_runner(parallel, module, optimizer, step)
             run(local_batch)  # first step: creates the optimizer state
+            if parallel.data_parallel_mode == "ddp":
+                # Real DDP (the real trace) rebuilds its buckets in the second step's forward, in the order the
+                # first backward produced gradients: measure the third step, which every later step resembles.
+                run(local_batch)
             tracker = LiveBytes(offload_saved=config.memory.activation_offload)
             # As in Lightning, the previous step's gradients live until zero_grad (after the forward).
             tracker.register([*module.parameters(), *module.buffers(), local_batch])
