@@ -112,6 +112,7 @@ def estimate_memory(
     allow_real_trace: bool = False,
     timeout: float = 600.0,
     count_flops: bool = False,
+    in_process_group: bool = False,
 ) -> list[RankEstimate]:
     """Predict each rank's peak memory in one training step of ``layout``.
 
@@ -136,6 +137,10 @@ def estimate_memory(
         timeout: deadline of the real trace, in seconds.
         count_flops: also fill :attr:`RankEstimate.flops`, from one more step run after the measured one
             (under :class:`~picotron_lightning.memory.flops.FlopCount`), so counting never changes the peak.
+        in_process_group: trace one real step on the process group that already exists (gloo, CPU tensors,
+            world size ``layout.world_size``) instead of fake tensors or local processes. A collective call:
+            every rank of the group calls it with the same arguments, and every rank gets every rank's
+            estimate (``all_gather_object``), so all of them see the same numbers.
     """
     from picotron_lightning.options import Picotron3DOptions
 
@@ -146,6 +151,10 @@ def estimate_memory(
         base.memory, activation_checkpointing=checkpointing, checkpoint_every=checkpoint_every)
     config = dataclasses.replace(base, memory=dataclasses.replace(policy, memory_budget=None))
     wanted = list(ranks) if ranks is not None else representative_ranks(layout)
+    if in_process_group:
+        every_rank = _trace_on_existing_group(build_module, batch, layout, config, step, build_optimizer,
+                                              count_flops=count_flops)
+        return [every_rank[rank] for rank in wanted]
     try:
         return [_fake_trace(build_module, batch, layout, config, rank, step, build_optimizer, count_flops=count_flops)
                 for rank in wanted]
@@ -279,6 +288,31 @@ def _real_trace_worker(rank: int, world_size: int, build_module: Callable[[], nn
                                count_flops=count_flops)
     dist.barrier()
     return estimate
+
+
+def _trace_on_existing_group(build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout,
+                             config: Any, step: StepFn | None,
+                             build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, *,
+                             count_flops: bool = False) -> list[RankEstimate]:
+    """This rank's real trace on the process group that exists, then every rank's, gathered."""
+    import gc
+
+    if not dist.is_initialized():
+        raise RuntimeError("`in_process_group=True` traces on the existing process group, but there is none.")
+    if dist.get_world_size() != layout.world_size:
+        raise ValueError(f"`in_process_group=True`: the process group has {dist.get_world_size()} ranks, the layout "
+                         f"{layout.describe()} needs {layout.world_size}.")
+    if dist.get_backend() != "gloo":
+        raise RuntimeError(f"`in_process_group=True` traces with CPU tensors, which the {dist.get_backend()!r} "
+                           "process group cannot communicate; it needs a gloo group.")
+    # The trace builds and trains a copy of the model: keep the run's random state as it was.
+    with torch.random.fork_rng(devices=[]):
+        mine = _trace_in_group(build_module, batch, layout, config, dist.get_rank(), step, build_optimizer, False,
+                               count_flops=count_flops)
+    gc.collect()  # the copy's cycles (module <-> hooks) go before training starts
+    every: list[Any] = [None] * layout.world_size
+    dist.all_gather_object(every, mine)
+    return every
 
 
 def _trace_in_group(
