@@ -77,7 +77,7 @@ def _bench_worker(rank: int, world: int, preset: str, config: dict, seq: int, gl
 
     import torch.distributed as dist
 
-    from picotron_lightning.memory.estimate import _optimizer, _step_runner
+    from picotron_lightning.memory.trace import _optimizer, _step_runner
     from picotron_lightning.models import CausalLMModule
     from picotron_lightning.parallel.parallelize import parallelize
     from picotron_lightning.testing import init_gloo

@@ -9,11 +9,10 @@ bytes of every storage, peak broken down into parameters, gradients, optimizer s
 activations and temporaries.
 
 Where fake tensors cannot follow the model (data-dependent shapes, as MoE routing has) the
-estimator says so and stops; ``allow_real_trace=True`` runs the same trace on real tensors, which
-is exact for the memory of a model that fits in host memory but costs its compute.
-
-DDP's gradient buckets live in C++ (no op creates them), so they are added as a separate line,
-``comm_buffers``: one copy of this rank's gradients.
+estimator says so and stops; ``allow_real_trace=True`` runs the same trace on real tensors in local
+gloo processes, and ``in_process_group=True`` on the process group that exists, which is exact for
+the memory of a model that fits in host memory but costs its compute. The traces themselves live in
+:mod:`picotron_lightning.memory.trace`; this module holds the public calls and the command line.
 
 Run ``python -m picotron_lightning.memory.estimate --help`` for the command line.
 """
@@ -21,80 +20,31 @@ Run ``python -m picotron_lightning.memory.estimate --help`` for the command line
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import warnings
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-from picotron_lightning.memory.cuda_allocator import CudaMemory, cuda_memory
 from picotron_lightning.memory.policy import POLICIES, MemoryPolicy, PolicyEstimate, skip_reason
-from picotron_lightning.memory.tracker import PeakBreakdown
+from picotron_lightning.memory.trace import (
+    RankEstimate,
+    StepFn,
+    _fake_trace,
+    _real_trace_worker,
+    _trace_on_existing_group,
+    fake_process_group,
+    representative_ranks,
+)
 from picotron_lightning.topology import ParallelLayout
 
 if TYPE_CHECKING:
     from picotron_lightning.memory.options import MemoryOptions
     from picotron_lightning.options import Picotron3DOptions
 
-StepFn = Callable[[nn.Module, Any], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class RankEstimate:
-    """Predicted peak bytes of one rank's training step."""
-
-    rank: int
-    coordinates: dict[str, int]
-    breakdown: PeakBreakdown
-    comm_buffers: int  # DDP gradient buckets (not created by ops, so added arithmetically)
-    method: str  # "fake" (fake tensors) or "real" (real tensors on the fake process group)
-    flops: int = 0
-    """Floating-point operations of one step (matmuls and attention, recompute included); 0 unless ``count_flops``."""
-    offloaded_activations: int = 0
-    """Bytes of saved tensors copied to the host in the step (activation offload; each comes back once)."""
-    offloaded_state: int = 0
-    """Sharded parameters, gradients and optimizer state kept in host memory (FSDP2 ``CPUOffloadPolicy``)."""
-    bytes_moved: int = 0
-    """Bytes crossing between device and host per step because of offload."""
-    cuda: CudaMemory | None = None
-    """Active and reserved bytes CUDA's caching allocator would need for the storages live at the peak."""
-
-    @property
-    def traced_peak(self) -> int:
-        """The traced step's peak: what an op-level live-byte counter sees."""
-        return self.breakdown.total
-
-    @property
-    def peak(self) -> int:
-        """Device bytes the rank holds at the peak: communication buffers in, host-offloaded state out."""
-        return self.breakdown.total + self.comm_buffers - self.offloaded_state
-
-
-@contextlib.contextmanager
-def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
-    """Be ``rank`` of a fake world of ``world_size`` (collectives are no-ops) for the duration."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        raise RuntimeError(
-            "The memory estimate runs before launch: a process group already exists in this process. "
-            "Call it before `trainer.fit` (or run `python -m picotron_lightning.memory.estimate`)."
-        )
-    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
-def representative_ranks(layout: ParallelLayout) -> list[int]:
-    """One rank per (pipeline stage, tensor rank): data-parallel ranks of one of them hold equal shapes."""
-    return [layout.rank_of(pp=s, dp=0, tp=t) for s in range(layout.pp) for t in range(layout.tp)]
+__all__ = ["RankEstimate", "estimate_memory", "estimate_policies", "fake_process_group", "format_table",
+           "representative_ranks"]
 
 
 def estimate_memory(
@@ -112,6 +62,7 @@ def estimate_memory(
     allow_real_trace: bool = False,
     timeout: float = 600.0,
     count_flops: bool = False,
+    in_process_group: bool = False,
 ) -> list[RankEstimate]:
     """Predict each rank's peak memory in one training step of ``layout``.
 
@@ -136,6 +87,10 @@ def estimate_memory(
         timeout: deadline of the real trace, in seconds.
         count_flops: also fill :attr:`RankEstimate.flops`, from one more step run after the measured one
             (under :class:`~picotron_lightning.memory.flops.FlopCount`), so counting never changes the peak.
+        in_process_group: trace one real step on the process group that already exists (gloo, CPU tensors,
+            world size ``layout.world_size``) instead of fake tensors or local processes. A collective call:
+            every rank of the group calls it with the same arguments, and every rank gets every rank's
+            estimate (``all_gather_object``), so all of them see the same numbers.
     """
     from picotron_lightning.options import Picotron3DOptions
 
@@ -146,6 +101,10 @@ def estimate_memory(
         base.memory, activation_checkpointing=checkpointing, checkpoint_every=checkpoint_every)
     config = dataclasses.replace(base, memory=dataclasses.replace(policy, memory_budget=None))
     wanted = list(ranks) if ranks is not None else representative_ranks(layout)
+    if in_process_group:
+        every_rank = _trace_on_existing_group(build_module, batch, layout, config, step, build_optimizer,
+                                              count_flops=count_flops)
+        return [every_rank[rank] for rank in wanted]
     try:
         return [_fake_trace(build_module, batch, layout, config, rank, step, build_optimizer, count_flops=count_flops)
                 for rank in wanted]
@@ -211,182 +170,6 @@ def estimate_policies(
                 and results[-1].peak <= stop_at_budget:
             break
     return results
-
-
-def _fake_trace(
-    build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
-    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, *,
-    count_flops: bool = False,
-) -> RankEstimate:
-    from picotron_lightning.parallel.data import resolve_mode
-
-    if config.data_parallel.mode != "ddp" and config.data_parallel.mode == "auto" and layout.tp == 1:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            probe = build_module()
-            mode = resolve_mode("auto", probe, torch.device("cpu"), layout.world_size, tensor_parallel=False)
-        config = dataclasses.replace(config, data_parallel=dataclasses.replace(config.data_parallel, mode=mode))
-    if config.data_parallel.mode == "ddp" and layout.dp > 1:
-        # DDP's replicas each hold and compute what one process would; its only addition is the
-        # gradient buckets (added arithmetically). DDP cannot be built on fake tensors, so trace one replica.
-        single = ParallelLayout(1, layout.tp, layout.pp, 1)
-        # DDP is refused with pp > 1 by the options; the single replica is traced without data parallelism.
-        coords = layout.coordinates(rank)
-        inner_rank = single.rank_of(pp=coords.pp, tp=coords.tp)
-        with fake_process_group(inner_rank, single.world_size):
-            estimate = _trace_in_group(build_module, batch, single, config, inner_rank, step, build_optimizer, True,
-                                       count_flops=count_flops)
-        grads = estimate.breakdown.params - _buffer_bytes_of(build_module)
-        b = estimate.breakdown
-        # At the end of DDP's backward every gradient exists and each bucket's all-reduce result (one
-        # more gradient-sized copy) is being copied back into them: a peak one replica never has.
-        end_of_backward = PeakBreakdown(params=b.params, grads=grads, optimizer=b.optimizer, activations=0,
-                                        temporaries=grads)
-        breakdown = end_of_backward if end_of_backward.total > b.total else b
-        return dataclasses.replace(estimate, rank=rank, coordinates=_coordinates(layout, rank), comm_buffers=grads,
-                                   breakdown=breakdown)
-    with fake_process_group(rank, layout.world_size):
-        return _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, True,
-                               count_flops=count_flops)
-
-
-def _buffer_bytes_of(build_module: Callable[[], nn.Module]) -> int:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        module = build_module()
-        return sum(b.numel() * b.element_size() for b in module.buffers()) + sum(
-            p.numel() * p.element_size() for p in module.parameters() if not p.requires_grad)
-
-
-def _coordinates(layout: ParallelLayout, rank: int) -> dict[str, int]:
-    c = layout.coordinates(rank)
-    return {"pp": c.pp, "dp": c.dp, "tp": c.tp, "ep": c.ep}
-
-
-def _real_trace_worker(rank: int, world_size: int, build_module: Callable[[], nn.Module], batch: torch.Tensor,
-                       layout: ParallelLayout, config: Any, step: StepFn | None,
-                       build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, *,
-                       count_flops: bool = False) -> RankEstimate:
-    from picotron_lightning.testing import init_gloo
-
-    init_gloo(rank, world_size)
-    estimate = _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, False,
-                               count_flops=count_flops)
-    dist.barrier()
-    return estimate
-
-
-def _trace_in_group(
-    build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
-    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, fake: bool, *,
-    count_flops: bool = False,
-) -> RankEstimate:
-    """Build, parallelize and run two steps as ``rank`` of the process group that exists; measure the second.
-
-    With ``count_flops`` a third step runs under :class:`FlopCount`: the measured step is the same with or
-    without it.
-    """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from picotron_lightning.memory.flops import FlopCount
-    from picotron_lightning.memory.tracker import LiveBytes
-    from picotron_lightning.parallel.parallelize import parallelize
-
-    device = torch.device("cpu")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # `self.log` outside a Trainer, fake-group notices
-        mesh = layout.build_device_mesh(device.type)
-        fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
-        with fake_mode if fake_mode is not None else contextlib.nullcontext():
-            module = build_module()
-            local_batch = fake_mode.from_tensor(batch) if fake_mode is not None else batch.clone()
-            parallel = parallelize(module, mesh, layout, config, device, local_processes=layout.world_size)
-            optimizer = _optimizer(module, build_optimizer)
-            run = _step_runner(parallel, module, optimizer, step)
-            run(local_batch)  # first step: creates the optimizer state
-            tracker = LiveBytes(offload_saved=config.memory.activation_offload)
-            # As in Lightning, the previous step's gradients live until zero_grad (after the forward).
-            tracker.register([*module.parameters(), *module.buffers(), local_batch])
-            tracker.register(p.grad for p in module.parameters() if p.grad is not None)
-            tracker.register(v for state in optimizer.state.values() for v in state.values())
-            tracker.reset_peak()
-            with tracker:
-                run(local_batch)
-            breakdown = tracker.breakdown(module, [optimizer])
-            sizes = tracker.peak_sizes()
-            state = _offloaded_state(module, breakdown) if config.memory.cpu_offload else 0
-            flops = FlopCount()
-            if count_flops:  # after the measurement, so nothing of it is in the peak
-                with flops:
-                    run(local_batch)
-        buckets = 0
-        if parallel.data_parallel_mode == "ddp":
-            buckets = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
-    moved = 2 * tracker.offloaded_bytes
-    if state:
-        # Per step: the shards go to the device for each all-gather (forward, and backward when
-        # resharded after forward), the reduced gradient shards come back.
-        gathers = 2 if config.data_parallel.reshard_after_forward else 1
-        moved += gathers * breakdown.params + breakdown.grads
-    return RankEstimate(rank=rank, coordinates=_coordinates(layout, rank), breakdown=breakdown,
-                        comm_buffers=buckets, method="fake" if fake else "real", flops=flops.total,
-                        offloaded_activations=tracker.offloaded_bytes, offloaded_state=state, bytes_moved=moved,
-                        cuda=cuda_memory(sizes, expandable_segments=config.memory.expandable_segments))
-
-
-def _offloaded_state(module: nn.Module, breakdown: PeakBreakdown) -> int:
-    """What FSDP2's CPU offload keeps off the device at the peak: sharded parameters (not buffers), gradients,
-    optimizer state. (A unit's shard is copied to the device for its all-gather; that copy is transient.)"""
-    buffers = sum(b.numel() * b.element_size() for b in module.buffers())
-    return max(0, breakdown.params - buffers) + breakdown.grads + breakdown.optimizer
-
-
-def _optimizer(module: nn.Module, build: Callable[[nn.Module], torch.optim.Optimizer] | None) -> torch.optim.Optimizer:
-    if build is not None:
-        return build(module)
-    configure = getattr(module, "configure_optimizers", None)
-    if configure is not None:
-        out = configure()
-        if isinstance(out, dict):
-            out = out["optimizer"]
-        if isinstance(out, (list, tuple)):
-            out = out[0]
-        if isinstance(out, torch.optim.Optimizer):
-            return out
-    return torch.optim.AdamW(module.parameters())
-
-
-def _step_runner(parallel: Any, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 step: StepFn | None) -> Callable[[Any], None]:
-    """One training step in the order of Lightning's automatic optimization."""
-    from lightning.pytorch.strategies.strategy import _ForwardRedirection
-
-    pipeline = parallel.pipeline
-    redirect = _ForwardRedirection()
-
-    def loss_of(batch: Any) -> torch.Tensor:
-        if step is not None:
-            return step(parallel.module, batch)
-        if pipeline is not None:
-            return pipeline.run_step(module, "training_step", (batch, 0), {})
-        if not hasattr(module, "training_step"):
-            raise ValueError("The model has no `training_step`; pass `step=` (a function of model and batch -> loss).")
-        # Through the root's __call__ so FSDP's root hooks (or DDP's) run, as the strategy does.
-        out: Any = redirect(parallel.module, module, "training_step", batch, 0)  # type: ignore[arg-type]
-        return out["loss"] if isinstance(out, dict) else out
-
-    def run(batch: Any) -> None:
-        loss = loss_of(batch)
-        optimizer.zero_grad(set_to_none=True)
-        if pipeline is not None:
-            pipeline.finish_backward()
-        else:
-            loss.backward()
-        optimizer.step()
-
-    return run
 
 
 # ---------------------------------------------------------------------- command line

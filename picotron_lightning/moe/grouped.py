@@ -9,6 +9,7 @@ and multiplied with one ``bmm``. Neither path loops over experts in Python.
 from __future__ import annotations
 
 import functools
+import threading
 
 import torch
 
@@ -17,14 +18,33 @@ __all__ = ["grouped_matmul", "grouped_mm_available", "pad_by_group", "unpad_by_g
 
 @functools.cache
 def _probe_grouped_mm(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether ``torch._grouped_mm`` runs forward and backward for this device and dtype."""
+    """Whether ``torch._grouped_mm`` runs forward and backward for this device and dtype.
+
+    The probe runs in a thread of its own. Its first call usually comes from inside a model's forward,
+    where the caller's thread may carry activation checkpointing's saved-tensor hooks, selective
+    checkpointing's caching dispatch mode, a ``FakeTensorMode`` or a counting mode (all thread-local).
+    Run there, the probe's own backward unpacked the enclosing checkpointed block, which recomputed it
+    once for the probe and used up selective checkpointing's cache, so the real backward failed
+    ("Trying to backward an extra time"); its values came back fake under a fake-tensor trace.
+    """
+    result: list[bool] = []
+    probe = threading.Thread(target=lambda: result.append(_run_probe(device_type, dtype)), name="grouped-mm-probe")
+    probe.start()
+    probe.join()
+    return bool(result and result[0])
+
+
+def _run_probe(device_type: str, dtype: torch.dtype) -> bool:
     fn = getattr(torch, "_grouped_mm", None)
     if fn is None:
         return False
     try:
-        with torch.enable_grad():  # the first call may come from a no_grad forward
-            x = torch.randn(8, 16, device=device_type, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        with torch.enable_grad():
+            # A private generator: the probe leaves the global random state (and so the caller's
+            # dropout masks and checkpoint recompute) as it found it.
+            gen = torch.Generator(device=device_type).manual_seed(0)
+            x = torch.randn(8, 16, device=device_type, dtype=dtype, generator=gen).requires_grad_()
+            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, generator=gen).requires_grad_()
             offs = torch.tensor([3, 8], device=device_type, dtype=torch.int32)
             out = fn(x, w, offs=offs)
             out.backward(torch.ones_like(out))

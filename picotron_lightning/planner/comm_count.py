@@ -132,7 +132,7 @@ def count_step_worker(rank: int, world_size: int, build_module: Any, layout: Any
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from picotron_lightning.memory.estimate import _optimizer, _step_runner
+    from picotron_lightning.memory.trace import _optimizer, _step_runner
     from picotron_lightning.parallel.parallelize import parallelize
 
     warnings.simplefilter("ignore")

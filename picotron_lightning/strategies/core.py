@@ -72,6 +72,8 @@ class Picotron3DCore(MemoryPolicyMixin):
         """The policy ``memory_budget`` chose (with every rank's estimate), or None without a budget."""
         self.memory_policy_reason = ""
         """Why that policy: its estimated peak, its cost, and why each cheaper one did not fit."""
+        self._budget_module: nn.Module | None = None  # the module the budget estimates, until the choice is made
+        self._real_trace_reason = ""  # why the fake trace could not choose (then the process group's trace does)
         self._plan: Any = None  # the planner's PlanResult when sizes were "auto"
 
     @property

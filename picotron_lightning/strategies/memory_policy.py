@@ -40,6 +40,8 @@ class MemoryPolicyMixin:
         _activation_offload: ActivationOffload | None
         memory_policy: PolicyEstimate | None
         memory_policy_reason: str
+        _budget_module: nn.Module | None
+        _real_trace_reason: str
 
         @property
         def root_device(self) -> torch.device: ...
@@ -83,11 +85,12 @@ class MemoryPolicyMixin:
                                options=self._estimate_options(model), memory=self._options.memory, **kwargs)
 
     def _apply_memory_budget(self, module: nn.Module | None) -> None:
-        """With ``memory_budget``: estimate the policies in turn, apply the first that fits, log why (rank 0)."""
-        from lightning.fabric.utilities.rank_zero import rank_zero_info
+        """With ``memory_budget``: estimate the policies in turn, apply the first that fits, log why (rank 0).
 
-        from picotron_lightning.memory.estimate import estimate_policies
-
+        Before the process group exists, on fake tensors. Where fake tensors cannot follow the layout
+        (tensor and pipeline parallelism, MoE routing), the choice waits for the process group and
+        :meth:`_agree_on_memory_policy` makes it with one real step per policy on that group.
+        """
         memory = self._options.memory
         if memory.memory_budget is None or self.memory_policy is not None:
             return
@@ -98,38 +101,72 @@ class MemoryPolicyMixin:
                 "process already has one (an earlier fit?). Reuse the strategy that chose (its `memory_policy` is "
                 "kept), pass the chosen policy's fields in `memory=`, or start a new process."
             )
+        self._budget_module = module
+        try:
+            self._choose_memory_policy(module, in_process_group=False)
+        except MemoryBudgetError:
+            raise
+        except Exception as error:  # noqa: BLE001 - the real trace on the process group decides instead
+            self._real_trace_reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+    def _choose_memory_policy(self, module: nn.Module, *, in_process_group: bool) -> None:
+        from lightning.fabric.utilities.rank_zero import rank_zero_info
+
+        from picotron_lightning.memory.estimate import estimate_policies
+
+        memory = self._options.memory
+        assert memory.memory_budget is not None
         device = self.root_device
         total = memory.device_memory
         if total is None and device.type == "cuda":
             total = torch.cuda.get_device_properties(device).total_memory
         budget = resolve_budget(memory.memory_budget, device.type, total)
-        options = self._estimate_options(module)
+        results = estimate_policies(functools.partial(_copy_module, module), self._sample_batch(), self.layout,
+                                    options=self._estimate_options(module), device_type=device.type,
+                                    estimate_skipped=False, stop_at_budget=budget, in_process_group=in_process_group)
+        chosen, reason = choose_policy(results, budget)  # the same estimates on every rank: the same choice
+        self.memory_policy, self.memory_policy_reason = chosen, reason
+        self._options = dataclasses.replace(self._options, memory=chosen.policy.applied_to(memory))
+        trace = "a real step on the process group" if in_process_group else "fake tensors"
+        rank_zero_info(f"picotron3d: {reason} (estimated with {trace})\n{format_policy_table(results, budget)}")
+
+    def _choose_with_real_trace(self) -> None:
+        """Every rank traces one real step per policy on the process group; all of them see every rank's peaks."""
+        module = self._budget_module
+        assert module is not None
+        if dist.get_backend() != "gloo":
+            raise RuntimeError(
+                f"`memory_budget` could not estimate {self.layout.describe()} on fake tensors "
+                f"({self._real_trace_reason}), and its real trace runs CPU tensors over a gloo process group, not "
+                f"{dist.get_backend()!r}. Choose the policy yourself (`memory=`); "
+                "`strategy.estimate_memory(model, batch, allow_real_trace=True)` shows each one's peak."
+            )
         try:
-            results = estimate_policies(functools.partial(_copy_module, module), self._sample_batch(), self.layout,
-                                        options=options, device_type=device.type, estimate_skipped=False,
-                                        stop_at_budget=budget)
+            self._choose_memory_policy(module, in_process_group=True)
         except MemoryBudgetError:
             raise
         except Exception as error:
             raise RuntimeError(
-                f"`memory_budget` could not estimate {self.layout.describe()} on fake tensors ({type(error).__name__}: "
+                f"`memory_budget` could not estimate {self.layout.describe()} on fake tensors "
+                f"({self._real_trace_reason}) nor with a real step on the process group ({type(error).__name__}: "
                 f"{str(error).splitlines()[0] if str(error) else ''}); choose the policy yourself: "
                 "`strategy.estimate_memory(model, batch, allow_real_trace=True)` shows each one's peak."
             ) from error
-        chosen, reason = choose_policy(results, budget)  # the same estimates on every rank: the same choice
-        self.memory_policy, self.memory_policy_reason = chosen, reason
-        self._options = dataclasses.replace(self._options, memory=chosen.policy.applied_to(memory))
-        rank_zero_info(f"picotron3d: {reason}\n{format_policy_table(results, budget)}")
 
     def _agree_on_memory_policy(self) -> None:
         """Apply rank 0's choice on every rank (one object broadcast, right after the process group exists).
 
         Each rank estimated on its own. The estimates agree today, but nothing forces them to (an
         environment difference, a data-dependent trace): a budget close to a policy's estimate could then
-        split the ranks between two policies, whose collectives would not match.
+        split the ranks between two policies, whose collectives would not match. Where the fake trace could
+        not follow the layout, the choice is made here first, on the process group (every rank alike: whether
+        the fake trace failed depends on the layout and model only).
         """
+        if self.memory_policy is None and self._real_trace_reason:
+            self._choose_with_real_trace()
         if self.memory_policy is None:
             return
+        self._budget_module = None
         box = [(self.memory_policy, self.memory_policy_reason)]
         dist.broadcast_object_list(box, src=0)
         chosen, reason = box[0]

@@ -25,9 +25,11 @@ def sample_batch() -> torch.Tensor:
     return make_data(MICRO)
 
 
-def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples: int = 128) -> dict[str, Any]:
-    """``Trainer.fit`` (FSDP2 over the ranks) with ``memory`` options; losses, the second step's live bytes on
-    this rank (``PeakProbe``), and evidence of what the strategy applied."""
+def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples: int = 128,
+                    layout: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``Trainer.fit`` (FSDP2 over the data-parallel ranks, ``layout``'s strategy arguments) with ``memory``
+    options; losses, the second step's live bytes on this rank (``PeakProbe``), and evidence of what the
+    strategy applied."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 
@@ -38,7 +40,8 @@ def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples:
     from tests.parity import make_data
 
     probe = PeakProbe(step=2)
-    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode="fsdp", memory=memory)
+    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode="fsdp", memory=memory,
+                                  **(layout or {}))
     module = build_module()
     loader = DataLoader(TokenDataset(make_data(data_samples)), batch_size=MICRO, shuffle=False)
     fitted = fit_and_record(module, loader, callbacks=[probe], strategy=strategy, devices=world, max_steps=STEPS)
@@ -52,9 +55,11 @@ def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples:
         "cpu_offload": offload_policies == {CPUOffloadPolicy.__name__},
         "applied": {name: getattr(strategy.options.memory, name) for name in POLICY_FIELDS},
         "chosen": None if chosen is None else chosen.policy.name, "reason": strategy.memory_policy_reason,
+        "traced_on_process_group": bool(strategy._real_trace_reason),
     }
 
 
-def fit_each(rank: int, world: int, memories: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def fit_each(rank: int, world: int, memories: list[dict[str, Any]],
+             layout: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """:func:`fit_with_memory` for each of ``memories`` in turn, in the same ranks."""
-    return [fit_with_memory(rank, world, memory) for memory in memories]
+    return [fit_with_memory(rank, world, memory, layout=layout) for memory in memories]

@@ -1,7 +1,8 @@
-"""A user's script with a memory budget: ``python train_budget.py BUDGET_BYTES OUT.json``.
+"""A user's script with a memory budget: ``python train_budget.py BUDGET_BYTES OUT.json [fsdp|tp2|pp2]``.
 
-Two ranks on CPU started by Lightning's launcher; the strategy picks the memory policy that fits the
-budget. Global rank 0 writes each step's global-batch loss and the chosen policy to OUT.
+Two ranks on CPU started by Lightning's launcher, data parallel (default), tensor parallel or pipeline
+parallel; the strategy picks the memory policy that fits the budget. Global rank 0 writes each step's
+global-batch loss and the chosen policy to OUT.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ class RecordLoss(L.Callback):
 
 if __name__ == "__main__":
     budget, out = int(sys.argv[1]), sys.argv[2]
-    strategy = Picotron3DStrategy(data_parallel_mode="fsdp", memory_budget=budget, timeout=timedelta(seconds=120))
+    layout = {"fsdp": {}, "tp2": {"tensor_parallel_size": 2}, "pp2": {"pipeline_parallel_size": 2}}[
+        sys.argv[3] if len(sys.argv) > 3 else "fsdp"]
+    strategy = Picotron3DStrategy(data_parallel_mode="fsdp", memory_budget=budget, timeout=timedelta(seconds=300),
+                                  **layout)
     recorder = RecordLoss()
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, max_steps=3, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[recorder])
