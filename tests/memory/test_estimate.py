@@ -27,8 +27,8 @@ LAYOUTS = {
     "tp2": ({"tensor_parallel_size": 2}, ParallelLayout(1, 2, 1, 1), "fsdp"),
     "pp2": ({"pipeline_parallel_size": 2}, ParallelLayout(1, 1, 2, 1), "fsdp"),
     "ep2": ({"expert_parallel_size": 2, "data_parallel_mode": "ddp"}, ParallelLayout(2, 1, 1, 2), "ddp", "tiny-moe"),
-    # (4 ranks, dp2-tp2 and pp2-dp2, are not here yet: not run on 2026-11-30 either, for lack of time on the
-    # shared cores; benchmarks/memory_estimate.py measured dp2-tp2 within 0.00%, see docs/benchmarks.md.)
+    "dp2_tp2": ({"tensor_parallel_size": 2, "data_parallel_mode": "fsdp"}, ParallelLayout(2, 2, 1, 1), "fsdp"),
+    "pp2_dp2": ({"pipeline_parallel_size": 2, "data_parallel_mode": "fsdp"}, ParallelLayout(2, 1, 2, 1), "fsdp"),
 }
 
 
