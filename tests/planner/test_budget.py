@@ -53,8 +53,9 @@ def _measure_under(budget: int, plans: list[Any]) -> list[tuple[str, int, int]]:
 def test_every_plan_predicted_to_fit_runs_under_the_budget() -> None:
     """The planner's choice and the fullest accepted dp=2 and tp=2 layouts (with accumulation) run under it."""
     budget, chosen, nearest = _plans_near_the_budget()
+    # The fullest pp=2 layout runs in its own test below; the choice runs here whatever its layout (with the
+    # host costs in the cost model, the fixed CPU table now picks pp=2 interleaved for this model).
     plans = [chosen, *[p for key, p in nearest.items() if key != (1, 1, 2) and p is not chosen]]
-    assert chosen.candidate.pp == 1  # the pipeline case runs in its own test below
     rows = _measure_under(budget, plans)
     # The budget is tight enough to matter: the fullest accepted layout uses most of it.
     assert max(real for _, _, real in rows) > budget * 3 // 4, rows
