@@ -18,7 +18,8 @@ from torch.utils.flop_counter import flop_registry
 
 
 class FlopCount(TorchDispatchMode):
-    """Add up the FLOPs of every operation run inside it, recompute in backward included, into ``total``.
+    """Add up the FLOPs of every operation run inside it, recompute in backward included, into ``total``,
+    and the number of aten operations into ``ops`` (the planner's host-dispatch count).
 
     Counts what the operation's arguments say: under a tensor subclass such as DTensor that is the
     global shape's count (as ``FlopCounterMode`` does), not one rank's share.
@@ -27,9 +28,11 @@ class FlopCount(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.total = 0
+        self.ops = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
+        self.ops += 1
         out = func(*args, **kwargs)
         formula = flop_registry.get(func._overloadpacket)
         if formula is not None:

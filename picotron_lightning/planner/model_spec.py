@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from picotron_lightning.memory.flops import FlopCount
 from picotron_lightning.structure import find_main_block_stack
 
 _HEADS = ("num_heads", "num_attention_heads", "n_head")
@@ -245,29 +245,17 @@ def _count_flops(module: Callable[[torch.Tensor], object], blocks: list[nn.Modul
     return flops, block_forward, tuple(linear), float(outer_forward + outer_backward)
 
 
-class _OpCount(TorchDispatchMode):
-    """Counts every aten operation dispatched inside it (``total``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.total = 0
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        self.total += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _count_ops(module: Callable[[torch.Tensor], object], blocks: list[nn.Module], tokens: torch.Tensor,
                vocab: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
     """aten calls of one forward + backward: per block (forward + backward, forward, Linear forward), outside."""
-    counter = _OpCount()
+    counter = FlopCount()
     forward = [0] * len(blocks)
     linear = [0] * len(blocks)
 
     def around(counts: list[int], i: int, sign: int) -> Callable[..., None]:
         def hook(*_: object) -> None:
             if torch.is_grad_enabled():  # not during a checkpointed block's recomputation
-                counts[i] += sign * counter.total
+                counts[i] += sign * counter.ops
         return hook
 
     handles = []
@@ -280,17 +268,17 @@ def _count_ops(module: Callable[[torch.Tensor], object], blocks: list[nn.Module]
     try:
         with counter:
             loss = _loss(module(tokens), tokens, vocab)
-            total_forward = counter.total
+            total_forward = counter.ops
             loss.backward()
     finally:
         for h in handles:
             h.remove()
-    backward = counter.total - total_forward
+    backward = counter.ops - total_forward
     # The backward's calls are split over blocks and the rest in proportion to their forward calls (the
     # engine runs a block's backward ops in one stretch, but it has no hook that says where it starts).
     share = [f / max(total_forward, 1) for f in forward]
     per_block = tuple(f + round(s * backward) for f, s in zip(forward, share, strict=True))
-    return per_block, tuple(forward), tuple(linear), counter.total - sum(per_block)
+    return per_block, tuple(forward), tuple(linear), counter.ops - sum(per_block)
 
 
 class _AttentionFlag(TorchFunctionMode):

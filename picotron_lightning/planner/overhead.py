@@ -42,17 +42,17 @@ def adamw_ops_per_tensor() -> float:
     """aten operations ``torch.optim.AdamW.step`` runs per parameter tensor (counted on a real CPU step)."""
     import torch
 
-    from picotron_lightning.planner.model_spec import _OpCount
+    from picotron_lightning.memory.flops import FlopCount
 
     params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(4)]
     for p in params:
         p.grad = torch.zeros(1)
     optimizer = torch.optim.AdamW(params)
     optimizer.step()  # the first step creates the state; count a steady one
-    counter = _OpCount()
+    counter = FlopCount()
     with counter:
         optimizer.step()
-    return counter.total / len(params)
+    return counter.ops / len(params)
 
 
 def rank_param_tensors(spec: ModelSpec, c: Candidate) -> int:
