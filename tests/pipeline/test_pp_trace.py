@@ -182,17 +182,25 @@ def test_trace_allows_ddp_under_pipeline_parallelism():
 TRACE_TP = {**TRACE, "tensor_parallel_size": 2}
 
 
-def _world4_tp(rank: int, world: int) -> dict:
+def _world4_tp(rank: int, world: int, ckpt_dir: str) -> dict:
     data = make_data(64)
-    return {
+    out = {
         "llama": run(world, data, MICRO, STEPS, TRACE_TP, clip=0.05),
         "two_stream": fit(world, "two_stream", data, MICRO, STEPS, TRACE_TP),
+        "interleaved": run(world, data, MICRO, STEPS, {**TRACE_TP, "pipeline_schedule": "interleaved_1f1b"}),
+        "hf_llama": fit(world, "hf_llama", data, MICRO, STEPS, TRACE_TP),
+        "ckpt": run(world, make_data(MICRO), MICRO, 6, TRACE_TP, ckpt_dir=ckpt_dir),
     }
+    # The traced pp=2 x tp=2 checkpoint continued with the structural split at the same layout.
+    out["resume_structural"] = run(world, make_data(MICRO), MICRO, 6,
+                                   {"pipeline_parallel_size": 2, "tensor_parallel_size": 2},
+                                   resume_from=f"{ckpt_dir}/{CKPT}")
+    return out
 
 
 @pytest.fixture(scope="module")
-def world4_tp() -> list[dict]:
-    return run_ranks(_world4_tp, 4, timeout=900)
+def world4_tp(tmp_path_factory) -> list[dict]:
+    return run_ranks(_world4_tp, 4, str(tmp_path_factory.mktemp("pp_trace_tp_ckpt")), timeout=1200)
 
 
 @pytest.mark.slow
@@ -212,6 +220,25 @@ def test_traced_pp2_tp2_matches_one_process(world4_tp):
     # The sharded linears are DTensors with the model's global shapes: names and state dict as one process.
     assert "model.layers.1.mlp.up_proj.weight" in world4_tp[0]["llama"]["params"]
     assert all(all(r["llama"]["grads_seen"]) for r in world4_tp)
+
+
+@pytest.mark.slow
+def test_traced_pp2_tp2_other_schedules_models_and_resume(world4_tp):
+    """The traced tp stages under the interleaved schedule (two stages per rank), on a Hugging Face Llama
+    (its own naming), and a traced pp=2 x tp=2 checkpoint resumed by the structural split at that layout."""
+    checks = {"interleaved": reference_model(make_data(64), STEPS, MICRO)[1],
+              "hf_llama": reference("hf_llama", make_data(64), STEPS, MICRO)}
+    for name, ref in checks.items():
+        for r in world4_tp:
+            diff = max_relative_diff(r[name]["losses"], ref)
+            print(f"trace {name} pp=2 x tp=2: max relative diff {diff:.2e}")
+            assert diff <= RTOL, (name, r[name]["losses"], ref)
+    ref = reference_model(make_data(MICRO), 6, MICRO)[1]
+    for r in world4_tp:
+        assert max_relative_diff(r["ckpt"]["losses"], ref) <= RTOL, (r["ckpt"]["losses"], ref)
+        diff = max_relative_diff(r["resume_structural"]["losses"], ref[4:])
+        print(f"trace pp=2 x tp=2 checkpoint resumed structural: max relative diff {diff:.2e}")
+        assert diff <= RTOL, (r["resume_structural"]["losses"], ref[4:])
 
 
 def _world8(rank: int, world: int) -> dict:
