@@ -316,7 +316,10 @@ FABRIC_PP = [
     _run(f"fabric_pp2_{schedule}", 1, strategy={"pipeline_parallel_size": 2, "pipeline_schedule": schedule},
          forward_backward=True, try_direct_call=True)
     for schedule in ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble", "zbv")
-] + [_run("fabric_dp2_forward_backward", 2, forward_backward=True)]
+] + [_run("fabric_dp2_forward_backward", 2, forward_backward=True),
+     # the stages cut by torch.export run through the same forward_backward
+     _run("fabric_pp2_trace", 1, strategy={"pipeline_parallel_size": 2, "pipeline_split": "trace"},
+          forward_backward=True)]
 
 
 @pytest.fixture(scope="module")
@@ -342,6 +345,8 @@ FABRIC_8 = [
     {**_run("fabric_3d_resumed", 4, strategy={"pipeline_parallel_size": 2, "pipeline_schedule": "gpipe"},
             forward_backward=True,
             resume="fabric_3d_saved@2"), "micro_batch": 1, "samples": STEPS * MICRO * 2},
+    # the same 3D layout with the stages cut by torch.export (data parallelism as replicas)
+    _run("fabric_3d_trace", 2, strategy={**FABRIC_3D, "pipeline_split": "trace"}, forward_backward=True),
 ]
 
 
@@ -367,6 +372,11 @@ def test_fabric_3d_save_and_load_at_another_layout(fabric8):
     _assert_parity(fabric8, FABRIC_8[1], dp=2, shuffle=False)
     assert fabric8["fabric_3d_resumed"]["layout"] != fabric8["fabric_3d_saved"]["layout"]
     assert max_relative_diff(resumed, saved[2:]) <= RTOL, (resumed, saved)
+
+
+def test_fabric_3d_with_the_traced_split(fabric8):
+    assert fabric8["fabric_3d_trace"]["world_size"] == 8
+    _assert_parity(fabric8, FABRIC_8[3], dp=2, shuffle=False)
 
 
 def test_spawn_start_method(tmp_path):
