@@ -29,10 +29,10 @@ from picotron_lightning.planner import (
     device_spec,
     plan_layout,
 )
-from picotron_lightning.planner.block_probe import calibrate_cpu
+from picotron_lightning.planner.block_probe import cached_rates, calibrate_cpu
 from picotron_lightning.planner.calibration import style_of
 from picotron_lightning.planner.hardware import GiB
-from picotron_lightning.planner.probe import probe_cpu
+from picotron_lightning.planner.probe import probe_cpu, probed_spec
 
 
 def load_model_factory(target: str, model_args: dict) -> Callable[[], nn.Module]:
@@ -93,7 +93,9 @@ def run(args: argparse.Namespace) -> PlanResult:
         raise PlanError(f"--calibrate measures a CPU machine; --device is {args.device!r}. Use --device cpu, or plan "
                         "a GPU from its table without --calibrate.")
     processes = max(2, min(args.devices, args.devices_per_node))
-    if (args.probe or args.calibrate) and device.name == "cpu":
+    if args.calibrate:
+        device = probed_spec(cached_rates(processes, refresh=args.recalibrate), device)
+    elif args.probe and device.name == "cpu":
         device = probe_cpu(processes)
     try:
         model_args = json.loads(args.model_args)

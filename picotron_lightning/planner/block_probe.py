@@ -101,6 +101,22 @@ def calibrate_cpu(factory: Callable[[], nn.Module], spec: ModelSpec, processes: 
     return BlockCalibration(processes, spec.seq_len, tuple((s, found[s]) for s in dict.fromkeys(styles)))
 
 
+def cached_rates(processes: int, refresh: bool = False, timeout: float = 300.0) -> dict[str, float]:
+    """``probe.measure_rates`` on ``processes`` local ranks (its gloo link prices the pipeline's sends), cached
+    per machine and process count like the block costs, so a calibrated plan from the cache starts no ranks."""
+    from picotron_lightning.planner.probe import _probe_worker
+    from picotron_lightning.testing import run_ranks
+
+    text = json.dumps({"machine": _machine(), "processes": processes, "rates": "measure_rates"}, sort_keys=True)
+    path = cache_dir() / f"rates-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+    if path.exists() and not refresh:
+        return dict(json.loads(path.read_text()))
+    rates: dict[str, float] = run_ranks(_probe_worker, processes, 512, 256, 704, timeout=timeout)[0]
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rates, indent=1))
+    return rates
+
+
 def _resize_blocks(module: nn.Module, count: int) -> None:
     """Cut the model's (first) stack of blocks to ``count`` blocks, or extend it with copies of its first."""
     from picotron_lightning.structure import find_block_stacks

@@ -14,7 +14,7 @@ import pytest
 
 from picotron_lightning.models import CausalLMModule
 from picotron_lightning.planner import Constraints, build_on_meta, describe_model, device_spec, plan_layout
-from picotron_lightning.planner.block_probe import cache_key, calibrate_cpu
+from picotron_lightning.planner.block_probe import cache_key, cached_rates, calibrate_cpu
 from picotron_lightning.planner.calibration import BlockCalibration, Linear, StyleCost, style_of
 from picotron_lightning.planner.cost_model import step_time
 from picotron_lightning.planner.search import Candidate
@@ -136,6 +136,13 @@ def test_cached_calibration_is_read_without_starting_ranks(spec, tmp_path, monke
     assert calibration.cost(style) == cost
     with pytest.raises(AssertionError, match="cache was not used"):  # another model shape: not cached
         calibrate_cpu(lambda: None, dataclasses.replace(spec, seq_len=128), 2, [style], samples=4)
+    # the link's rates: measured once (here: the stand-in's answer), then read back without ranks
+    monkeypatch.setattr(testing, "run_ranks", lambda *args, **kwargs: [{"bandwidth": 1e9, "latency": 1e-4}])
+    assert cached_rates(2) == {"bandwidth": 1e9, "latency": 1e-4}
+    monkeypatch.setattr(testing, "run_ranks", no_ranks)
+    assert cached_rates(2) == {"bandwidth": 1e9, "latency": 1e-4}
+    with pytest.raises(AssertionError, match="cache was not used"):
+        cached_rates(2, refresh=True)
 
 
 def test_calibrate_refuses_a_gpu_device(capsys) -> None:
