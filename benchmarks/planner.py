@@ -8,11 +8,12 @@ from a barrier to a barrier; each layout's number is the median of its steps aft
 
 The prediction is the planner's: ``plan_layout`` with the layout's sizes, mode, checkpointing and
 microbatches fixed (the planner fills the communication settings, which the run then uses), scored
-with the CPU rates measured in the same run, all ranks busy at once (``planner/probe.py``'s
-``measure_rates``: matmul FLOP/s, host time of a plain and of a DTensor op, copy bandwidth, gloo
-all-reduce bandwidth and latency) and, for comparison, with the fixed table the strategy uses.
-Prints per world size the table, Spearman's rank correlation
-of predicted and measured step times, and the probe.
+with the block calibration measured by the same ranks in the same run (``planner/block_probe.py``: one
+block's forward, backward and optimizer step per parallel style the layouts use, pp=1, the product's own
+``parallelize``; measured before and after the timed rounds and averaged, so drift falls on both), composed
+into each layout's step by ``cost_model.step_time``; for comparison also with the per-op rates probed in the
+same run (``planner/probe.py``'s ``measure_rates``) and with the fixed table the strategy uses.
+Prints per world size the table, Spearman's rank correlation of predicted and measured step times, and the probe.
 
     python benchmarks/planner.py [--preset small --layers 4 --seq 128 --global-batch 8 --rounds 8 --steps 3]
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import statistics
 import time
 from typing import Any
@@ -72,7 +74,8 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 
 def _bench_worker(rank: int, world: int, preset: str, config: dict, seq: int, global_batch: int,
-                  runs: list[dict[str, Any]], warmup: int, rounds: int, steps: int) -> dict[str, Any]:
+                  runs: list[dict[str, Any]], warmup: int, rounds: int, steps: int, styles: list[Any], samples: int,
+                  calibration_passes: int) -> dict[str, Any]:
     import warnings
 
     import torch.distributed as dist
@@ -84,10 +87,13 @@ def _bench_worker(rank: int, world: int, preset: str, config: dict, seq: int, gl
 
     warnings.simplefilter("ignore")
     init_gloo(rank, world)
+    from picotron_lightning.planner.block_probe import _measure_style
     from picotron_lightning.planner.probe import measure_rates
 
     cfg = CausalLMModule(preset, config).config
     probe = measure_rates(global_batch * seq // world, cfg.hidden_size, cfg.ffn_size)
+    factory = functools.partial(CausalLMModule, preset, config)
+    calibrations = [[_measure_style(rank, world, factory, seq, style, samples) for style in styles]]
     prepared = []
     for run in runs:
         layout, options = run["layout"], run["options"]
@@ -116,7 +122,9 @@ def _bench_worker(rank: int, world: int, preset: str, config: dict, seq: int, gl
                 elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 times[i].append(float(elapsed.item()))
-    return {"times": times, "probe": probe}
+    for _ in range(calibration_passes - 1):
+        calibrations.append([_measure_style(rank, world, factory, seq, style, samples) for style in styles])
+    return {"times": times, "probe": probe, "calibrations": calibrations}
 
 
 def _plan(spec: Any, world: int, row: tuple, global_batch: int, device: Any) -> Any:
@@ -137,6 +145,7 @@ def bench_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
     from picotron_lightning.parallel.data import DataParallelOptions
     from picotron_lightning.parallel.pipeline_parallel import PipelineOptions
     from picotron_lightning.planner import build_on_meta, describe_model, device_spec
+    from picotron_lightning.planner.calibration import BlockCalibration, style_of
     from picotron_lightning.planner.cost_model import step_time
     from picotron_lightning.planner.probe import probed_spec
     from picotron_lightning.testing import run_ranks
@@ -158,12 +167,18 @@ def bench_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
             pipeline=PipelineOptions(schedule=c.schedule, num_microbatches=c.num_microbatches) if c.pp > 1
             else PipelineOptions(), memory=MemoryOptions(activation_checkpointing=c.checkpointing))
         runs.append({"layout": options.layout, "options": options})
+    styles = list(dict.fromkeys(s for plan in planned if (s := style_of(plan.candidate)) is not None))
+    samples = min(max(2, *(plan.candidate.micro_batch_size for plan in planned)), 8)
     start = time.perf_counter()
     out = run_ranks(_bench_worker, world, args.preset, config, args.seq, args.global_batch, runs, args.warmup,
-                    args.rounds, args.steps, timeout=args.timeout)[0]
+                    args.rounds, args.steps, styles, samples, args.calibration_passes, timeout=args.timeout)[0]
     wall = time.perf_counter() - start
     probe = out["probe"]
     probed = probed_spec(probe, table)
+    calibration = BlockCalibration(world, args.seq, tuple(zip(styles, map(_mean_cost, zip(*out["calibrations"],
+                                                                                             strict=True)),
+                                                              strict=True)))
+    calibrated = dataclasses.replace(probed, calibration=calibration, rates_processes=world)
     measured = [statistics.median(t) for t in out["times"]]
     fastest = [min(t) for t in out["times"]]
     quartiles = [statistics.quantiles(t, n=4) for t in out["times"]]
@@ -171,15 +186,31 @@ def bench_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
     block = 2 * args.steps
     block_minima = [[min(t[i:i + block]) for i in range(0, len(t), block)] for t in out["times"]]
     spread = [(q[2] - q[0]) / m for q, m in zip(quartiles, measured, strict=True)]
-    predicted, fixed = [], []
+    predicted, rated, fixed = [], [], []
     for plan in planned:
         reshard = plan.settings.reshard_after_forward is not False
-        predicted.append(step_time(spec, plan.candidate, probed, world, reshard_after_forward=reshard))
+        predicted.append(step_time(spec, plan.candidate, calibrated, world, reshard_after_forward=reshard))
+        rated.append(step_time(spec, plan.candidate, probed, world, reshard_after_forward=reshard))
         fixed.append(plan.time)
     return {"rows": rows, "planned": planned, "measured": measured, "fastest": fastest, "spread": spread,
-            "predicted": predicted, "fixed": fixed, "probe": probe, "wall": wall, "quartiles": quartiles,
+            "predicted": predicted, "rated": rated, "fixed": fixed, "probe": probe, "wall": wall,
+            "quartiles": quartiles, "calibration": calibration,
             "block_minima": block_minima,
             "steps": [len(t) for t in out["times"]]}
+
+
+def _mean_cost(costs: tuple[Any, ...]) -> Any:
+    """The mean of a style's calibrations (before and after the timed rounds), field by field."""
+    from picotron_lightning.planner.calibration import Linear, StyleCost
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values)
+
+    lines = {name: Linear(mean([getattr(c, name).fixed for c in costs]), mean([getattr(c, name).per_sample
+                                                                                for c in costs]))
+             for name in ("block_forward", "block_backward", "outer_forward", "outer_backward")}
+    return StyleCost(**lines, block_optimizer=mean([c.block_optimizer for c in costs]),
+                     outer_optimizer=mean([c.outer_optimizer for c in costs]))
 
 
 def resolved_pairs(low: list[float], high: list[float], measured: list[float]) -> list[bool]:
@@ -194,31 +225,43 @@ def report(world: int, res: dict[str, Any]) -> str:
              f"DTensor op {p['dtensor_op_seconds'] * 1e6:.1f} us, copy {p['copy_bandwidth'] / 1e9:.2f} GB/s, gloo "
              f"{p['bandwidth'] / 1e9:.2f} GB/s, {p['latency'] * 1e6:.0f} us; run {res['wall']:.0f} s, "
              f"{res['steps'][0]} timed steps per layout",
+             "block calibration (ms, style dp/tp/mode/ckpt: block forward + backward at 1 sample and per further "
+             "sample, "
+             "outside the blocks the same, optimizer per block / outside): " + "; ".join(
+                 f"{dp}/{tp}/{mode}/{ckpt}: {(c.block_forward.fixed + c.block_backward.fixed) * 1e3:.1f} + "
+                 f"{(c.block_forward.per_sample + c.block_backward.per_sample) * 1e3:.1f}/sample, outer "
+                 f"{(c.outer_forward.fixed + c.outer_backward.fixed) * 1e3:.1f} + "
+                 f"{(c.outer_forward.per_sample + c.outer_backward.per_sample) * 1e3:.1f}/sample, opt "
+                 f"{c.block_optimizer * 1e3:.1f}/{c.outer_optimizer * 1e3:.1f}"
+                 for (dp, tp, mode, ckpt), c in res["calibration"].styles),
              "| layout (planner's settings) | measured ms (median) | IQR / median | min ms | block minima ms "
-             "| predicted ms (probed) "
-             "| compute | exposed comm | bubble | dispatch | optimizer | copies | predicted ms (fixed table) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row, plan, m, low, s, t, f, bm in zip(res["rows"], res["planned"], res["measured"], res["fastest"],
-                                              res["spread"], res["predicted"], res["fixed"], res["block_minima"],
-                                              strict=True):
+             "| predicted ms (blocks) | compute | exposed comm | bubble | optimizer "
+             "| predicted ms (per-op rates) | predicted ms (fixed table) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row, plan, m, low, s, t, r, f, bm in zip(res["rows"], res["planned"], res["measured"], res["fastest"],
+                                                 res["spread"], res["predicted"], res["rated"], res["fixed"],
+                                                 res["block_minima"], strict=True):
         exposed = sum(t.exposed.values())
         o = t.overhead
         lines.append(f"| {row[0]}: {plan.candidate.describe()} {plan.settings.describe()} | {m * 1e3:.0f} | "
                      f"{s * 100:.0f}% | {low * 1e3:.0f} | {min(bm) * 1e3:.0f}-{max(bm) * 1e3:.0f} | "
                      f"{t.total * 1e3:.0f} | {t.compute * 1e3:.0f} | "
-                     f"{exposed * 1e3:.0f} | {t.bubble * 1e3:.0f} | {o['dispatch'] * 1e3:.0f} | "
-                     f"{o['optimizer'] * 1e3:.0f} | {o['copies'] * 1e3:.0f} | {f.total * 1e3:.0f} |")
+                     f"{exposed * 1e3:.0f} | {t.bubble * 1e3:.0f} | {o['optimizer'] * 1e3:.0f} | "
+                     f"{r.total * 1e3:.0f} | {f.total * 1e3:.0f} |")
     rho = spearman([t.total for t in res["predicted"]], res["measured"])
+    rho_rated = spearman([t.total for t in res["rated"]], res["measured"])
     rho_fixed = spearman([t.total for t in res["fixed"]], res["measured"])
     rho_min = spearman([t.total for t in res["predicted"]], res["fastest"])
     rho_min_fixed = spearman([t.total for t in res["fixed"]], res["fastest"])
     by_median = resolved_pairs([q[0] for q in res["quartiles"]], [q[2] for q in res["quartiles"]], res["measured"])
     by_min = resolved_pairs([min(b) for b in res["block_minima"]], [max(b) for b in res["block_minima"]],
                             res["fastest"])
-    lines.append(f"Spearman(predicted with probe, measured median) = {rho:.2f} (fixed table {rho_fixed:.2f}); "
+    lines.append(f"Spearman(predicted from blocks, measured median) = {rho:.2f} (per-op rates {rho_rated:.2f}, "
+                 f"fixed table {rho_fixed:.2f}); "
                  f"neighbours in median order whose interquartile ranges do not overlap: {sum(by_median)} of "
                  f"{len(by_median)}")
-    lines.append(f"Spearman(predicted with probe, measured minimum) = {rho_min:.2f} (fixed table {rho_min_fixed:.2f}); "
+    lines.append(f"Spearman(predicted from blocks, measured minimum) = {rho_min:.2f} "
+                 f"(fixed table {rho_min_fixed:.2f}); "
                  f"neighbours in minimum order whose A-B-B-A block minima do not overlap: {sum(by_min)} of "
                  f"{len(by_min)}")
     return "\n".join(lines)
@@ -235,6 +278,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per layout per round")
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], choices=sorted(LAYOUTS))
     parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--calibration-passes", type=int, default=2,
+                        help="block calibrations per run: 1 before the timed rounds, 2 also after (averaged)")
     args = parser.parse_args()
     for world in args.worlds:
         print(report(world, bench_world(world, args)), flush=True)

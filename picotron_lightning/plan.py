@@ -11,6 +11,8 @@ The model is built on the meta device (no memory), so 70B-parameter models plan 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import importlib
 import json
 import sys
@@ -27,8 +29,10 @@ from picotron_lightning.planner import (
     device_spec,
     plan_layout,
 )
+from picotron_lightning.planner.block_probe import cached_rates, calibrate_cpu
+from picotron_lightning.planner.calibration import style_of
 from picotron_lightning.planner.hardware import GiB
-from picotron_lightning.planner.probe import probe_cpu
+from picotron_lightning.planner.probe import probe_cpu, probed_spec
 
 
 def load_model_factory(target: str, model_args: dict) -> Callable[[], nn.Module]:
@@ -40,7 +44,7 @@ def load_model_factory(target: str, model_args: dict) -> Callable[[], nn.Module]
         obj = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as error:
         raise PlanError(f"--model {target!r} cannot be imported: {error}.") from error
-    return lambda: obj(**model_args)
+    return functools.partial(obj, **model_args)  # picklable: the calibration builds it in spawned ranks
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +68,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--probe", action="store_true",
                         help="cpu: measure the cost model's rates (matmul FLOP/s, host time per op and per DTensor "
                              "op, copy bandwidth, gloo link) with one local process per device of a node, all busy")
+    parser.add_argument("--calibrate", action="store_true",
+                        help="cpu: time one block's forward, backward and optimizer step per parallel style of the "
+                             "candidates (the product's own tensor parallelism, FSDP2, DDP) on one local gloo process "
+                             "per device of a node, all busy, and rank layouts by steps composed from those times; "
+                             "cached per machine and model shape (see docs/planner.md)")
+    parser.add_argument("--recalibrate", action="store_true", help="with --calibrate: measure again, ignore the cache")
     args = parser.parse_args(argv)
     try:
         result = run(args)
@@ -79,8 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> PlanResult:
     device = device_spec(args.device)  # an unknown name fails here, before the model is built
-    if args.probe and device.name == "cpu":
-        device = probe_cpu(max(2, min(args.devices, args.devices_per_node)))
+    if args.calibrate and device.name != "cpu":
+        raise PlanError(f"--calibrate measures a CPU machine; --device is {args.device!r}. Use --device cpu, or plan "
+                        "a GPU from its table without --calibrate.")
+    processes = max(2, min(args.devices, args.devices_per_node))
+    if args.calibrate:
+        device = probed_spec(cached_rates(processes, refresh=args.recalibrate), device)
+    elif args.probe and device.name == "cpu":
+        device = probe_cpu(processes)
     try:
         model_args = json.loads(args.model_args)
     except json.JSONDecodeError as error:
@@ -90,9 +106,19 @@ def run(args: argparse.Namespace) -> PlanResult:
     budget = int(args.memory_budget_gib * GiB) if args.memory_budget_gib else None
     constraints = Constraints(dp=args.dp, tp=args.tp, pp=args.pp, ep=args.ep, dp_mode=args.dp_mode,
                               checkpointing=args.checkpointing)
-    return plan_layout(spec, devices=args.devices, devices_per_node=args.devices_per_node, device=device,
-                       global_batch=args.global_batch or args.devices, memory_budget=budget,
-                       constraints=constraints, precision=args.precision)
+    plan = functools.partial(plan_layout, spec, devices=args.devices, devices_per_node=args.devices_per_node,
+                             global_batch=args.global_batch or args.devices, memory_budget=budget,
+                             constraints=constraints, precision=args.precision)
+    result = plan(device=device)
+    if not args.calibrate:
+        return result
+    # The styles of the layouts that fit, measured with one process per device of a node (all busy).
+    styles = [s for p in result.ranked if (s := style_of(p.candidate)) and processes % (s[0] * s[1]) == 0]
+    samples = min(max(2, *(p.candidate.micro_batch_size for p in result.ranked)), 8)
+    calibration = calibrate_cpu(factory, spec, processes, list(dict.fromkeys(styles)), samples,
+                                refresh=args.recalibrate)
+    device = dataclasses.replace(device, calibration=calibration, rates_processes=processes)
+    return plan(device=device)
 
 
 if __name__ == "__main__":

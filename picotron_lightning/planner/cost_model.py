@@ -11,12 +11,18 @@
   the optimizer's per-tensor loop and passes over memory, FSDP's buffer copies. Zero on GPUs.
 * bubble: (pp - 1) / (v * M) of the pipeline's compute and dispatch (1F1B and interleaved 1F1B).
 * more processes than cores (CPU): compute and overhead are stretched by ``DeviceSpec.sharing_factor``.
+
+With a block calibration (``DeviceSpec.calibration``, CPU, ``plan --calibrate``) a candidate whose style was
+measured is composed from the measured block costs instead (``calibration.compose_step``): compute is the
+measured forward + backward (its tp and dp collectives and host work inside), overhead the measured
+optimizer step, exposed communication only the pipeline's sends over the probed link.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from picotron_lightning.planner.calibration import compose_step, style_of
 from picotron_lightning.planner.comm_model import Collective, accumulation_steps, collectives, link_of
 from picotron_lightning.planner.hardware import DeviceSpec
 from picotron_lightning.planner.memory_model import blocks_per_rank, rank_params
@@ -56,8 +62,32 @@ class StepTime:
         return self.compute + sum(self.exposed.values()) + self.bubble + sum(self.overhead.values())
 
 
+def calibrated_step_time(spec: ModelSpec, c: Candidate, device: DeviceSpec, devices_per_node: int,
+                         precision: str = "fp32") -> StepTime | None:
+    """The step composed from the device's measured block costs, or None where its style was not measured."""
+    calibration = device.calibration
+    cost = calibration.cost(style_of(c)) if calibration is not None else None
+    if calibration is None or cost is None:
+        return None
+    processes = min(devices_per_node, c.world_size)
+    # The probe ran `calibration.processes` processes at once; scale to this run's sharing of the cores.
+    scale = device.sharing_factor(processes)
+    per_core = max(1.0, processes / device.cores) if device.cores else 1.0
+    composed = compose_step(cost, c, blocks_per_rank(spec, c.pp), per_core)
+    exposed: dict[str, float] = {"tp": 0.0, "dp": 0.0}  # measured inside the style's forward and backward
+    if c.pp > 1:
+        link = link_of("pp", c, device, devices_per_node)
+        act_bytes = 2 if precision in ("bf16", "fp16") else 4
+        exposed["pp"] = sum(i.seconds(link) for i in collectives(spec, c, act_bytes=act_bytes) if i.dim == "pp")
+    return StepTime(composed.compute * scale, exposed, composed.bubble * scale,
+                    {"dispatch": 0.0, "optimizer": composed.optimizer * scale, "copies": 0.0})
+
+
 def step_time(spec: ModelSpec, c: Candidate, device: DeviceSpec, devices_per_node: int, precision: str = "fp32",
               reshard_after_forward: bool = True, ddp_bucket_bytes: int = DDP_BUCKET_BYTES) -> StepTime:
+    calibrated = calibrated_step_time(spec, c, device, devices_per_node, precision)
+    if calibrated is not None:
+        return calibrated
     sharing = device.sharing_factor(min(devices_per_node, c.dp * c.tp * c.pp))  # processes on one node
     compute = rank_flops(spec, c) / device.flops_per_second(precision) * sharing
     forward = compute / 3.0

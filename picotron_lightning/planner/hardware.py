@@ -12,8 +12,12 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from picotron_lightning.monitoring.flops import PEAK_TABLE, TFLOP, lookup_peak
+
+if TYPE_CHECKING:
+    from picotron_lightning.planner.calibration import BlockCalibration
 
 GiB = 1 << 30
 
@@ -63,6 +67,9 @@ class DeviceSpec:
     """Cores the processes of one node share (CPU only); more processes than cores slow each one down."""
     rates_processes: int = 1
     """How many processes ran at once when the rates above were measured (a probe runs all of them)."""
+    calibration: BlockCalibration | None = None
+    """CPU only, from ``plan --calibrate`` (``block_probe.py``): measured seconds of one block per parallel
+    style; where present, a candidate of a measured style is timed from it instead of FLOPs and host rates."""
 
     def sharing_factor(self, processes: int) -> float:
         """How much slower each of ``processes`` processes on one node runs than the rates say: 1 on GPUs;
