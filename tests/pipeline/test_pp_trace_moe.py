@@ -32,7 +32,7 @@ def _fit(world: int, strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
 
     strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs)
     module = make_module("tiny-moe")
-    dp = world // strategy_kwargs["pipeline_parallel_size"]
+    dp = world // strategy_kwargs["pipeline_parallel_size"] // strategy_kwargs.get("tensor_parallel_size", 1)
     loader = DataLoader(TokenDataset(make_data(STEPS * MICRO * dp)), batch_size=MICRO, shuffle=False)
     fitted = fit_and_record(module, loader, strategy=strategy, devices=world, max_steps=STEPS)
     coords = strategy.layout.coordinates(fitted.trainer.global_rank)
@@ -83,19 +83,32 @@ def test_traced_pp2_moe_matches_one_process():
 
 
 def _world4(rank: int, world: int) -> dict[str, Any]:
-    return _fit(world, {**TRACE, "expert_parallel_size": 2})
+    return {"ep2": _fit(world, {**TRACE, "expert_parallel_size": 2}),
+            "tp2": _fit(world, {**TRACE, "tensor_parallel_size": 2})}
+
+
+@pytest.fixture(scope="module")
+def world4() -> list[dict[str, Any]]:
+    return run_ranks(_world4, 4, timeout=1500)
 
 
 @pytest.mark.slow
-def test_traced_pp2_ep2_matches_one_process():
+def test_traced_pp2_ep2_matches_one_process(world4):
     """pp=2 x ep=2 on 4 ranks (ep drawn from dp=2): each rank holds 2 of the 4 experts per layer, tokens
     travel by all-to-all inside the op (twice: forward and recompute), the dense parameters are averaged
     over the replicas and the experts are not (they differ across the ep ranks)."""
-    results = run_ranks(_world4, 4, timeout=1200)
+    results = [r["ep2"] for r in world4]
     assert all(r["mode"] == "ddp" for r in results)  # the traced stages as replicas
     for r in results:  # each rank holds half of each layer's experts
         assert r["experts"] and all(shape[0] == 2 for shape in r["experts"].values()), r["experts"]
     _check(results, dp=2, name="pp=2 x ep=2")
+
+
+@pytest.mark.slow
+def test_traced_pp2_tp2_moe_matches_one_process(world4):
+    """pp=2 x tp=2 on 4 ranks: attention's linears as local twins between the Megatron ops, the MoE layer
+    whole on every tp rank (same tokens, same gradients: no tp reduction of its parameters)."""
+    _check([r["tp2"] for r in world4], dp=1, name="pp=2 x tp=2")
 
 
 class _StackedExperts(nn.Module):
