@@ -176,6 +176,25 @@ def test_traced_split_with_data_and_tensor_parallelism_from_a_plain_script(trace
     _assert_parity(traced4, run, dp=dp)
 
 
+# The reference MoE Llama (tiny-moe) with the traced split at pp=2 from a plain script: each MoELayer is one
+# opaque op in the traced graph, recomputed in backward (parallel/pipeline_parallel/traced_moe.py). With the
+# monitoring callbacks: the routing statistics reach TensorBoard as with the structural split.
+RUN_TRACED_MOE = _run("trace_moe_pp2", 1, model={"kind": "moe"}, strategy=TRACED, monitoring=True)
+
+
+def test_traced_split_with_moe_layers_from_a_plain_script(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    results = _launch(tmp_path, {"devices": 2, "runs": [RUN_TRACED_MOE]})
+    assert results[RUN_TRACED_MOE["name"]]["world_size"] == 2
+    _assert_parity(results, RUN_TRACED_MOE, dp=1)
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert "moe/load_imbalance" in set(acc.Tags()["scalars"]), sorted(acc.Tags()["scalars"])
+
+
 def test_structural_split_refuses_a_second_stream_between_blocks(tmp_path):
     """The same two-stream GPT with the default (structural) split at pp=2: it carries one tensor across the
     boundary, so the running sum would restart from zeros on stage 2. It trained 9e-4 off one process before

@@ -66,6 +66,7 @@ from picotron_lightning.parallel.pipeline_parallel.trace import (
     check_traceable_layout,
     trace_pipe,
 )
+from picotron_lightning.parallel.pipeline_parallel.traced_moe import opaque_moe_layers
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -181,7 +182,7 @@ class PipelineRuntime:
             prefix = self.parts.blocks_name[len(self.parts.inner_name) + 1:] if self.parts.inner_name \
                 else self.parts.blocks_name
             points = [f"{prefix}.{keys[r.start]}" for r in self.assignment[1:]]
-            with self.full_model(), self._local_linears():
+            with self.full_model(), self._local_linears(), opaque_moe_layers(self.inner):
                 pipe = trace_pipe(self.inner, points, self.state.calls[0], self.num_stages)
             self._traced[signature] = [
                 TracedStage(self.state, sm.index, self.num_stages, pipe.get_stage_module(sm.index))

@@ -26,7 +26,10 @@ What composes with it (checked before any process group by :func:`check_traceabl
   custom ops (``tensor_parallel/traced.py``), so the sizes the graph hard-codes are the local ones.
   The gradients of the twins' parameters become the DTensors' gradients after the schedule. Sequence
   and loss parallelism are refused; the embedding and head stay whole on every tp rank.
-* MoE layers are refused: ``torch.export`` cannot trace their routing (data-dependent shapes).
+* MoE layers (``MoELayer``) and expert parallelism: each layer is traced as one opaque custom op whose
+  backward recomputes the layer (``traced_moe.py``); expert parameters are left out of the replicas'
+  averaging (they differ across ``ep`` ranks; the strategy averages them over ``ep_replicate``).
+  Other MoE blocks (Hugging Face style) are refused: their routing has data-dependent shapes.
 """
 
 from __future__ import annotations
@@ -41,8 +44,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten
 
+from picotron_lightning.moe.layer import MoELayer
 from picotron_lightning.parallel.collectives import mean_all_reduce_
-from picotron_lightning.parallel.expert import find_moe_layers
+from picotron_lightning.parallel.expert import find_moe_layers, is_expert_parameter
 from picotron_lightning.parallel.pipeline_parallel.split import (
     PIPELINE_STAGES_HOOK,
     PipelineSplitError,
@@ -86,12 +90,15 @@ def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_paralle
                 "(the output head stays whole on every tp rank with the traced split). Use loss_parallel=False. "
                 f"{structural}, loss parallelism included."
             )
-    if layout.ep > 1 or find_moe_layers(root):
-        what = f"expert_parallel_size={layout.ep}" if layout.ep > 1 else "a model with MoE layers"
+    other_moe = [name for name, m in find_moe_layers(root) if not isinstance(m, MoELayer)]
+    if other_moe:
+        # Only picotron's MoELayer is traced as one opaque op (traced_moe.py); other blocks' routing
+        # (data-dependent sizes) would reach torch.export.
         raise PipelineSplitError(
-            f"pipeline_split='trace' does not support {what}: torch.export cannot trace MoE routing (the tokens per "
-            "expert are data-dependent shapes; measured: GuardOnDataDependentSymNode in moe/grouped.py "
-            f"pad_by_group). {structural}."
+            f"pipeline_split='trace' supports MoE layers of the class picotron_lightning.moe.MoELayer only; "
+            f"{other_moe[0]!r} is a {type(root.get_submodule(other_moe[0])).__name__} (torch.export cannot trace "
+            "its routing: the tokens per expert are data-dependent sizes). Use picotron_lightning.moe.MoELayer, "
+            f"or {structural[0].lower()}{structural[1:]}."
         )
     if layout.dp > 1 and data_parallel_mode not in REPLICATED_MODES:
         raise PipelineSplitError(
@@ -107,7 +114,9 @@ class ReplicatedGradients:
 
     The replicas start from the parameters of data-parallel rank 0 (as DDP does) and every step's
     gradients are averaged over ``dp`` before they reach ``.grad``, so every replica takes the step one
-    process takes on the global batch. One flat all-reduce per step.
+    process takes on the global batch. One flat all-reduce per step. Expert parameters are left out of
+    both: under expert parallelism each ``ep`` rank holds other experts (``parallel/expert.py`` averages
+    their gradients over ``ep_replicate``; at ``ep == 1`` no parameter is marked as an expert's).
     """
 
     def __init__(self, group: dist.ProcessGroup, params: list[nn.Parameter]) -> None:
@@ -115,12 +124,14 @@ class ReplicatedGradients:
         source = dist.get_global_rank(group, 0)
         with torch.no_grad():
             for p in params:  # a DTensor parameter: its local shard, the same one on every dp rank of a tp rank
+                if is_expert_parameter(p):
+                    continue
                 dist.broadcast(p.to_local() if isinstance(p, DTensor) else p.data, src=source, group=group)
 
     def average(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``pending`` (parameter, this replica's gradient) pairs with the gradients averaged over ``dp``, in place
         (they are the schedule's own gradients, not yet in any ``.grad``)."""
-        mean_all_reduce_([g for _, g in pending], self.group)
+        mean_all_reduce_([g for p, g in pending if not is_expert_parameter(p)], self.group)
         return pending
 
 
