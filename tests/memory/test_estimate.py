@@ -29,6 +29,9 @@ LAYOUTS = {
     "ep2": ({"expert_parallel_size": 2, "data_parallel_mode": "ddp"}, ParallelLayout(2, 1, 1, 2), "ddp", "tiny-moe"),
     "dp2_tp2": ({"tensor_parallel_size": 2, "data_parallel_mode": "fsdp"}, ParallelLayout(2, 2, 1, 1), "fsdp"),
     "pp2_dp2": ({"pipeline_parallel_size": 2, "data_parallel_mode": "fsdp"}, ParallelLayout(2, 1, 2, 1), "fsdp"),
+    # 3D on 8 ranks: FSDP2 over dp inside each (stage, tp rank).
+    "pp2_dp2_tp2": ({"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_mode": "fsdp"},
+                    ParallelLayout(2, 2, 2, 1), "fsdp"),
 }
 
 
