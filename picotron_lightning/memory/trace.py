@@ -4,8 +4,9 @@ process group that exists; see :mod:`picotron_lightning.memory.estimate` for the
 For each rank the trace builds the model (on fake tensors, or real), applies the strategy's ``parallelize``
 steps, runs training steps in the order of Lightning's automatic optimization (training step, zero_grad,
 backward, optimizer step) and measures one of them with :class:`~picotron_lightning.memory.tracker.LiveBytes`.
-DDP's gradient buckets live in C++ (no op creates them), so they are added as a separate line,
-``comm_buffers``: one copy of this rank's gradients.
+DDP's gradient buckets live in C++ (no op creates them): in the fake trace's one replica they are added as
+a separate line, ``comm_buffers`` (one copy of this rank's gradients); in a real DDP trace they are the
+gradients themselves (``gradient_as_bucket_view``), already counted.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class RankEstimate:
     rank: int
     coordinates: dict[str, int]
     breakdown: PeakBreakdown
-    comm_buffers: int  # DDP gradient buckets (not created by ops, so added arithmetically)
+    comm_buffers: int  # DDP gradient buckets no op creates (added arithmetically); 0 when they are the gradients
     method: str  # "fake" (fake tensors) or "real" (real tensors on the fake process group)
     flops: int = 0
     """Floating-point operations of one step (matmuls and attention, recompute included); 0 unless ``count_flops``."""
@@ -222,9 +223,7 @@ def _trace_in_group(
             if count_flops:  # after the measurement, so nothing of it is in the peak
                 with flops:
                     run(local_batch)
-        buckets = 0
-        if parallel.data_parallel_mode == "ddp":
-            buckets = sum(p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+        buckets = _separate_bucket_bytes(parallel.module) if parallel.data_parallel_mode == "ddp" else 0
     moved = 2 * tracker.offloaded_bytes
     if state:
         # Per step: the shards go to the device for each all-gather (forward, and backward when
@@ -235,6 +234,22 @@ def _trace_in_group(
                         comm_buffers=buckets, method="fake" if fake else "real", flops=flops.total,
                         offloaded_activations=tracker.offloaded_bytes, offloaded_state=state, bytes_moved=moved,
                         cuda=cuda_memory(sizes, expandable_segments=config.memory.expandable_segments))
+
+
+def _separate_bucket_bytes(ddp: nn.Module) -> int:
+    """Bytes of a real DDP module's gradient buckets that the trace does not already count.
+
+    With ``gradient_as_bucket_view`` (how ``parallel/data.py`` builds DDP) every reduced parameter's
+    ``.grad`` is a view into its bucket: the buckets *are* the gradients, which the trace registers and
+    counts, so nothing is added (adding them counted one gradient copy twice). Otherwise the buckets are
+    a copy of the reduced parameters' gradients, allocated in C++ where no op shows them.
+    """
+    if getattr(ddp, "gradient_as_bucket_view", False):
+        return 0
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+    inner = getattr(ddp, "module", ddp)
+    return sum(p.numel() * p.element_size() for name, p in inner.named_parameters()
+               if p.requires_grad and name not in ignored)
 
 
 def _offloaded_state(module: nn.Module, breakdown: PeakBreakdown) -> int:

@@ -13,10 +13,11 @@ STEPS = 3
 POLICY_FIELDS = ("activation_checkpointing", "checkpoint_every", "activation_offload", "cpu_offload")
 
 
-def build_module() -> Any:
+def build_module(preset: str = "tiny") -> Any:
+    """The 4-layer tiny Llama; ``"tiny-moe"``: the MoE preset as it is (2 layers, 4 experts, top-2)."""
     from tests.parity import make_module
 
-    return make_module("tiny", {"num_layers": LAYERS})
+    return make_module(preset, {"num_layers": LAYERS} if preset == "tiny" else None)
 
 
 def sample_batch() -> torch.Tensor:
@@ -26,10 +27,10 @@ def sample_batch() -> torch.Tensor:
 
 
 def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples: int = 128,
-                    layout: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``Trainer.fit`` (FSDP2 over the data-parallel ranks, ``layout``'s strategy arguments) with ``memory``
-    options; losses, the second step's live bytes on this rank (``PeakProbe``), and evidence of what the
-    strategy applied."""
+                    layout: dict[str, Any] | None = None, preset: str = "tiny") -> dict[str, Any]:
+    """``Trainer.fit`` (FSDP2 over the data-parallel ranks unless ``layout`` sets ``data_parallel_mode``;
+    ``layout``'s strategy arguments) of :func:`build_module` ``(preset)`` with ``memory`` options; losses, the
+    second step's live bytes on this rank (``PeakProbe``), and evidence of what the strategy applied."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
 
@@ -40,9 +41,9 @@ def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples:
     from tests.parity import make_data
 
     probe = PeakProbe(step=2)
-    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode="fsdp", memory=memory,
-                                  **(layout or {}))
-    module = build_module()
+    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, memory=memory,
+                                  **{"data_parallel_mode": "fsdp", **(layout or {})})
+    module = build_module(preset)
     loader = DataLoader(TokenDataset(make_data(data_samples)), batch_size=MICRO, shuffle=False)
     fitted = fit_and_record(module, loader, callbacks=[probe], strategy=strategy, devices=world, max_steps=STEPS)
     groups = [m._get_fsdp_state()._fsdp_param_group for m in module.modules() if isinstance(m, FSDPModule)]
@@ -55,11 +56,11 @@ def fit_with_memory(rank: int, world: int, memory: dict[str, Any], data_samples:
         "cpu_offload": offload_policies == {CPUOffloadPolicy.__name__},
         "applied": {name: getattr(strategy.options.memory, name) for name in POLICY_FIELDS},
         "chosen": None if chosen is None else chosen.policy.name, "reason": strategy.memory_policy_reason,
-        "traced_on_process_group": bool(strategy._real_trace_reason),
+        "traced_on_process_group": bool(strategy._real_trace_reason), "dp_mode": strategy.data_parallel_mode,
     }
 
 
 def fit_each(rank: int, world: int, memories: list[dict[str, Any]],
-             layout: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+             layout: dict[str, Any] | None = None, preset: str = "tiny") -> list[dict[str, Any]]:
     """:func:`fit_with_memory` for each of ``memories`` in turn, in the same ranks."""
-    return [fit_with_memory(rank, world, memory, layout=layout) for memory in memories]
+    return [fit_with_memory(rank, world, memory, layout=layout, preset=preset) for memory in memories]
