@@ -16,11 +16,12 @@ outside the LightningModule (not registered: not in its ``state_dict`` or optimi
 
 What composes with it (checked before any process group by :func:`check_traceable_layout`):
 
-* data parallelism, as replicas: every ``dp`` rank of a stage holds the stage's parameters whole
-  and the step's gradients are averaged over ``dp`` after the schedule (:class:`ReplicatedGradients`),
-  so the parameters the optimizer holds are never swapped, whichever input shape is traced later.
-  FSDP2 is refused: it replaces the parameters when it shards them, and the traced stages exist only
-  from the first step on (after the optimizer took the parameters), once per input shape.
+* data parallelism, ``data_parallel_mode="auto"``/``"ddp"`` as replicas: every ``dp`` rank of a stage holds
+  the stage's parameters whole and the step's gradients are averaged over ``dp`` after the schedule
+  (:class:`ReplicatedGradients`). ``"fsdp"``/``"hsdp"``: FSDP2 shards the stages at setup as with the
+  structural split and the graphs are traced over its gathered parameters (``traced_sharding.py``), so the
+  parameters the optimizer holds are never swapped, whichever input shape is traced later. FSDP2 together
+  with tensor parallelism is refused (the local twins below do not follow FSDP2's gathered storage).
 * tensor parallelism: the parameters are DTensor-sharded as with the structural split, and the model
   is traced with its sharded linears swapped for local twins between Megatron's two operators as
   custom ops (``tensor_parallel/traced.py``), so the sizes the graph hard-codes are the local ones.
@@ -31,7 +32,7 @@ What composes with it (checked before any process group by :func:`check_traceabl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -60,7 +61,8 @@ if TYPE_CHECKING:
     from picotron_lightning.topology import ParallelLayout
 
 REPLICATED_MODES = ("auto", "ddp")
-"""``data_parallel_mode`` values the traced split runs (as replicas with averaged gradients)."""
+"""``data_parallel_mode`` values the traced split runs as replicas with averaged gradients ("fsdp" and "hsdp"
+shard with FSDP2, ``traced_sharding.py``)."""
 
 
 def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_parallel_mode: str = "auto",
@@ -93,12 +95,14 @@ def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_paralle
             "expert are data-dependent shapes; measured: GuardOnDataDependentSymNode in moe/grouped.py "
             f"pad_by_group). {structural}."
         )
-    if layout.dp > 1 and data_parallel_mode not in REPLICATED_MODES:
+    if layout.dp > 1 and layout.tp > 1 and data_parallel_mode not in REPLICATED_MODES:
+        # The twins of the sharded linears hold the tp shards' local tensors; under FSDP2 those are gathered and
+        # freed every step (2-D DTensors), which the twins do not follow.
         raise PipelineSplitError(
-            f"pipeline_split='trace' with data_parallel_size={layout.dp} runs the stages as replicas and averages "
-            f"their gradients; data_parallel_mode={data_parallel_mode!r} is not supported with it (FSDP2 replaces "
-            "the parameters when it shards them, and the traced stages are built at the first step, after the "
-            f"optimizer took them). Use data_parallel_mode='auto' or 'ddp' with the traced split. {structural}."
+            f"pipeline_split='trace' with tensor_parallel_size={layout.tp} and data_parallel_size={layout.dp} does "
+            f"not support data_parallel_mode={data_parallel_mode!r} (the traced tensor-parallel linears are not "
+            "sharded over dp as well). Use data_parallel_mode='auto' or 'ddp' (replicas) with it, "
+            f"data_parallel_mode='fsdp' without tensor parallelism, or {structural[4:]}."
         )
 
 
@@ -226,14 +230,19 @@ class TracedStage(nn.Module):
     """One traced stage as the schedule runs it: the first gets the captured inputs, the last packs its output."""
 
     _state: StepState
+    _gather: Callable[[], None] | None
 
-    def __init__(self, state: StepState, index: int, num_stages: int, graph: nn.Module) -> None:
+    def __init__(self, state: StepState, index: int, num_stages: int, graph: nn.Module,
+                 gather: Callable[[], None] | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_state", state)  # not a child: shared with the runtime and other stages
+        object.__setattr__(self, "_gather", gather)
         self.index, self.num_stages = index, num_stages
         self.graph = graph
 
     def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
+        if self._gather is not None:  # FSDP2: the graph reads the unsharded parameters (traced_sharding.py)
+            self._gather()
         index = int(mb_index.reshape(-1)[0])
         inputs = tensor_inputs(self._state.calls[index]) if self.index == 0 else list(activations)
         out = self.graph(*inputs)
