@@ -67,7 +67,7 @@ from picotron_lightning.parallel.pipeline_parallel.trace import (
     check_traceable_layout,
     trace_pipe,
 )
-from picotron_lightning.parallel.pipeline_parallel.traced_sharding import TracedFullyShard
+from picotron_lightning.parallel.pipeline_parallel.traced_sharding import TracedFullyShard, check_traced_sharding
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -185,7 +185,8 @@ class PipelineRuntime:
                 else self.parts.blocks_name
             points = [f"{prefix}.{keys[r.start]}" for r in self.assignment[1:]]
             sharded = self._sharded
-            with self.full_model(), self._local_linears(), sharded.for_trace() if sharded else nullcontext():
+            # Gathered first: under FSDP2 the tensor-parallel twins are made from the gathered parameters.
+            with self.full_model(), sharded.for_trace() if sharded else nullcontext(), self._local_linears():
                 pipe = trace_pipe(self.inner, points, self.state.calls[0], self.num_stages)
             gather = sharded.gather if sharded else None
             self._traced[signature] = [
@@ -204,6 +205,7 @@ class PipelineRuntime:
         traced = self.options.split == "trace"
         if traced:
             check_traceable_layout(self.root, layout, config.mode)
+            check_traced_sharding(layout, config.mode, self.options.schedule)
             if layout.dp == 1:
                 return self.root, "none"
             if config.mode in REPLICATED_MODES:
@@ -221,6 +223,8 @@ class PipelineRuntime:
                 all_units += units
             if traced:  # the traced graphs run inside the stage modules, over the gathered units
                 self._sharded = TracedFullyShard(all_units)
+                if self._tensor_twins is not None:
+                    self._tensor_twins.gradients_into_parameters = True
         self.tied.attach(self.root)  # after FSDP: the parameters it registered are the ones to tie
         return self.root, mode if layout.dp > 1 else "none"
 

@@ -20,8 +20,7 @@ What composes with it (checked before any process group by :func:`check_traceabl
   the stage's parameters whole and the step's gradients are averaged over ``dp`` after the schedule
   (:class:`ReplicatedGradients`). ``"fsdp"``/``"hsdp"``: FSDP2 shards the stages at setup as with the
   structural split and the graphs are traced over its gathered parameters (``traced_sharding.py``), so the
-  parameters the optimizer holds are never swapped, whichever input shape is traced later. FSDP2 together
-  with tensor parallelism is refused (the local twins below do not follow FSDP2's gathered storage).
+  parameters the optimizer holds are never swapped, whichever input shape is traced later.
 * tensor parallelism: the parameters are DTensor-sharded as with the structural split, and the model
   is traced with its sharded linears swapped for local twins between Megatron's two operators as
   custom ops (``tensor_parallel/traced.py``), so the sizes the graph hard-codes are the local ones.
@@ -69,7 +68,9 @@ def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_paralle
                            tensor_parallel: TensorParallelOptions | None = None) -> None:
     """Refuse what the traced stages cannot run, naming the reason; no collective involved.
 
-    Called by the strategy before any process group exists, and again by the split.
+    Called by the strategy before any process group exists, and again by the split. Every
+    ``data_parallel_mode`` composes with the traced split (replicas, or FSDP2: ``traced_sharding.py``);
+    the argument stays for the callers, which pass the layout's whole data-parallel choice.
     """
     structural = ('Use pipeline_split="structural" (the default), which composes with FSDP2, tensor and expert '
                   "parallelism")
@@ -94,15 +95,6 @@ def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_paralle
             f"pipeline_split='trace' does not support {what}: torch.export cannot trace MoE routing (the tokens per "
             "expert are data-dependent shapes; measured: GuardOnDataDependentSymNode in moe/grouped.py "
             f"pad_by_group). {structural}."
-        )
-    if layout.dp > 1 and layout.tp > 1 and data_parallel_mode not in REPLICATED_MODES:
-        # The twins of the sharded linears hold the tp shards' local tensors; under FSDP2 those are gathered and
-        # freed every step (2-D DTensors), which the twins do not follow.
-        raise PipelineSplitError(
-            f"pipeline_split='trace' with tensor_parallel_size={layout.tp} and data_parallel_size={layout.dp} does "
-            f"not support data_parallel_mode={data_parallel_mode!r} (the traced tensor-parallel linears are not "
-            "sharded over dp as well). Use data_parallel_mode='auto' or 'ddp' (replicas) with it, "
-            f"data_parallel_mode='fsdp' without tensor parallelism, or {structural[4:]}."
         )
 
 
@@ -134,6 +126,9 @@ class TracedTensorParallel:
 
     The twins are made once (their parameters share the DTensors' local storage, so optimizer steps and
     in-place loads are seen) and swapped in for each trace, so a new input shape traces the same ones.
+    Under FSDP2 they are made while the units are gathered (from FSDP2's unsharded tp DTensors, whose
+    storage FSDP2 refills at every gather), and each twin gradient goes, as it is accumulated, into the
+    unsharded parameter's ``.grad``, where FSDP2's reduce-scatter at the end of the schedule finds it.
     """
 
     def __init__(self, root: nn.Module, plan: TensorParallelPlan, tp_mesh: DeviceMesh) -> None:
@@ -142,6 +137,7 @@ class TracedTensorParallel:
         self.group_name = tp_mesh.get_group().group_name
         self._twins: dict[str, LocalShardLinear] = {}
         self._sources: list[tuple[nn.Parameter, torch.Tensor]] = []  # (twin's parameter, DTensor parameter)
+        self.gradients_into_parameters = False  # set under FSDP2 (before the first trace)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
@@ -152,9 +148,14 @@ class TracedTensorParallel:
                 twin = local_twin(linear, kind, self.tp, self.rank, self.group_name)
                 self._twins[name] = twin
                 if isinstance(linear.weight, DTensor):  # held by this rank (sharded by apply_plan)
-                    self._sources += [(twin.weight, linear.weight)]
+                    pairs: list[tuple[nn.Parameter, torch.Tensor]] = [(twin.weight, linear.weight)]
                     if linear.bias is not None and twin.bias is not None:
-                        self._sources += [(twin.bias, linear.bias)]
+                        pairs += [(twin.bias, linear.bias)]
+                    if self.gradients_into_parameters:
+                        for twin_param, param in pairs:
+                            twin_param.register_post_accumulate_grad_hook(_gradient_into(param))
+                    else:
+                        self._sources += pairs
         saved = [(name, replace_submodule(self.root, name, twin)) for name, twin in self._twins.items()]
         try:
             yield
@@ -170,6 +171,17 @@ class TracedTensorParallel:
                 out.append((param, twin.grad))
                 twin.grad = None
         return out
+
+
+def _gradient_into(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A hook moving a twin parameter's accumulated gradient into ``param.grad`` (as a DTensor of its placements)."""
+
+    def move(twin_param: torch.Tensor) -> None:
+        grad = as_parameter_gradients([(param, cast(torch.Tensor, twin_param.grad))])[0][1]
+        param.grad = grad if param.grad is None else param.grad + grad
+        twin_param.grad = None
+
+    return move
 
 
 def as_parameter_gradients(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:

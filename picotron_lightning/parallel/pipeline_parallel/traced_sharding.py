@@ -29,9 +29,36 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
+
+from picotron_lightning.parallel.pipeline_parallel.split import PipelineSplitError
+
+if TYPE_CHECKING:
+    from picotron_lightning.topology import ParallelLayout
+
+SPLIT_BACKWARD_SCHEDULES = ("zero_bubble", "zbv")
+"""Schedules whose weight gradients ``PipelineStage`` computes over its module's registered parameters."""
+
+
+def check_traced_sharding(layout: ParallelLayout, data_parallel_mode: str, schedule: str) -> None:
+    """Refuse FSDP2 x tensor parallelism with a split-backward schedule under the traced split; no collective.
+
+    Under FSDP2 the schedule runs the stage module (the FSDP2 root), whose registered parameters are
+    FSDP2's; with tensor parallelism the traced graph computes with the twins' parameters instead, so a
+    schedule that takes the weight gradients over the stage module's parameters would miss them.
+    """
+    if layout.dp > 1 and layout.tp > 1 and data_parallel_mode in ("fsdp", "hsdp") \
+            and schedule in SPLIT_BACKWARD_SCHEDULES:
+        raise PipelineSplitError(
+            f"pipeline_split='trace' with data_parallel_mode={data_parallel_mode!r} and tensor_parallel_size="
+            f"{layout.tp} does not support pipeline_schedule={schedule!r} (its weight gradients are taken over the "
+            "stage module's parameters, which are not the ones the traced tensor-parallel linears use). Use "
+            "pipeline_schedule='1f1b', 'gpipe' or 'interleaved_1f1b', data_parallel_mode='ddp', or "
+            'pipeline_split="structural".'
+        )
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_state_dict_pre_hooks")
 """``nn.Module`` hook dictionaries FSDP2 registers in (forward: gather/reshard; state dict: reshard)."""
