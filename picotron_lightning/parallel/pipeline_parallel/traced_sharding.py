@@ -48,7 +48,8 @@ def check_traced_sharding(layout: ParallelLayout, data_parallel_mode: str, sched
 
     Under FSDP2 the schedule runs the stage module (the FSDP2 root), whose registered parameters are
     FSDP2's; with tensor parallelism the traced graph computes with the twins' parameters instead, so a
-    schedule that takes the weight gradients over the stage module's parameters would miss them.
+    schedule that takes the weight gradients over the stage module's parameters would miss them (measured
+    without this check, pp=2 x dp=2 x tp=2 ``zbv``: no gradient for the sharded linears, step 2 3.2e-04 off).
     """
     if layout.dp > 1 and layout.tp > 1 and data_parallel_mode in ("fsdp", "hsdp") \
             and schedule in SPLIT_BACKWARD_SCHEDULES:
