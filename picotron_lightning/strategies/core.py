@@ -27,6 +27,7 @@ from picotron_lightning.parallel.data import DataParallelOptions, set_gradient_s
 from picotron_lightning.parallel.expert import reduce_expert_gradients
 from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_norm
 from picotron_lightning.parallel.pipeline_parallel import check_pipeline_model, check_traceable_layout
+from picotron_lightning.parallel.pipeline_parallel.traced_sharding import check_traced_sharding
 from picotron_lightning.parallel.tensor_parallel import loss_parallel_context
 from picotron_lightning.strategies.memory_policy import MemoryPolicyMixin
 from picotron_lightning.topology import ParallelLayout
@@ -248,6 +249,7 @@ class Picotron3DCore(MemoryPolicyMixin):
         if self._options.pipeline.split == "trace":
             check_traceable_layout(module, self.layout, self._options.data_parallel.mode,
                                    self._options.tensor_parallel)
+            check_traced_sharding(self.layout, self._options.data_parallel.mode, self._options.pipeline.schedule)
 
     def _check_compilable(self, module: nn.Module | None) -> None:
         """Refuse ``compile=`` for a model it cannot handle (MoE, no block stack); no collective involved."""

@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
 from picotron_lightning import Picotron3DStrategy
@@ -55,6 +56,11 @@ def run(
         "bubble": strategy.pipeline_bubble,
         "params": sorted(n for n, _ in module.named_parameters()),
         "pp_rank": strategy.layout.coordinates(trainer.global_rank).pp,
+        "data_parallel_mode": strategy.data_parallel_mode,
+        # parameters held as DTensors sharded over dp (FSDP2), each with its local shard's size
+        "dp_sharded": {n: p.to_local().numel() for n, p in module.named_parameters()
+                       if isinstance(p, DTensor) and any(d.startswith("dp") for d in p.device_mesh.mesh_dim_names or ())
+                       and any(pl.is_shard() for pl in p.placements)},
     }
 
 

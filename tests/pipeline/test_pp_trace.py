@@ -160,9 +160,12 @@ def test_trace_refuses_what_the_traced_graph_cannot_run():
     replicas = ParallelLayout(pipeline_parallel_size=2).resolve(4)
     check_traceable_layout(dense, replicas)  # dp=2 as replicas: accepted
     check_traceable_layout(dense, replicas, "ddp")
-    with pytest.raises(PipelineSplitError, match="data_parallel_mode='fsdp' is not supported.*'auto' or 'ddp'"):
-        check_traceable_layout(dense, replicas, "fsdp")
+    check_traceable_layout(dense, replicas, "fsdp")  # FSDP2 over the traced stages (test_pp_trace_fsdp.py)
+    check_traceable_layout(dense, replicas, "hsdp")
     check_traceable_layout(dense, ParallelLayout(pipeline_parallel_size=2, tensor_parallel_size=2).resolve(4))
+    three_d = ParallelLayout(pipeline_parallel_size=2, tensor_parallel_size=2).resolve(8)
+    check_traceable_layout(dense, three_d, "ddp")
+    check_traceable_layout(dense, three_d, "fsdp")
     # MoE layers are traced as opaque ops (tests/pipeline/test_pp_trace_moe.py).
     check_traceable_layout(Llama(llama_config("tiny-moe", num_layers=2)), ParallelLayout(pipeline_parallel_size=2)
                            .resolve(2))

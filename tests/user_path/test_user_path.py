@@ -155,9 +155,12 @@ def test_3d_checkpoint_resumes_where_it_stopped(lightning8):
 
 # --------------------------------------------------------------------------- the traced split, 4 processes
 # A GPT whose blocks pass two tensors to each other (hidden state and a running sum the head reads):
-# the traced split carries both across the stage boundary. pp=2 x dp=2, the stages as replicas.
+# the traced split carries both across the stage boundary. pp=2 x dp=2, the stages as replicas, and
+# sharded with FSDP2 (the traced graphs run over FSDP2's gathered parameters).
 TRACED = {"pipeline_parallel_size": 2, "pipeline_split": "trace"}
 RUNS_TRACED = [_run("trace_two_stream_pp2_dp2", 2, model={"kind": "two_stream"}, strategy=TRACED),
+               _run("trace_two_stream_pp2_dp2_fsdp", 2, model={"kind": "two_stream"},
+                    strategy={**TRACED, "data_parallel_mode": "fsdp"}),
                # and pp=2 x tp=2: the traced stages run each rank's shards between the Megatron operators
                _run("trace_two_stream_pp2_tp2", 1, model={"kind": "two_stream"},
                     strategy={**TRACED, "tensor_parallel_size": 2})]
@@ -172,7 +175,8 @@ def traced4(tmp_path_factory) -> dict[str, Any]:
 def test_traced_split_with_data_and_tensor_parallelism_from_a_plain_script(traced4, run):
     result = traced4[run["name"]]
     dp = 1 if run["strategy"].get("tensor_parallel_size", 1) > 1 else 2
-    assert result["world_size"] == 4 and result["data_parallel_mode"] == ("ddp" if dp > 1 else "none"), result
+    mode = "none" if dp == 1 else "fsdp" if run["strategy"].get("data_parallel_mode") == "fsdp" else "ddp"
+    assert result["world_size"] == 4 and result["data_parallel_mode"] == mode, result
     _assert_parity(traced4, run, dp=dp)
 
 

@@ -5,7 +5,8 @@ Modules, in the order a step meets them:
 * ``options.py``: :class:`PipelineOptions` (schedule, microbatches, virtual stages, splitter).
 * ``split.py``: which blocks each stage keeps (found by structure, or declared with
   ``configure_pipeline_stages()`` returning a :class:`PipelinePlan`).
-* ``trace.py``: the alternative splitter (``pipeline_split="trace"``, ``torch.export`` graphs).
+* ``trace.py``: the alternative splitter (``pipeline_split="trace"``, ``torch.export`` graphs);
+  ``traced_sharding.py``: FSDP2 for its stages.
 * ``stage.py``: a stage as a module (the model's own forward with only that stage active).
 * ``step_state.py``: what a step captured, handed by the runtime to its stages.
 * ``user_step.py``: the user's unchanged ``training_step`` reused for capture, loss and logging.

@@ -59,6 +59,7 @@ from picotron_lightning.parallel.pipeline_parallel.tied import (
     find_tied_across_stages,
 )
 from picotron_lightning.parallel.pipeline_parallel.trace import (
+    REPLICATED_MODES,
     ReplicatedGradients,
     TracedStage,
     TracedTensorParallel,
@@ -67,6 +68,7 @@ from picotron_lightning.parallel.pipeline_parallel.trace import (
     trace_pipe,
 )
 from picotron_lightning.parallel.pipeline_parallel.traced_moe import opaque_moe_layers
+from picotron_lightning.parallel.pipeline_parallel.traced_sharding import TracedFullyShard, check_traced_sharding
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
@@ -125,6 +127,7 @@ class PipelineRuntime:
         self._traced: dict[tuple, list[nn.Module]] = {}
         self._replicas: ReplicatedGradients | None = None  # the traced split's data parallelism (trace.py)
         self._tensor_twins: TracedTensorParallel | None = None  # the traced split's tensor parallelism (trace.py)
+        self._sharded: TracedFullyShard | None = None  # the traced split under FSDP2 (traced_sharding.py)
 
     # ------------------------------------------------------------------ stage forward support
     @property
@@ -182,10 +185,14 @@ class PipelineRuntime:
             prefix = self.parts.blocks_name[len(self.parts.inner_name) + 1:] if self.parts.inner_name \
                 else self.parts.blocks_name
             points = [f"{prefix}.{keys[r.start]}" for r in self.assignment[1:]]
-            with self.full_model(), self._local_linears(), opaque_moe_layers(self.inner):
+            sharded = self._sharded
+            # Gathered first: under FSDP2 the tensor-parallel twins are made from the gathered parameters.
+            with self.full_model(), sharded.for_trace() if sharded else nullcontext(), self._local_linears(), \
+                    opaque_moe_layers(self.inner):
                 pipe = trace_pipe(self.inner, points, self.state.calls[0], self.num_stages)
+            gather = sharded.gather if sharded else None
             self._traced[signature] = [
-                TracedStage(self.state, sm.index, self.num_stages, pipe.get_stage_module(sm.index))
+                TracedStage(self.state, sm.index, self.num_stages, pipe.get_stage_module(sm.index), gather)
                 for sm in self.stage_modules
             ]
         return self._traced[signature]
@@ -197,20 +204,29 @@ class PipelineRuntime:
         self._drop_other_stages_modules()
         for sm in self.stage_modules:
             sm.attach()
-        if self.options.split == "trace":
-            # The traced stages run as replicas whose gradients are averaged after the schedule (trace.py).
+        traced = self.options.split == "trace"
+        if traced:
             check_traceable_layout(self.root, layout, config.mode)
+            check_traced_sharding(layout, config.mode, self.options.schedule)
             if layout.dp == 1:
                 return self.root, "none"
-            self._replicas = ReplicatedGradients(mesh["dp"].get_group(), list(self.root.parameters()))
-            return self.root, "ddp"
+            if config.mode in REPLICATED_MODES:
+                # "auto" and "ddp": replicas whose gradients are averaged after the schedule (trace.py).
+                self._replicas = ReplicatedGradients(mesh["dp"].get_group(), list(self.root.parameters()))
+                return self.root, "ddp"
         # "auto" shards: DDP cannot follow a schedule's microbatches (refused in the strategy's arguments).
         mode = "fsdp" if config.mode == "auto" else config.mode
         if layout.dp > 1:
             dp_mesh = mesh["dp_replicate", "dp_shard"] if mode == "hsdp" else mesh["dp"]
+            all_units: list[nn.Module] = []
             for sm in self.stage_modules:
                 units = [*sm.blocks.values(), *sm.first.values(), *sm.last.values()]
                 fully_shard_units(sm, units, dp_mesh, config)
+                all_units += units
+            if traced:  # the traced graphs run inside the stage modules, over the gathered units
+                self._sharded = TracedFullyShard(all_units)
+                if self._tensor_twins is not None:
+                    self._tensor_twins.gradients_into_parameters = True
         self.tied.attach(self.root)  # after FSDP: the parameters it registered are the ones to tie
         return self.root, mode if layout.dp > 1 else "none"
 
@@ -222,7 +238,9 @@ class PipelineRuntime:
         key = (training, microbatches, signature)
         if key in self._schedules:
             return self._schedules[key], False
-        modules = self.traced_modules(signature) if self.options.split == "trace" else self.run_modules
+        modules = self.run_modules
+        if self.options.split == "trace" and self._sharded is None:  # under FSDP2 the stage modules run the graphs
+            modules = self.traced_modules(signature)
         stages = [PipelineStage(m, sm.index, self.num_stages, self.device, group=self.pp_group)
                   for m, sm in zip(modules, self.stage_modules, strict=True)]
         for stage in stages:
@@ -301,7 +319,11 @@ class PipelineRuntime:
         if training:
             # MoE auxiliary gradients are injected per microbatch: scale them as the loss is scaled.
             set_aux_loss_scale(self.root, 1.0 / (m * accumulate))
-        schedule, fresh = self._schedule(training, m, _signature(self.state.calls[0], microbatches[0]))
+        signature = _signature(self.state.calls[0], microbatches[0])
+        schedule, fresh = self._schedule(training, m, signature)
+        if self._sharded is not None:  # the FSDP2 roots (stage modules) run this shape's traced graphs
+            for sm, graph in zip(self.stage_modules, self.traced_modules(signature), strict=True):
+                sm.run_traced(graph)
         index = torch.arange(m, device=self.device)
         try:
             if training:
@@ -312,6 +334,8 @@ class PipelineRuntime:
                 self._pending_grads = self._release_gradients(held)
             else:
                 schedule.eval(index, mb_index=index, target=index, return_outputs=False)
+                if self._sharded is not None:  # no backward reshards the units gathered by the traced graphs
+                    self._sharded.reshard()
             payload = None
             if self.holds_last_stage:
                 results = [self._ctx.results[i] for i in range(m)]

@@ -123,12 +123,16 @@ class StageModule(nn.Module):
 
     _model: SplitModel  # set with object.__setattr__ in __init__ (declared for type checkers)
     _state: StepState
+    _traced: nn.Module | None
 
     def __init__(self, model: SplitModel, state: StepState, index: int, num_stages: int,
                  block_keys: list[str]) -> None:
         super().__init__()
         object.__setattr__(self, "_model", model)  # not children: the model holds them, not the stage
         object.__setattr__(self, "_state", state)
+        # pipeline_split="trace" under FSDP2: the traced graph this stage runs instead of the model's forward
+        # (set by the runtime per input shape; not a child, so not in the state dict or the FSDP2 units).
+        object.__setattr__(self, "_traced", None)
         self.index, self.num_stages, self.block_keys = index, num_stages, block_keys
         self.blocks = nn.ModuleDict()
         self.first = nn.ModuleDict()
@@ -176,7 +180,13 @@ class StageModule(nn.Module):
             for name, module in swapped:
                 replace_submodule(model.root, name, module)
 
+    def run_traced(self, graph: nn.Module | None) -> None:
+        """Run ``graph`` (a traced stage, same call signature) as this stage's forward; None: the model's own."""
+        object.__setattr__(self, "_traced", graph)
+
     def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
+        if self._traced is not None:
+            return self._traced(*activations, mb_index=mb_index)
         index = int(mb_index.reshape(-1)[0])
         args, kwargs = self._state.calls[index]
         received = None if self.is_first else activations

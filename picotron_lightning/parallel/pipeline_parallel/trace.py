@@ -16,11 +16,11 @@ outside the LightningModule (not registered: not in its ``state_dict`` or optimi
 
 What composes with it (checked before any process group by :func:`check_traceable_layout`):
 
-* data parallelism, as replicas: every ``dp`` rank of a stage holds the stage's parameters whole
-  and the step's gradients are averaged over ``dp`` after the schedule (:class:`ReplicatedGradients`),
-  so the parameters the optimizer holds are never swapped, whichever input shape is traced later.
-  FSDP2 is refused: it replaces the parameters when it shards them, and the traced stages exist only
-  from the first step on (after the optimizer took the parameters), once per input shape.
+* data parallelism, ``data_parallel_mode="auto"``/``"ddp"`` as replicas: every ``dp`` rank of a stage holds
+  the stage's parameters whole and the step's gradients are averaged over ``dp`` after the schedule
+  (:class:`ReplicatedGradients`). ``"fsdp"``/``"hsdp"``: FSDP2 shards the stages at setup as with the
+  structural split and the graphs are traced over its gathered parameters (``traced_sharding.py``), so the
+  parameters the optimizer holds are never swapped, whichever input shape is traced later.
 * tensor parallelism: the parameters are DTensor-sharded as with the structural split, and the model
   is traced with its sharded linears swapped for local twins between Megatron's two operators as
   custom ops (``tensor_parallel/traced.py``), so the sizes the graph hard-codes are the local ones.
@@ -34,7 +34,7 @@ What composes with it (checked before any process group by :func:`check_traceabl
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, cast
 
@@ -64,14 +64,17 @@ if TYPE_CHECKING:
     from picotron_lightning.topology import ParallelLayout
 
 REPLICATED_MODES = ("auto", "ddp")
-"""``data_parallel_mode`` values the traced split runs (as replicas with averaged gradients)."""
+"""``data_parallel_mode`` values the traced split runs as replicas with averaged gradients ("fsdp" and "hsdp"
+shard with FSDP2, ``traced_sharding.py``)."""
 
 
 def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_parallel_mode: str = "auto",
                            tensor_parallel: TensorParallelOptions | None = None) -> None:
     """Refuse what the traced stages cannot run, naming the reason; no collective involved.
 
-    Called by the strategy before any process group exists, and again by the split.
+    Called by the strategy before any process group exists, and again by the split. Every
+    ``data_parallel_mode`` composes with the traced split (replicas, or FSDP2: ``traced_sharding.py``);
+    the argument stays for the callers, which pass the layout's whole data-parallel choice.
     """
     structural = ('Use pipeline_split="structural" (the default), which composes with FSDP2, tensor and expert '
                   "parallelism")
@@ -99,13 +102,6 @@ def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_paralle
             f"{other_moe[0]!r} is a {type(root.get_submodule(other_moe[0])).__name__} (torch.export cannot trace "
             "its routing: the tokens per expert are data-dependent sizes). Use picotron_lightning.moe.MoELayer, "
             f"or {structural[0].lower()}{structural[1:]}."
-        )
-    if layout.dp > 1 and data_parallel_mode not in REPLICATED_MODES:
-        raise PipelineSplitError(
-            f"pipeline_split='trace' with data_parallel_size={layout.dp} runs the stages as replicas and averages "
-            f"their gradients; data_parallel_mode={data_parallel_mode!r} is not supported with it (FSDP2 replaces "
-            "the parameters when it shards them, and the traced stages are built at the first step, after the "
-            f"optimizer took them). Use data_parallel_mode='auto' or 'ddp' with the traced split. {structural}."
         )
 
 
@@ -141,6 +137,9 @@ class TracedTensorParallel:
 
     The twins are made once (their parameters share the DTensors' local storage, so optimizer steps and
     in-place loads are seen) and swapped in for each trace, so a new input shape traces the same ones.
+    Under FSDP2 they are made while the units are gathered (from FSDP2's unsharded tp DTensors, whose
+    storage FSDP2 refills at every gather), and each twin gradient goes, as it is accumulated, into the
+    unsharded parameter's ``.grad``, where FSDP2's reduce-scatter at the end of the schedule finds it.
     """
 
     def __init__(self, root: nn.Module, plan: TensorParallelPlan, tp_mesh: DeviceMesh) -> None:
@@ -149,6 +148,7 @@ class TracedTensorParallel:
         self.group_name = tp_mesh.get_group().group_name
         self._twins: dict[str, LocalShardLinear] = {}
         self._sources: list[tuple[nn.Parameter, torch.Tensor]] = []  # (twin's parameter, DTensor parameter)
+        self.gradients_into_parameters = False  # set under FSDP2 (before the first trace)
 
     @contextmanager
     def swapped(self) -> Iterator[None]:
@@ -159,9 +159,14 @@ class TracedTensorParallel:
                 twin = local_twin(linear, kind, self.tp, self.rank, self.group_name)
                 self._twins[name] = twin
                 if isinstance(linear.weight, DTensor):  # held by this rank (sharded by apply_plan)
-                    self._sources += [(twin.weight, linear.weight)]
+                    pairs: list[tuple[nn.Parameter, torch.Tensor]] = [(twin.weight, linear.weight)]
                     if linear.bias is not None and twin.bias is not None:
-                        self._sources += [(twin.bias, linear.bias)]
+                        pairs += [(twin.bias, linear.bias)]
+                    if self.gradients_into_parameters:
+                        for twin_param, param in pairs:
+                            twin_param.register_post_accumulate_grad_hook(_gradient_into(param))
+                    else:
+                        self._sources += pairs
         saved = [(name, replace_submodule(self.root, name, twin)) for name, twin in self._twins.items()]
         try:
             yield
@@ -177,6 +182,17 @@ class TracedTensorParallel:
                 out.append((param, twin.grad))
                 twin.grad = None
         return out
+
+
+def _gradient_into(param: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A hook moving a twin parameter's accumulated gradient into ``param.grad`` (as a DTensor of its placements)."""
+
+    def move(twin_param: torch.Tensor) -> None:
+        grad = as_parameter_gradients([(param, cast(torch.Tensor, twin_param.grad))])[0][1]
+        param.grad = grad if param.grad is None else param.grad + grad
+        twin_param.grad = None
+
+    return move
 
 
 def as_parameter_gradients(pending: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -237,14 +253,19 @@ class TracedStage(nn.Module):
     """One traced stage as the schedule runs it: the first gets the captured inputs, the last packs its output."""
 
     _state: StepState
+    _gather: Callable[[], None] | None
 
-    def __init__(self, state: StepState, index: int, num_stages: int, graph: nn.Module) -> None:
+    def __init__(self, state: StepState, index: int, num_stages: int, graph: nn.Module,
+                 gather: Callable[[], None] | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_state", state)  # not a child: shared with the runtime and other stages
+        object.__setattr__(self, "_gather", gather)
         self.index, self.num_stages = index, num_stages
         self.graph = graph
 
     def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
+        if self._gather is not None:  # FSDP2: the graph reads the unsharded parameters (traced_sharding.py)
+            self._gather()
         index = int(mb_index.reshape(-1)[0])
         inputs = tensor_inputs(self._state.calls[index]) if self.index == 0 else list(activations)
         out = self.graph(*inputs)
