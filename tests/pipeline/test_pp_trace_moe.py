@@ -84,7 +84,8 @@ def test_traced_pp2_moe_matches_one_process():
 
 def _world4(rank: int, world: int) -> dict[str, Any]:
     return {"ep2": _fit(world, {**TRACE, "expert_parallel_size": 2}),
-            "tp2": _fit(world, {**TRACE, "tensor_parallel_size": 2})}
+            "tp2": _fit(world, {**TRACE, "tensor_parallel_size": 2}),
+            "fsdp": _fit(world, {**TRACE, "data_parallel_mode": "fsdp"})}
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,15 @@ def test_traced_pp2_tp2_moe_matches_one_process(world4):
     """pp=2 x tp=2 on 4 ranks: attention's linears as local twins between the Megatron ops, the MoE layer
     whole on every tp rank (same tokens, same gradients: no tp reduction of its parameters)."""
     _check([r["tp2"] for r in world4], dp=1, name="pp=2 x tp=2")
+
+
+@pytest.mark.slow
+def test_traced_pp2_dp2_fsdp_moe_matches_one_process(world4):
+    """pp=2 x dp=2 with FSDP2 on 4 ranks: the opaque MoE op runs over FSDP2's gathered parameters and its
+    recomputed gradients reach the unsharded parameters that FSDP2 reduce-scatters."""
+    results = [r["fsdp"] for r in world4]
+    assert all(r["mode"] == "fsdp" for r in results)
+    _check(results, dp=2, name="pp=2 x dp=2 fsdp")
 
 
 class _StackedExperts(nn.Module):
