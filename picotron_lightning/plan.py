@@ -29,7 +29,13 @@ from picotron_lightning.planner import (
     device_spec,
     plan_layout,
 )
-from picotron_lightning.planner.block_probe import cached_rates, calibrate_cpu
+from picotron_lightning.planner.block_probe import (
+    cache_dir,
+    cached_rates,
+    calibrate_cpu,
+    rates_cache_path,
+    style_cache_path,
+)
 from picotron_lightning.planner.calibration import style_of
 from picotron_lightning.planner.hardware import GiB
 from picotron_lightning.planner.probe import probe_cpu, probed_spec
@@ -84,7 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(result.table(top=args.top or None, show_rejected=not args.no_rejected))
+    if result.device.calibration is not None:
+        print(calibration_note(result, args.styles_read, args.rates_read))
     return 0
+
+
+def calibration_note(result: PlanResult, styles_read: int, rates_read: bool) -> str:
+    """What a calibrated ranking rests on: the measured styles, how many came from the cache, and where it is."""
+    calibration = result.device.calibration
+    assert calibration is not None
+    styles = len(calibration.styles)
+    started = "no ranks started" if styles_read == styles and rates_read else "local ranks started to measure"
+    return (f"ranked by calibrated step times: block costs of {styles} parallel style{'s' * (styles != 1)} on "
+            f"{calibration.processes} local processes, {styles_read} of them read from the cache, gloo link "
+            f"{'read from the cache' if rates_read else 'measured'} ({started}); cache: {cache_dir()}")
 
 
 def run(args: argparse.Namespace) -> PlanResult:
@@ -93,6 +112,8 @@ def run(args: argparse.Namespace) -> PlanResult:
         raise PlanError(f"--calibrate measures a CPU machine; --device is {args.device!r}. Use --device cpu, or plan "
                         "a GPU from its table without --calibrate.")
     processes = max(2, min(args.devices, args.devices_per_node))
+    args.styles_read = 0  # for the calibration note: what came from the cache rather than from ranks started now
+    args.rates_read = rates_cache_path(processes).exists() and not args.recalibrate
     if args.calibrate:
         device = probed_spec(cached_rates(processes, refresh=args.recalibrate), device)
     elif args.probe and device.name == "cpu":
@@ -115,8 +136,10 @@ def run(args: argparse.Namespace) -> PlanResult:
     # The styles of the layouts that fit, measured with one process per device of a node (all busy).
     styles = [s for p in result.ranked if (s := style_of(p.candidate)) and processes % (s[0] * s[1]) == 0]
     samples = min(max(2, *(p.candidate.micro_batch_size for p in result.ranked)), 8)
-    calibration = calibrate_cpu(factory, spec, processes, list(dict.fromkeys(styles)), samples,
-                                refresh=args.recalibrate)
+    styles = list(dict.fromkeys(styles))
+    if not args.recalibrate:
+        args.styles_read = sum(style_cache_path(spec, processes, s, samples).exists() for s in styles)
+    calibration = calibrate_cpu(factory, spec, processes, styles, samples, refresh=args.recalibrate)
     device = dataclasses.replace(device, calibration=calibration, rates_processes=processes)
     return plan(device=device)
 

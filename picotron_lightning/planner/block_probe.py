@@ -61,6 +61,17 @@ def cache_key(spec: ModelSpec, processes: int, style: Style, samples: int) -> st
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def style_cache_path(spec: ModelSpec, processes: int, style: Style, samples: int) -> Path:
+    """The file that holds (or will hold) one style's measured costs."""
+    return cache_dir() / f"{cache_key(spec, processes, style, samples)}.json"
+
+
+def rates_cache_path(processes: int) -> Path:
+    """The file that holds (or will hold) the rates probed on ``processes`` local ranks."""
+    text = json.dumps({"machine": _machine(), "processes": processes, "rates": "measure_rates"}, sort_keys=True)
+    return cache_dir() / f"rates-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+
+
 def _cost_from_json(data: dict[str, Any]) -> StyleCost:
     lines = {k: Linear(**v) for k, v in data.items() if isinstance(v, dict)}
     return StyleCost(lines["block_forward"], lines["block_backward"], lines["outer_forward"], lines["outer_backward"],
@@ -84,7 +95,7 @@ def calibrate_cpu(factory: Callable[[], nn.Module], spec: ModelSpec, processes: 
     found: dict[Style, StyleCost] = {}
     missing = []
     for style in dict.fromkeys(styles):
-        path = cache_dir() / f"{cache_key(spec, processes, style, samples)}.json"
+        path = style_cache_path(spec, processes, style, samples)
         if path.exists() and not refresh:
             found[style] = _cost_from_json(json.loads(path.read_text())["cost"])
         else:
@@ -95,7 +106,7 @@ def calibrate_cpu(factory: Callable[[], nn.Module], spec: ModelSpec, processes: 
         cache_dir().mkdir(parents=True, exist_ok=True)
         for style, cost in zip(missing, measured, strict=True):
             found[style] = cost
-            path = cache_dir() / f"{cache_key(spec, processes, style, samples)}.json"
+            path = style_cache_path(spec, processes, style, samples)
             path.write_text(json.dumps({"machine": _machine(), "style": list(style), "processes": processes,
                                         "samples": samples, "cost": asdict(cost)}, indent=1))
     return BlockCalibration(processes, spec.seq_len, tuple((s, found[s]) for s in dict.fromkeys(styles)))
@@ -107,8 +118,7 @@ def cached_rates(processes: int, refresh: bool = False, timeout: float = 300.0) 
     from picotron_lightning.planner.probe import _probe_worker
     from picotron_lightning.testing import run_ranks
 
-    text = json.dumps({"machine": _machine(), "processes": processes, "rates": "measure_rates"}, sort_keys=True)
-    path = cache_dir() / f"rates-{hashlib.sha256(text.encode()).hexdigest()[:24]}.json"
+    path = rates_cache_path(processes)
     if path.exists() and not refresh:
         return dict(json.loads(path.read_text()))
     rates: dict[str, float] = run_ranks(_probe_worker, processes, 512, 256, 704, timeout=timeout)[0]
