@@ -13,22 +13,16 @@ import math
 import pytest
 
 from picotron_lightning.models import CausalLMModule
-from picotron_lightning.planner import Constraints, build_on_meta, describe_model, device_spec, plan_layout
+from picotron_lightning.planner import Constraints, device_spec, plan_layout
 from picotron_lightning.planner.block_probe import cache_key, cached_rates, calibrate_cpu
 from picotron_lightning.planner.calibration import BlockCalibration, Linear, StyleCost, style_of
 from picotron_lightning.planner.cost_model import step_time
-from picotron_lightning.planner.search import Candidate
-
-SEQ = 64
+from tests.planner.tiny_spec import SEQ, candidate, tiny_spec
 
 
 @pytest.fixture(scope="module")
 def spec():
-    return describe_model(build_on_meta(lambda: CausalLMModule("tiny", config={"num_layers": 4})), SEQ, "tiny")
-
-
-def _c(dp=1, tp=1, pp=1, mode="fsdp", ckpt="none", micro=1, mb=8) -> Candidate:
-    return Candidate(dp, tp, pp, 1, mode, ckpt, "1f1b", 1, micro, mb, dp)
+    return tiny_spec()
 
 
 def _cost(block_fixed: float, block_per_sample: float = 0.001) -> StyleCost:
@@ -45,7 +39,7 @@ def _device(styles, processes=2, cores=2):
 
 def test_step_is_composed_from_the_measured_block_costs(spec) -> None:
     cost = _cost(0.010)
-    c = _c(dp=2, mode="ddp", micro=2, mb=2)
+    c = candidate(dp=2, mode="ddp", micro=2, mb=2)
     t = step_time(spec, c, _device([((2, 1, "ddp", "none"), cost)]), 2)
     block = cost.block_forward.at(2) + cost.block_backward.at(2)
     outer = cost.outer_forward.at(2) + cost.outer_backward.at(2)
@@ -73,7 +67,7 @@ def test_the_measured_order_of_styles_decides_the_ranking(spec) -> None:
 
 def test_pipeline_bubble_is_charged_only_beyond_the_shared_cores(spec) -> None:
     cost = _cost(0.010)
-    c = _c(pp=2, micro=2, mb=4)
+    c = candidate(pp=2, micro=2, mb=4)
     style = ((1, 1, "none", "none"), cost)
     # 2 processes on 2 cores: each stage has a core; 1F1B with M=2 idles (pp-1)/M = half of its work.
     alone = step_time(spec, c, _device([style], processes=2, cores=2), 2)
@@ -81,19 +75,19 @@ def test_pipeline_bubble_is_charged_only_beyond_the_shared_cores(spec) -> None:
     assert alone.exposed["pp"] > 0  # the sends, over the link
     # 4 processes on 2 cores (dp2 x pp2 measured with 4 busy): the busy ranks need the shared cores for
     # their whole work anyway; the idle slots cost nothing beyond that.
-    c4 = _c(dp=2, pp=2, micro=2, mb=2)
+    c4 = candidate(dp=2, pp=2, micro=2, mb=2)
     shared = step_time(spec, c4, _device([((2, 1, "fsdp", "none"), cost)], processes=4, cores=2), 4)
     assert shared.bubble == 0.0
     # 4 processes on 3 cores, M=1: the critical path (twice a stage's work at 3/4 of a core's time each)
     # exceeds the shared time by half the compute, less what the optimizer's share leaves.
-    one = step_time(spec, _c(dp=2, pp=2, micro=1, mb=4), _device([((2, 1, "fsdp", "none"), cost)], 4, 3), 4)
+    one = step_time(spec, candidate(dp=2, pp=2, micro=1, mb=4), _device([((2, 1, "fsdp", "none"), cost)], 4, 3), 4)
     assert one.bubble == pytest.approx(0.5 * one.compute - 0.25 * one.overhead["optimizer"])
 
 
 def test_measured_costs_scale_with_the_sharing_of_the_planned_run(spec) -> None:
     # measured with 2 processes on 2 cores, planned for 4 on the same 2 cores: every cost doubles
     cost = _cost(0.010)
-    c = _c(dp=4, mode="ddp", mb=2)
+    c = candidate(dp=4, mode="ddp", mb=2)
     device = _device([((4, 1, "ddp", "none"), cost)], processes=2, cores=2)
     t = step_time(spec, c, device, 4)
     block = cost.block_forward.at(2) + cost.block_backward.at(2)
@@ -103,10 +97,10 @@ def test_measured_costs_scale_with_the_sharing_of_the_planned_run(spec) -> None:
 
 def test_styles_without_a_measurement_use_the_rate_model(spec) -> None:
     device = _device([((2, 1, "ddp", "none"), _cost(0.010))])
-    fsdp = _c(dp=2, mb=4)
+    fsdp = candidate(dp=2, mb=4)
     assert step_time(spec, fsdp, device, 2) == step_time(spec, fsdp, device_spec("cpu"), 2)
-    assert style_of(_c(dp=2, mode="hsdp")) is None
-    assert style_of(_c(dp=1, tp=2, mode="ddp", ckpt="full")) == (1, 2, "none", "full")
+    assert style_of(candidate(dp=2, mode="hsdp")) is None
+    assert style_of(candidate(dp=1, tp=2, mode="ddp", ckpt="full")) == (1, 2, "none", "full")
 
 
 def test_the_gpu_path_ignores_nothing_and_gets_no_calibration() -> None:

@@ -6,23 +6,16 @@ import dataclasses
 
 import pytest
 
-from picotron_lightning.models import CausalLMModule
-from picotron_lightning.planner import build_on_meta, describe_model, device_spec
+from picotron_lightning.planner import device_spec
 from picotron_lightning.planner.comm_model import collectives
 from picotron_lightning.planner.cost_model import step_time
 from picotron_lightning.planner.overhead import adamw_ops_per_tensor, copy_bytes, rank_ops
-from picotron_lightning.planner.search import Candidate
-
-SEQ = 64
+from tests.planner.tiny_spec import candidate, tiny_spec
 
 
 @pytest.fixture(scope="module")
 def spec():
-    return describe_model(build_on_meta(lambda: CausalLMModule("tiny", config={"num_layers": 4})), SEQ, "tiny")
-
-
-def _c(dp=1, tp=1, pp=1, mode="fsdp", ckpt="none", micro=1, mb=8) -> Candidate:
-    return Candidate(dp, tp, pp, 1, mode, ckpt, "1f1b", 1, micro, mb, dp)
+    return tiny_spec()
 
 
 def test_describe_counts_ops_per_pass_and_parameter_tensors(spec) -> None:
@@ -35,29 +28,29 @@ def test_describe_counts_ops_per_pass_and_parameter_tensors(spec) -> None:
 
 
 def test_ops_are_a_fixed_cost_per_microbatch_and_recomputation_adds_forwards(spec) -> None:
-    one = rank_ops(spec, _c(pp=2, micro=2, mb=4))
-    assert rank_ops(spec, _c(pp=2, micro=8, mb=1)) == 4 * one  # same samples, four times the passes
-    plain = rank_ops(spec, _c())
+    one = rank_ops(spec, candidate(pp=2, micro=2, mb=4))
+    assert rank_ops(spec, candidate(pp=2, micro=8, mb=1)) == 4 * one  # same samples, four times the passes
+    plain = rank_ops(spec, candidate())
     blocks = spec.num_blocks
-    assert rank_ops(spec, _c(ckpt="full")) - plain == blocks * spec.block_forward_ops[0]
+    assert rank_ops(spec, candidate(ckpt="full")) - plain == blocks * spec.block_forward_ops[0]
     selective = blocks * (spec.block_forward_ops[0] - spec.block_linear_forward_ops[0])
-    assert rank_ops(spec, _c(ckpt="selective")) - plain == selective
+    assert rank_ops(spec, candidate(ckpt="selective")) - plain == selective
 
 
 def test_copy_bytes_fsdp_buffers_and_ddp_bucket(spec) -> None:
-    fsdp, ddp = _c(dp=2, mb=4), _c(dp=2, mode="ddp", mb=4)
+    fsdp, ddp = candidate(dp=2, mb=4), candidate(dp=2, mode="ddp", mb=4)
     gathered = sum(i.total_bytes for i in collectives(spec, fsdp) if i.kind in ("all_gather", "reduce_scatter"))
     assert copy_bytes(fsdp, collectives(spec, fsdp)) == pytest.approx(1.5 * gathered)
     reduced = sum(i.total_bytes for i in collectives(spec, ddp) if i.dim == "dp")
     assert copy_bytes(ddp, collectives(spec, ddp)) == reduced
-    assert copy_bytes(_c(), collectives(spec, _c())) == 0
+    assert copy_bytes(candidate(), collectives(spec, candidate())) == 0
 
 
 def test_cpu_step_charges_host_terms(spec) -> None:
     cpu = device_spec("cpu")
-    ddp = step_time(spec, _c(dp=2, mode="ddp", mb=4), cpu, 2)
-    fsdp = step_time(spec, _c(dp=2, mb=4), cpu, 2)
-    tp = step_time(spec, _c(tp=2, mb=8), cpu, 2)
+    ddp = step_time(spec, candidate(dp=2, mode="ddp", mb=4), cpu, 2)
+    fsdp = step_time(spec, candidate(dp=2, mb=4), cpu, 2)
+    tp = step_time(spec, candidate(tp=2, mb=8), cpu, 2)
     assert adamw_ops_per_tensor() > 1
     for t in (ddp, fsdp, tp):
         assert set(t.overhead) == {"dispatch", "optimizer", "copies"} and t.overhead["dispatch"] > 0
@@ -73,7 +66,7 @@ def test_cpu_step_charges_host_terms(spec) -> None:
 def test_gpu_table_keeps_host_terms_off(spec) -> None:
     h100 = device_spec("NVIDIA H100 80GB HBM3")
     assert h100.op_seconds == h100.dtensor_op_seconds == h100.copy_bandwidth == 0 and h100.cores is None
-    for c in (_c(dp=2, mb=4), _c(tp=2, mb=8), _c(pp=2, micro=8, mb=1)):
+    for c in (candidate(dp=2, mb=4), candidate(tp=2, mb=8), candidate(pp=2, micro=8, mb=1)):
         t = step_time(spec, c, h100, 8)
         assert sum(t.overhead.values()) == 0
         assert t.total == pytest.approx(t.compute + sum(t.exposed.values()) + t.bubble)
@@ -84,7 +77,7 @@ def test_more_processes_than_cores_share_them(spec) -> None:
     assert cpu.sharing_factor(2) == 1 and cpu.sharing_factor(4) == 2
     # Rates probed with all 4 processes busy already include the sharing.
     assert dataclasses.replace(cpu, rates_processes=4).sharing_factor(4) == 1
-    c = _c(dp=4, mode="ddp", mb=2)
+    c = candidate(dp=4, mode="ddp", mb=2)
     two_cores = step_time(spec, c, cpu, 4)
     four_cores = step_time(spec, c, dataclasses.replace(cpu, cores=4), 4)
     assert two_cores.compute == pytest.approx(2 * four_cores.compute)
