@@ -26,12 +26,12 @@ MICRO = 2  # samples per data-parallel rank and step: two pipeline microbatches 
 TRACE = {"pipeline_parallel_size": 2, "pipeline_split": "trace"}
 
 
-def _fit(world: int, strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
+def _fit(world: int, strategy_kwargs: dict[str, Any], config: dict[str, Any] | None = None) -> dict[str, Any]:
     from picotron_lightning import Picotron3DStrategy
     from picotron_lightning.moe.layer import moe_metrics
 
     strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs)
-    module = make_module("tiny-moe")
+    module = make_module("tiny-moe", config)
     dp = world // strategy_kwargs["pipeline_parallel_size"] // strategy_kwargs.get("tensor_parallel_size", 1)
     loader = DataLoader(TokenDataset(make_data(STEPS * MICRO * dp)), batch_size=MICRO, shuffle=False)
     fitted = fit_and_record(module, loader, strategy=strategy, devices=world, max_steps=STEPS)
@@ -43,17 +43,18 @@ def _fit(world: int, strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _reference(dp: int) -> dict[str, Any]:
+def _reference(dp: int, config: dict[str, Any] | None = None) -> dict[str, Any]:
     from picotron_lightning.moe.layer import moe_metrics
 
-    out = train_reference(make_module("tiny-moe"), make_data(STEPS * MICRO * dp), STEPS, MICRO * dp, chunks=MICRO)
+    out = train_reference(make_module("tiny-moe", config), make_data(STEPS * MICRO * dp), STEPS, MICRO * dp,
+                          chunks=MICRO)
     # The layers' statistics are those of the last chunk (= the last microbatch of every replica together).
     metrics = {name: {k: v.tolist() for k, v in m.items()} for name, m in moe_metrics(out["module"]).items()}
     return {"losses": out["losses"], "metrics": metrics}
 
 
-def _check(results: list[dict[str, Any]], dp: int, name: str) -> None:
-    ref = _reference(dp)
+def _check(results: list[dict[str, Any]], dp: int, name: str, config: dict[str, Any] | None = None) -> None:
+    ref = _reference(dp, config)
     by_dp = {r["dp_rank"]: r["losses"] for r in results}
     assert len(by_dp) == dp and all(len(losses) == STEPS for losses in by_dp.values()), by_dp
     got = mean_over_ranks(list(by_dp.values()))
@@ -72,14 +73,30 @@ def _check(results: list[dict[str, Any]], dp: int, name: str) -> None:
     assert held == set(ref["metrics"]), (held, set(ref["metrics"]))  # every MoE layer is on some stage
 
 
+FOUR_LAYERS = {"num_layers": 4}  # two traced stages per rank under zbv
+
+
 def _world2(rank: int, world: int) -> dict[str, Any]:
-    return _fit(world, TRACE)
+    return {"1f1b": _fit(world, TRACE),
+            "zbv": _fit(world, {**TRACE, "pipeline_schedule": "zbv"}, FOUR_LAYERS)}
+
+
+@pytest.fixture(scope="module")
+def world2() -> list[dict[str, Any]]:
+    return run_ranks(_world2, 2, timeout=900)
 
 
 @pytest.mark.slow
-def test_traced_pp2_moe_matches_one_process():
+def test_traced_pp2_moe_matches_one_process(world2):
     """pp=2 (ep=1) on 2 ranks: one MoE layer per stage, each an opaque op recomputed in backward."""
-    _check(run_ranks(_world2, 2, timeout=900), dp=1, name="pp=2")
+    _check([r["1f1b"] for r in world2], dp=1, name="pp=2")
+
+
+@pytest.mark.slow
+def test_traced_moe_under_a_zero_bubble_schedule(world2):
+    """zbv splits each backward into an input pass and a weight pass: the op's one backward (a recompute)
+    must still give each parameter its gradient once and count the routing statistics once."""
+    _check([r["zbv"] for r in world2], dp=1, name="pp=2 zbv", config=FOUR_LAYERS)
 
 
 def _world4(rank: int, world: int) -> dict[str, Any]:
