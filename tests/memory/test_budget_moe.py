@@ -43,7 +43,8 @@ def budget_between(measured: dict[str, int]) -> tuple[str, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=ROUTING_GAP) if n == "fsdp_ep2" else n for n in MOE_LAYOUTS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[ROUTING_GAP, pytest.mark.large]) if n == "fsdp_ep2" else n
+                                  for n in MOE_LAYOUTS])
 def test_budget_with_a_moe_model_picks_the_cheapest_policy_that_fits(name: str) -> None:
     layout, dp_mode = MOE_LAYOUTS[name]
     memories = [dataclasses.asdict(BY_NAME[n]) for n in ORDER]
