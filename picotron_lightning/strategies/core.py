@@ -247,8 +247,7 @@ class Picotron3DCore(MemoryPolicyMixin):
             return
         check_pipeline_model(module, self.layout.pp, self._options.pipeline)
         if self._options.pipeline.split == "trace":
-            check_traceable_layout(module, self.layout, self._options.data_parallel.mode,
-                                   self._options.tensor_parallel)
+            check_traceable_layout(module, self.layout, self._options.tensor_parallel)
             check_traced_sharding(self.layout, self._options.data_parallel.mode, self._options.pipeline.schedule)
 
     def _check_compilable(self, module: nn.Module | None) -> None:

@@ -155,18 +155,19 @@ def test_trace_accepts_the_layouts_it_composes_with():
     """Before any process group: replicas, FSDP2/HSDP, tp and 3D, and MoE layers pass the traced split's check."""
     from picotron_lightning.models.llama import Llama, llama_config
     from picotron_lightning.parallel.pipeline_parallel import check_traceable_layout
+    from picotron_lightning.parallel.pipeline_parallel.traced_sharding import check_traced_sharding
     from picotron_lightning.topology import ParallelLayout
 
     dense = nn.Linear(2, 2)
     replicas = ParallelLayout(pipeline_parallel_size=2).resolve(4)
-    check_traceable_layout(dense, replicas)  # dp=2 as replicas: accepted
-    check_traceable_layout(dense, replicas, "ddp")
-    check_traceable_layout(dense, replicas, "fsdp")  # FSDP2 over the traced stages (test_pp_trace_fsdp.py)
-    check_traceable_layout(dense, replicas, "hsdp")
+    check_traceable_layout(dense, replicas)  # dp=2: accepted
+    for mode in ("auto", "ddp", "fsdp", "hsdp"):  # replicas or FSDP2 over the traced stages (test_pp_trace_fsdp.py)
+        check_traced_sharding(replicas, mode, "1f1b")
     check_traceable_layout(dense, ParallelLayout(pipeline_parallel_size=2, tensor_parallel_size=2).resolve(4))
     three_d = ParallelLayout(pipeline_parallel_size=2, tensor_parallel_size=2).resolve(8)
-    check_traceable_layout(dense, three_d, "ddp")
-    check_traceable_layout(dense, three_d, "fsdp")
+    check_traceable_layout(dense, three_d)
+    check_traced_sharding(three_d, "ddp", "1f1b")
+    check_traced_sharding(three_d, "fsdp", "1f1b")
     # MoE layers are traced as opaque ops (tests/pipeline/test_pp_trace_moe.py).
     check_traceable_layout(Llama(llama_config("tiny-moe", num_layers=2)), ParallelLayout(pipeline_parallel_size=2)
                            .resolve(2))
@@ -207,6 +208,15 @@ def world4_tp(tmp_path_factory) -> list[dict]:
     return run_ranks(_world4_tp, 4, str(tmp_path_factory.mktemp("pp_trace_tp_ckpt")), timeout=1200)
 
 
+def _assert_tp_parity(ranks: list[dict], refs: dict[str, list[float]]) -> None:
+    """Every rank's losses of each named pp=2 x tp=2 run within RTOL of its one-process reference."""
+    for name, ref in refs.items():
+        for r in ranks:
+            diff = max_relative_diff(r[name]["losses"], ref)
+            print(f"trace {name} pp=2 x tp=2: max relative diff {diff:.2e}")
+            assert diff <= RTOL, (name, r[name]["losses"], ref)
+
+
 @pytest.mark.slow
 def test_traced_pp2_tp2_matches_one_process(world4_tp):
     """pp=2 x tp=2 on 4 ranks: the traced stages run this rank's shards between the Megatron operators.
@@ -216,11 +226,7 @@ def test_traced_pp2_tp2_matches_one_process(world4_tp):
     """
     refs = {"llama": reference_model(make_data(64), STEPS, MICRO, clip=0.05)[1],
             "two_stream": reference("two_stream", make_data(64), STEPS, MICRO)}
-    for name, ref in refs.items():
-        for r in world4_tp:
-            diff = max_relative_diff(r[name]["losses"], ref)
-            print(f"trace {name} pp=2 x tp=2: max relative diff {diff:.2e}")
-            assert diff <= RTOL, (name, r[name]["losses"], ref)
+    _assert_tp_parity(world4_tp, refs)
     # The sharded linears are DTensors with the model's global shapes: names and state dict as one process.
     assert "model.layers.1.mlp.up_proj.weight" in world4_tp[0]["llama"]["params"]
     assert all(all(r["llama"]["grads_seen"]) for r in world4_tp)
@@ -232,11 +238,7 @@ def test_traced_pp2_tp2_other_schedules_models_and_resume(world4_tp):
     (its own naming), and a traced pp=2 x tp=2 checkpoint resumed by the structural split at that layout."""
     checks = {"interleaved": reference_model(make_data(64), STEPS, MICRO)[1],
               "hf_llama": reference("hf_llama", make_data(64), STEPS, MICRO)}
-    for name, ref in checks.items():
-        for r in world4_tp:
-            diff = max_relative_diff(r[name]["losses"], ref)
-            print(f"trace {name} pp=2 x tp=2: max relative diff {diff:.2e}")
-            assert diff <= RTOL, (name, r[name]["losses"], ref)
+    _assert_tp_parity(world4_tp, checks)
     ref = reference_model(make_data(MICRO), 6, MICRO)[1]
     for r in world4_tp:
         assert max_relative_diff(r["ckpt"]["losses"], ref) <= RTOL, (r["ckpt"]["losses"], ref)

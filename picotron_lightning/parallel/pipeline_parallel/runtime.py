@@ -206,7 +206,6 @@ class PipelineRuntime:
             sm.attach()
         traced = self.options.split == "trace"
         if traced:
-            check_traceable_layout(self.root, layout, config.mode)
             check_traced_sharding(layout, config.mode, self.options.schedule)
             if layout.dp == 1:
                 return self.root, "none"

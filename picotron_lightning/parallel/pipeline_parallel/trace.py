@@ -68,13 +68,13 @@ REPLICATED_MODES = ("auto", "ddp")
 shard with FSDP2, ``traced_sharding.py``)."""
 
 
-def check_traceable_layout(root: nn.Module, layout: ParallelLayout, data_parallel_mode: str = "auto",
+def check_traceable_layout(root: nn.Module, layout: ParallelLayout,
                            tensor_parallel: TensorParallelOptions | None = None) -> None:
     """Refuse what the traced stages cannot run, naming the reason; no collective involved.
 
     Called by the strategy before any process group exists, and again by the split. Every
-    ``data_parallel_mode`` composes with the traced split (replicas, or FSDP2: ``traced_sharding.py``);
-    the argument stays for the callers, which pass the layout's whole data-parallel choice.
+    data-parallel mode composes with the traced split (replicas, or FSDP2); what FSDP2 does not compose
+    with is ``traced_sharding.check_traced_sharding``'s to refuse.
     """
     structural = ('Use pipeline_split="structural" (the default), which composes with FSDP2, tensor and expert '
                   "parallelism")
