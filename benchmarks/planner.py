@@ -210,7 +210,8 @@ def _mean_cost(costs: tuple[Any, ...]) -> Any:
                                                                                 for c in costs]))
              for name in ("block_forward", "block_backward", "outer_forward", "outer_backward")}
     return StyleCost(**lines, block_optimizer=mean([c.block_optimizer for c in costs]),
-                     outer_optimizer=mean([c.outer_optimizer for c in costs]))
+                     outer_optimizer=mean([c.outer_optimizer for c in costs]),
+                     block_sync=mean([c.block_sync for c in costs]), outer_sync=mean([c.outer_sync for c in costs]))
 
 
 def resolved_pairs(low: list[float], high: list[float], measured: list[float]) -> list[bool]:
@@ -227,12 +228,15 @@ def report(world: int, res: dict[str, Any]) -> str:
              f"{res['steps'][0]} timed steps per layout",
              "block calibration (ms, style dp/tp/mode/ckpt: block forward + backward at 1 sample and per further "
              "sample, "
-             "outside the blocks the same, optimizer per block / outside): " + "; ".join(
+             "outside the blocks the same, optimizer per block / outside, FSDP2's per-pass gathers and reductions "
+             "per block / outside where measured): " + "; ".join(
                  f"{dp}/{tp}/{mode}/{ckpt}: {(c.block_forward.fixed + c.block_backward.fixed) * 1e3:.1f} + "
                  f"{(c.block_forward.per_sample + c.block_backward.per_sample) * 1e3:.1f}/sample, outer "
                  f"{(c.outer_forward.fixed + c.outer_backward.fixed) * 1e3:.1f} + "
                  f"{(c.outer_forward.per_sample + c.outer_backward.per_sample) * 1e3:.1f}/sample, opt "
                  f"{c.block_optimizer * 1e3:.1f}/{c.outer_optimizer * 1e3:.1f}"
+                 + (f", FSDP2 gather/reduce per pass {c.block_sync * 1e3:.1f}/{c.outer_sync * 1e3:.1f}"
+                    if c.block_sync or c.outer_sync else "")
                  for (dp, tp, mode, ckpt), c in res["calibration"].styles),
              "| layout (planner's settings) | measured ms (median) | IQR / median | min ms | block minima ms "
              "| predicted ms (blocks) | compute | exposed comm | bubble | optimizer "

@@ -6,7 +6,11 @@ in parallel groups of the mesh), builds the user's model with its stack of block
 to 4 blocks, applies the product's own ``parallelize`` (tensor parallelism, FSDP2 or DDP exactly as a run
 would) and times, after warm-up, the forward (``training_step``), the backward and the optimizer step at 1
 and at ``samples`` samples per micro-batch. Per phase: block = (t(4) - t(2)) / 2, outside the blocks = t(2)
-- 2 block, each a line through the two sample counts (``calibration.Linear``). The slowest rank's median.
+- 2 block, each a line through the two sample counts (``calibration.Linear``). The four configurations
+(2 or 4 blocks, 1 or ``samples`` samples) are built at once and timed in alternating rounds; each phase's
+number is the minimum over the rounds of the slowest rank's time. FSDP styles with dp > 1 are timed a
+second time with FSDP2 gathering once and reducing once per step (as a pipeline stage runs its
+microbatches), which prices what a pass costs beyond that (``StyleCost.block_sync``).
 
 Nothing is fitted to layouts' step times: the composition (``calibration.compose_step``) only adds what
 the probe measured. Results are cached as JSON per machine, torch version, model shape, sequence length,
@@ -34,6 +38,8 @@ from picotron_lightning.planner.calibration import BlockCalibration, Linear, Sty
 from picotron_lightning.planner.model_spec import ModelSpec
 
 BLOCK_COUNTS = (2, 4)
+PROBE_VERSION = 2
+"""Bumped whenever what the probe measures changes, so older cached measurements are not read as new ones."""
 
 
 def cache_dir() -> Path:
@@ -57,7 +63,7 @@ def cache_key(spec: ModelSpec, processes: int, style: Style, samples: int) -> st
     shape = {"name": spec.name, "params": spec.total_params, "block_flops": list(spec.block_flops),
              "outer_flops": spec.outer_flops, "seq": spec.seq_len}
     text = json.dumps({"machine": _machine(), "model": shape, "processes": processes, "style": list(style),
-                       "samples": samples, "blocks": BLOCK_COUNTS}, sort_keys=True)
+                       "samples": samples, "blocks": BLOCK_COUNTS, "probe": PROBE_VERSION}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
@@ -75,7 +81,7 @@ def rates_cache_path(processes: int) -> Path:
 def _cost_from_json(data: dict[str, Any]) -> StyleCost:
     lines = {k: Linear(**v) for k, v in data.items() if isinstance(v, dict)}
     return StyleCost(lines["block_forward"], lines["block_backward"], lines["outer_forward"], lines["outer_backward"],
-                     data["block_optimizer"], data["outer_optimizer"])
+                     data["block_optimizer"], data["outer_optimizer"], data["block_sync"], data["outer_sync"])
 
 
 def calibrate_cpu(factory: Callable[[], nn.Module], spec: ModelSpec, processes: int, styles: Sequence[Style],
@@ -148,42 +154,84 @@ def _vocab_size(module: nn.Module) -> int:
     return embedding.num_embeddings
 
 
-def _time_phases(parallel: Any, module: nn.Module, batch: torch.Tensor, warmup: int, repeats: int) -> list[float]:
-    """Median seconds of forward, backward and optimizer step on this rank (all ranks start each at a barrier)."""
-    import torch.distributed as dist
-    from lightning.pytorch.strategies.strategy import _ForwardRedirection
+class _PhaseTimer:
+    """One model's training pass on this rank, timed per phase: forward, backward, optimizer step."""
 
-    from picotron_lightning.memory.trace import _optimizer
+    def __init__(self, parallel: Any, module: nn.Module) -> None:
+        from lightning.pytorch.strategies.strategy import _ForwardRedirection
 
-    optimizer = _optimizer(module, None)
-    redirect = _ForwardRedirection()
+        from picotron_lightning.memory.trace import _optimizer
 
-    def forward() -> torch.Tensor:
-        if hasattr(module, "training_step"):
-            out: Any = redirect(parallel.module, module, "training_step", batch, 0)  # type: ignore[arg-type]
+        self.parallel, self.module = parallel, module
+        self.optimizer = _optimizer(module, None)
+        self.redirect = _ForwardRedirection()
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.module, "training_step"):
+            out: Any = self.redirect(self.parallel.module, self.module, "training_step", batch, 0)  # type: ignore[arg-type]
             return out["loss"] if isinstance(out, dict) else out
-        return parallel.module(batch)
+        return self.parallel.module(batch)
 
-    phases: list[list[float]] = [[], [], []]
-    for i in range(warmup + repeats):
+    def once(self, batch: torch.Tensor, step: bool = True) -> list[float]:
+        """Seconds of forward, backward and (``step``) the optimizer step; all ranks start at a barrier."""
+        import torch.distributed as dist
+
         dist.barrier()
         t0 = time.perf_counter()
-        loss = forward()
+        loss = self._forward(batch)
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        if step:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         t3 = time.perf_counter()
-        if i >= warmup:
-            for phase, seconds in zip(phases, (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                phase.append(seconds)
-    return [statistics.median(p) for p in phases]
+        return [t1 - t0, t2 - t1, t3 - t2]
+
+
+def _fsdp_units(module: nn.Module) -> list[Any]:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def _accumulating(units: list[Any], on: bool) -> None:
+    """FSDP2 as inside a pipeline step or an accumulation: gathered once, gradients reduced once (``on``)."""
+    for unit in units:
+        unit.set_reshard_after_forward(not on)
+        unit.set_reshard_after_backward(not on)
+        unit.set_requires_gradient_sync(not on)
+    if not on:
+        for unit in units:
+            unit.reshard()
+
+
+def _timed_rounds(timers: dict[tuple[int, int], tuple[_PhaseTimer, torch.Tensor]], warmup: int, repeats: int,
+                  step: bool = True) -> dict[tuple[int, int], list[float]]:
+    """Per (blocks, samples): each phase's minimum over ``repeats`` of the slowest rank's time.
+
+    Odd rounds visit the configurations in reverse (A-B-B-A), so a drift of the shared machine's load falls
+    on all of them alike; the minimum drops the load spikes (which only ever add time), so the
+    differences the costs are derived from (4 blocks minus 2, ``samples`` minus 1) are not a spike's size.
+    """
+    import torch.distributed as dist
+
+    keys = list(timers)
+    for key in keys:
+        for _ in range(warmup):
+            timers[key][0].once(timers[key][1], step)
+    best: dict[tuple[int, int], list[float]] = {key: [float("inf")] * 3 for key in keys}
+    for r in range(repeats):
+        for key in keys if r % 2 == 0 else reversed(keys):
+            timer, batch = timers[key]
+            local = torch.tensor(timer.once(batch, step), dtype=torch.float64)
+            dist.all_reduce(local, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
+            best[key] = [min(b, t) for b, t in zip(best[key], local.tolist(), strict=True)]
+    return best
 
 
 def _measure_style(rank: int, world: int, factory: Callable[[], nn.Module], seq: int, style: Style,
-                   samples: int, warmup: int = 2, repeats: int = 5) -> StyleCost:
-    import torch.distributed as dist
+                   samples: int, warmup: int = 2, repeats: int = 6) -> StyleCost:
     from torch.distributed.device_mesh import init_device_mesh
 
     from picotron_lightning.memory.options import MemoryOptions
@@ -202,31 +250,51 @@ def _measure_style(rank: int, world: int, factory: Callable[[], nn.Module], seq:
     options = Picotron3DOptions(layout=layout, data_parallel=dp_options,
                                 memory=MemoryOptions(activation_checkpointing=checkpointing))  # type: ignore[arg-type]
     replica = rank // tp  # tp ranks of one group see the same samples
-    times: dict[tuple[int, int], list[float]] = {}
-    for blocks in BLOCK_COUNTS:
+    counts = (1, samples)
+    timers: dict[tuple[int, int], tuple[_PhaseTimer, torch.Tensor]] = {}
+    for blocks in BLOCK_COUNTS:  # both models live at once, so their runs can alternate
         torch.manual_seed(0)
         module = factory()
         _resize_blocks(module, blocks)
         parallel = parallelize(module, mesh, layout, options, torch.device("cpu"), world)
         generator = torch.Generator().manual_seed(100 + replica)
-        for n in (1, samples):
-            batch = torch.randint(0, _vocab_size(module), (n, seq + 1), generator=generator)
-            local = torch.tensor(_time_phases(parallel, module, batch, warmup, repeats), dtype=torch.float64)
-            dist.all_reduce(local, op=dist.ReduceOp.MAX)  # the slowest rank sets the pace
-            times[(blocks, n)] = local.tolist()
+        for n in counts:
+            timers[(blocks, n)] = (_PhaseTimer(parallel, module),
+                                   torch.randint(0, _vocab_size(module), (n, seq + 1), generator=generator))
+    times = _timed_rounds(timers, warmup, repeats)
     low, high = BLOCK_COUNTS
-    per_block = {n: [(h - lo) / (high - low) for h, lo in zip(times[(high, n)], times[(low, n)], strict=True)]
-                 for n in (1, samples)}
-    outer = {n: [max(t - low * b, 0.0) for t, b in zip(times[(low, n)], per_block[n], strict=True)]
-             for n in (1, samples)}
-    counts = (1, samples)
+
+    def split(t: dict[tuple[int, int], list[float]]) -> tuple[dict[int, list[float]], dict[int, list[float]]]:
+        per_block = {n: [(h - lo) / (high - low) for h, lo in zip(t[(high, n)], t[(low, n)], strict=True)]
+                     for n in counts}
+        outer = {n: [max(a - low * b, 0.0) for a, b in zip(t[(low, n)], per_block[n], strict=True)] for n in counts}
+        return per_block, outer
+
+    per_block, outer = split(times)
 
     def line(values: dict[int, list[float]], phase: int) -> Linear:
         return Linear.through(counts, (values[1][phase], values[samples][phase]))
 
     block_opt = max(statistics.fmean(per_block[n][2] for n in counts), 0.0)
     outer_opt = max(statistics.fmean(outer[n][2] for n in counts), 0.0)
-    return StyleCost(line(per_block, 0), line(per_block, 1), line(outer, 0), line(outer, 1), block_opt, outer_opt)
+    block_sync = outer_sync = 0.0
+    if mode == "fsdp" and dp > 1:
+        # The same passes with FSDP2 gathering once and reducing once per step, as a pipeline stage runs
+        # its microbatches: what a pass costs beyond that is paid once per step, not per microbatch.
+        units = {blocks: _fsdp_units(timers[(blocks, 1)][0].module) for blocks in BLOCK_COUNTS}
+        for blocks in BLOCK_COUNTS:
+            _accumulating(units[blocks], True)
+        quiet_block, quiet_outer = split(_timed_rounds(timers, warmup, repeats, step=False))
+        for blocks in BLOCK_COUNTS:
+            _accumulating(units[blocks], False)
+
+        def passes(values: dict[int, list[float]]) -> float:
+            return statistics.fmean(values[n][0] + values[n][1] for n in counts)
+
+        block_sync = max(passes(per_block) - passes(quiet_block), 0.0)
+        outer_sync = max(passes(outer) - passes(quiet_outer), 0.0)
+    return StyleCost(line(per_block, 0), line(per_block, 1), line(outer, 0), line(outer, 1), block_opt, outer_opt,
+                     block_sync, outer_sync)
 
 
 def _calibrate_worker(rank: int, world: int, factory: Callable[[], nn.Module], seq: int, styles: list[Style],

@@ -10,7 +10,8 @@ blocks (embedding, head, loss), each as ``fixed + per_sample * samples``, with e
 and its checkpointing's recomputation inside.
 
 :func:`compose_step` builds a candidate's step from those costs: the blocks the most loaded rank
-holds, its microbatches (pipeline microbatches or accumulation micro-batches), recomputation under
+holds, its microbatches (pipeline microbatches or accumulation micro-batches; FSDP2's gathers and
+reductions once per step under a pipeline, per micro-batch under accumulation), recomputation under
 the optimizer once per step, pipeline sends over the probed link, and the bubble, which
 on a machine with more processes than cores is charged only where it exceeds the time the shared cores
 need anyway (an idle stage gives its core to the busy ones).
@@ -65,6 +66,11 @@ class StyleCost:
     block_optimizer: float
     """Seconds of the optimizer step (and zero_grad) per block held."""
     outer_optimizer: float
+    block_sync: float = 0.0
+    """Seconds of a block's forward + backward that FSDP2 spends gathering and reducing (a pass at pp=1 minus
+    a pass that keeps the block gathered and its gradients local): under a pipeline, paid once per step."""
+    outer_sync: float = 0.0
+    """The same for everything outside the blocks."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,10 @@ def compose_step(cost: StyleCost, c: Candidate, blocks: int, sharing: float) -> 
     block = cost.block_forward.at(n) + cost.block_backward.at(n)  # recomputation is in the measured backward
     outer = cost.outer_forward.at(n) + cost.outer_backward.at(n)
     compute = c.num_microbatches * (blocks * block + outer)
+    if c.pp > 1:
+        # A pipeline stage gathers its FSDP2 units in the first microbatch and reduces their gradients in
+        # the last; the style's passes were measured with both in every pass.
+        compute -= (c.num_microbatches - 1) * (blocks * cost.block_sync + cost.outer_sync)
     optimizer = blocks * cost.block_optimizer + cost.outer_optimizer
     bubble = 0.0
     if c.pp > 1:

@@ -84,6 +84,22 @@ def test_pipeline_bubble_is_charged_only_beyond_the_shared_cores(spec) -> None:
     assert one.bubble == pytest.approx(0.5 * one.compute - 0.25 * one.overhead["optimizer"])
 
 
+def test_fsdp_gathers_and_reductions_are_charged_once_per_pipeline_step(spec) -> None:
+    # A pipeline stage keeps its FSDP2 units gathered across its microbatches and reduces once at the end;
+    # the style was measured with a gather and a reduction in every pass, so M - 1 of them come off.
+    synced = dataclasses.replace(_cost(0.010), block_sync=0.004, outer_sync=0.002)
+    plain = dataclasses.replace(synced, block_sync=0.0, outer_sync=0.0)
+    c = candidate(dp=2, pp=2, micro=4, mb=1)
+    blocks = spec.num_blocks // 2
+    with_sync = step_time(spec, c, _device([((2, 1, "fsdp", "none"), synced)], processes=4, cores=4), 4)
+    without = step_time(spec, c, _device([((2, 1, "fsdp", "none"), plain)], processes=4, cores=4), 4)
+    assert without.compute - with_sync.compute == pytest.approx(3 * (blocks * 0.004 + 0.002))
+    # Without a pipeline each accumulation micro-batch gathers and reduces again: nothing comes off.
+    accumulate = candidate(dp=2, micro=4, mb=1)
+    assert step_time(spec, accumulate, _device([((2, 1, "fsdp", "none"), synced)]), 2).compute == pytest.approx(
+        step_time(spec, accumulate, _device([((2, 1, "fsdp", "none"), plain)]), 2).compute)
+
+
 def test_measured_costs_scale_with_the_sharing_of_the_planned_run(spec) -> None:
     # measured with 2 processes on 2 cores, planned for 4 on the same 2 cores: every cost doubles
     cost = _cost(0.010)
@@ -165,4 +181,9 @@ def test_probe_measures_every_style_on_real_ranks(spec, tmp_path, monkeypatch) -
         assert all(math.isfinite(v) and v >= 0 for v in values)
         # a block's forward and backward take time in every style
         assert cost.block_forward.at(2) + cost.block_backward.at(2) > 0
+        # FSDP2's per-pass gathers and reductions are measured where there are any (dp > 1 under FSDP2)
+        if style[2] == "fsdp":
+            assert cost.block_sync > 0
+        else:
+            assert cost.block_sync == cost.outer_sync == 0.0
     assert len(list(tmp_path.glob("*.json"))) == len(styles)
