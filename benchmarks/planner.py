@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
+import math
 import statistics
 import time
 from typing import Any
@@ -196,7 +198,7 @@ def bench_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
             "predicted": predicted, "rated": rated, "fixed": fixed, "probe": probe, "wall": wall,
             "quartiles": quartiles, "calibration": calibration,
             "block_minima": block_minima,
-            "steps": [len(t) for t in out["times"]]}
+            "steps": [len(t) for t in out["times"]], "times": out["times"], "steps_per_round": args.steps}
 
 
 def _mean_cost(costs: tuple[Any, ...]) -> Any:
@@ -218,6 +220,28 @@ def resolved_pairs(low: list[float], high: list[float], measured: list[float]) -
     """For neighbours in measured order: is the faster one's upper end below the slower one's lower end?"""
     order = sorted(range(len(measured)), key=lambda i: measured[i])
     return [high[a] < low[b] for a, b in zip(order, order[1:], strict=False)]
+
+
+def sign_test_threshold(rounds: int, alpha: float = 0.05) -> int:
+    """The fewest rounds out of ``rounds`` a layout must win for a one-sided sign test at ``alpha``."""
+    for wins in range(rounds + 1):
+        tail = sum(math.comb(rounds, k) for k in range(wins, rounds + 1)) / 2 ** rounds
+        if tail <= alpha:
+            return wins
+    return rounds + 1
+
+
+def round_wins(times: list[list[float]], measured: list[float], steps: int) -> list[tuple[int, int]]:
+    """For neighbours in measured order: in how many rounds the faster one's median step beat the slower one's.
+
+    The rounds pair the layouts in time (each round visits every layout once, A-B-B-A), so a drift of the
+    machine's load between rounds falls on both of a pair; a layout that wins nearly every round is
+    faster beyond the noise even where single steps' spreads overlap.
+    """
+    per_round = [[statistics.median(t[i:i + steps]) for i in range(0, len(t), steps)] for t in times]
+    order = sorted(range(len(measured)), key=lambda i: measured[i])
+    return [(sum(x < y for x, y in zip(per_round[a], per_round[b], strict=True)), len(per_round[a]))
+            for a, b in zip(order, order[1:], strict=False)]
 
 
 def report(world: int, res: dict[str, Any]) -> str:
@@ -268,6 +292,12 @@ def report(world: int, res: dict[str, Any]) -> str:
                  f"(fixed table {rho_min_fixed:.2f}); "
                  f"neighbours in minimum order whose A-B-B-A block minima do not overlap: {sum(by_min)} of "
                  f"{len(by_min)}")
+    wins = round_wins(res["times"], res["measured"], res["steps_per_round"])
+    rounds = wins[0][1] if wins else 0
+    needed = sign_test_threshold(rounds)
+    lines.append(f"Neighbours in median order where the faster won at least {needed} of {rounds} rounds (one-sided "
+                 f"sign test, p <= 0.05): {sum(w >= needed for w, _ in wins)} of {len(wins)} (wins: "
+                 + ", ".join(f"{w}/{n}" for w, n in wins) + ")")
     return "\n".join(lines)
 
 
@@ -284,9 +314,15 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=900.0)
     parser.add_argument("--calibration-passes", type=int, default=2,
                         help="block calibrations per run: 1 before the timed rounds, 2 also after (averaged)")
+    parser.add_argument("--save", default="", help="write each world's step times and predictions to SAVE-worldN.json")
     args = parser.parse_args()
     for world in args.worlds:
-        print(report(world, bench_world(world, args)), flush=True)
+        result = bench_world(world, args)
+        print(report(world, result), flush=True)
+        if args.save:
+            with open(f"{args.save}-world{world}.json", "w") as f:
+                json.dump({"layouts": [row[0] for row in result["rows"]], "times": result["times"],
+                           "predicted": [t.total for t in result["predicted"]]}, f)
 
 
 if __name__ == "__main__":
