@@ -184,8 +184,9 @@ def format_table(estimates: Sequence[RankEstimate], title: str = "") -> str:
         c = e.coordinates
         row = f"{e.rank:>4} {c['pp']:>2} {c['dp']:>2} {c['tp']:>2} " + " ".join(f"{_mib(b[k]):>11}" for k in columns)
         active, reserved = (e.cuda.active, e.cuda.reserved) if e.cuda is not None else (0, 0)
+        trace = e.method + (f", MoE routing {e.routing}" if e.routing else "")
         lines.append(row + f" {_mib(e.comm_buffers):>11} {_mib(e.offloaded_state):>11} {_mib(e.peak):>11}"
-                     f" {_mib(active + e.comm_buffers):>11} {_mib(reserved + e.comm_buffers):>11}  {e.method}")
+                     f" {_mib(active + e.comm_buffers):>11} {_mib(reserved + e.comm_buffers):>11}  {trace}")
     lines.append("(MiB; peak = live tensor bytes at the step's peak + communication buffers - state offloaded to the "
                  "host; CUDA: the caching allocator's rounded blocks and the segments holding them, a lower bound)")
     return "\n".join(lines)

@@ -62,6 +62,13 @@ class MemoryOptions:
     """Bytes a fractional ``memory_budget`` is a fraction of. Default: the CUDA device's total memory. A CPU run
     has no device memory of its own (the ranks share the host), so there a fraction needs this stated."""
 
+    moe_routing: str = field(default="worst_case", metadata={"flat": None})
+    """The MoE routing the memory estimate (and so ``memory_budget``) charges where a layer's memory depends on
+    it (expert parallelism, or a ``capacity_factor``): ``"worst_case"`` traces every token routed to one
+    expert-parallel rank's experts, once per rank, an upper bound on any batch's routing (capped by the
+    capacity where set); ``"measured"`` the routing of the one batch traced, which a later batch can exceed.
+    See docs/memory.md ("Why can an MoE budget with expert parallelism be exceeded?")."""
+
     oom_recovery: bool = field(default=False, metadata={"flat": None})
     """Recover from ``torch.OutOfMemoryError`` in forward or backward on any rank (Trainer, data_parallel_mode
     ``"ddp"``): every rank agrees at one fixed point of the step, frees what the step held and redoes the same
@@ -106,6 +113,11 @@ class MemoryOptions:
         for name in ("activation_offload", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`memory.{name}` must be True or False, got {getattr(self, name)!r}.")
+        from picotron_lightning.memory.routing import ROUTING_ASSUMPTIONS
+
+        if self.moe_routing not in ROUTING_ASSUMPTIONS:
+            raise ValueError(f"`memory.moe_routing={self.moe_routing!r}` is not supported; use one of "
+                             f"{ROUTING_ASSUMPTIONS} (worst_case: a bound over batches; measured: the traced batch).")
         self._check_budget()
 
     def _check_budget(self) -> None:

@@ -77,6 +77,11 @@ class PolicyEstimate:
     skipped: str = ""  # why the policy does not apply here ("" when it does)
     ranks: tuple[Any, ...] = ()  # every estimated rank's RankEstimate (memory/estimate.py)
 
+    @property
+    def routing(self) -> str:
+        """The MoE routing charged (``"worst case"``, ``"measured"``), or "" where routing does not matter."""
+        return next((r.routing for r in self.ranks if getattr(r, "routing", "")), "")
+
 
 class MemoryBudgetError(ValueError):
     """No policy's estimated peak fits the budget."""
@@ -117,8 +122,9 @@ def choose_policy(estimates: Sequence[PolicyEstimate], budget: int) -> tuple[Pol
         assert estimate.peak is not None
         if estimate.peak <= budget:
             before = "; ".join(rejected) if rejected else "it is the first policy"
+            routing = f", MoE routing charged: {estimate.routing}" if estimate.routing else ""
             reason = (f"memory policy {estimate.policy.name!r}: estimated peak {_mib(estimate.peak)} <= budget "
-                      f"{_mib(budget)} per rank, cost {_cost(estimate)}; cheaper: {before}")
+                      f"{_mib(budget)} per rank{routing}, cost {_cost(estimate)}; cheaper: {before}")
             return estimate, reason
         rejected.append(f"{estimate.policy.name} needs {_mib(estimate.peak)}")
     raise MemoryBudgetError(
@@ -139,6 +145,9 @@ def format_policy_table(estimates: Sequence[PolicyEstimate], budget: int | None 
                      f"{e.bytes_moved / 2**20:>10.3f}  {note}")
     if budget is not None:
         lines.append(f"(budget {budget / 2**20:.3f} MiB per rank)")
+    routing = next((e.routing for e in estimates if e.routing), "")
+    if routing:
+        lines.append(f"(MoE routing charged: {routing}; memory.moe_routing chooses)")
     return "\n".join(lines)
 
 

@@ -48,6 +48,9 @@ class RankEstimate:
     """Bytes crossing between device and host per step because of offload."""
     cuda: CudaMemory | None = None
     """Active and reserved bytes CUDA's caching allocator would need for the storages live at the peak."""
+    routing: str = ""
+    """The MoE routing charged: ``"worst case"`` (a bound over batches, ``memory/routing.py``), ``"measured"``
+    (the traced batch's own routing), or ``""`` where no MoE layer's memory depends on its routing."""
 
     @property
     def traced_peak(self) -> int:
@@ -78,8 +81,11 @@ def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
 
 
 def representative_ranks(layout: ParallelLayout) -> list[int]:
-    """One rank per (pipeline stage, tensor rank): data-parallel ranks of one of them hold equal shapes."""
-    return [layout.rank_of(pp=s, dp=0, tp=t) for s in range(layout.pp) for t in range(layout.tp)]
+    """One rank per (pipeline stage, expert-parallel rank, tensor rank): the data-parallel replicas of one of them
+    hold equal shapes. (The expert-parallel ranks hold different experts and, in an MoE step, different rows:
+    under worst-case routing their peaks differed by 3% on tiny-moe.)"""
+    return [layout.rank_of(pp=s, dp=e, tp=t) for s in range(layout.pp) for e in range(layout.ep)
+            for t in range(layout.tp)]
 
 
 def _fake_trace(
@@ -184,16 +190,38 @@ def _trace_in_group(
     (the third under real DDP, after its buckets are rebuilt).
 
     With ``count_flops`` a third step runs under :class:`FlopCount`: the measured step is the same with or
-    without it.
+    without it. Where an MoE layer's memory depends on its routing and ``memory.moe_routing`` is
+    ``"worst_case"``, the step is traced once per expert-parallel rank ``j`` with every token routed to ``j``'s
+    experts (:func:`~picotron_lightning.memory.routing.forced_routing`; every rank takes the same ``j`` in turn)
+    and the rank is charged its largest peak.
     """
+    worst_case = config.memory.moe_routing == "worst_case"
+    estimate, targets = _trace_once(build_module, batch, layout, config, rank, step, build_optimizer, fake,
+                                    count_flops=count_flops, target=0 if worst_case else None)
+    for target in range(1, targets if worst_case else 0):
+        other, _ = _trace_once(build_module, batch, layout, config, rank, step, build_optimizer, fake,
+                               count_flops=count_flops, target=target)
+        if other.peak > estimate.peak:
+            estimate = other
+    return estimate
+
+
+def _trace_once(
+    build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
+    step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, fake: bool, *,
+    count_flops: bool, target: int | None,
+) -> tuple[RankEstimate, int]:
+    """One trace of :func:`_trace_in_group`; with ``target``, MoE routing forced to that expert-parallel rank's
+    worst case where routing matters. Also returns :func:`routing_targets` of the model."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from picotron_lightning.memory.flops import FlopCount
+    from picotron_lightning.memory.routing import forced_routing, routing_targets
     from picotron_lightning.memory.tracker import LiveBytes
     from picotron_lightning.parallel.parallelize import parallelize
 
     device = torch.device("cpu")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), contextlib.ExitStack() as forcing:
         warnings.simplefilter("ignore")  # `self.log` outside a Trainer, fake-group notices
         mesh = layout.build_device_mesh(device.type)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
@@ -201,6 +229,9 @@ def _trace_in_group(
             module = build_module()
             local_batch = fake_mode.from_tensor(batch) if fake_mode is not None else batch.clone()
             parallel = parallelize(module, mesh, layout, config, device, local_processes=layout.world_size)
+            targets = routing_targets(module)
+            if targets and target is not None:
+                forcing.enter_context(forced_routing(module, target))
             optimizer = _optimizer(module, build_optimizer)
             run = _step_runner(parallel, module, optimizer, step)
             run(local_batch)  # first step: creates the optimizer state
@@ -230,10 +261,12 @@ def _trace_in_group(
         # resharded after forward), the reduced gradient shards come back.
         gathers = 2 if config.data_parallel.reshard_after_forward else 1
         moved += gathers * breakdown.params + breakdown.grads
+    routing = "" if not targets else "worst case" if target is not None else "measured"
     return RankEstimate(rank=rank, coordinates=_coordinates(layout, rank), breakdown=breakdown,
                         comm_buffers=buckets, method="fake" if fake else "real", flops=flops.total,
                         offloaded_activations=tracker.offloaded_bytes, offloaded_state=state, bytes_moved=moved,
-                        cuda=cuda_memory(sizes, expandable_segments=config.memory.expandable_segments))
+                        cuda=cuda_memory(sizes, expandable_segments=config.memory.expandable_segments),
+                        routing=routing), targets
 
 
 def _separate_bucket_bytes(ddp: nn.Module) -> int:

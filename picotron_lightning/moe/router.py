@@ -12,6 +12,7 @@ load without distorting what the model outputs. The bias is a buffer updated by 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import torch
@@ -79,6 +80,9 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         # Aux-loss-free balancing offsets; state (saved in checkpoints), not a trained parameter.
         self.register_buffer("expert_bias", torch.zeros(num_experts, dtype=torch.float32))
+        # Set only by the memory estimate's worst-case routing (memory/routing.py), on its own copy of the
+        # model: ``tokens -> (tokens, top_k)`` expert indices that replace the top-k choice. None in training.
+        self.forced_choice: Callable[[int], torch.Tensor] | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -99,7 +103,10 @@ class Router(nn.Module):
             probs = scores / scores.sum(dim=-1, keepdim=True)
         with torch.no_grad():
             # The bias changes the choice only; the choice itself carries no gradient.
-            indices = torch.topk(scores + self.expert_bias, self.top_k, dim=-1, sorted=True).indices
+            if self.forced_choice is None:
+                indices = torch.topk(scores + self.expert_bias, self.top_k, dim=-1, sorted=True).indices
+            else:
+                indices = self.forced_choice(scores.shape[0]).to(scores.device)
         weights = scores.gather(-1, indices)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
