@@ -200,7 +200,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m picotron_lightning.memory.estimate --preset small --world-size 4 --tp 2 --micro-batch 8``."""
     import functools
 
-    from picotron_lightning.models import CausalLMModule
+    from picotron_lightning.memory.options import MemoryOptions
+    from picotron_lightning.memory.routing import ROUTING_ASSUMPTIONS
+    from picotron_lightning.models import CausalLMModule, llama_config
     from picotron_lightning.options import Picotron3DOptions
     from picotron_lightning.parallel.data import DataParallelOptions
 
@@ -211,11 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--world-size", type=int, required=True)
     parser.add_argument("--tp", type=int, default=1, help="tensor_parallel_size")
     parser.add_argument("--pp", type=int, default=1, help="pipeline_parallel_size")
+    parser.add_argument("--ep", type=int, default=1, help="expert_parallel_size (an MoE preset, e.g. tiny-moe)")
+    parser.add_argument("--moe-routing", default="worst_case", choices=ROUTING_ASSUMPTIONS,
+                        help="the MoE routing charged (memory.moe_routing): worst_case bounds any batch, measured "
+                        "is the traced batch's own")
     parser.add_argument("--dp-mode", default="fsdp", choices=("fsdp", "ddp", "hsdp", "auto"))
     parser.add_argument("--micro-batch", type=int, default=4, help="samples per rank and step")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--checkpointing", default="none", help="none, selective, full, or a comma-separated list")
-    parser.add_argument("--all-ranks", action="store_true", help="every rank, not one per (stage, tp rank)")
+    parser.add_argument("--all-ranks", action="store_true", help="every rank, not one per (stage, ep rank, tp rank)")
     parser.add_argument("--real", action="store_true", help="trace on real tensors in local gloo processes "
                         "where fake tensors cannot follow the layout")
     parser.add_argument("--policies", action="store_true", help="estimate every memory policy (checkpointing, "
@@ -227,9 +233,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     overrides = {"num_layers": args.layers} if args.layers else None
     build = functools.partial(CausalLMModule, preset=args.preset, config=overrides, seed=0)
-    layout = ParallelLayout("auto", args.tp, args.pp, 1).resolve(args.world_size)
-    batch = torch.zeros(args.micro_batch, args.seq_len + 1, dtype=torch.long)
-    options = Picotron3DOptions(data_parallel=DataParallelOptions(mode=args.dp_mode))
+    layout = ParallelLayout("auto", args.tp, args.pp, args.ep).resolve(args.world_size)
+    # Random token ids, not zeros: with the measured routing, one repeated token would route every
+    # position alike, the least representative batch there is.
+    batch = torch.randint(0, llama_config(args.preset).vocab_size, (args.micro_batch, args.seq_len + 1),
+                          generator=torch.Generator().manual_seed(0))
+    options = Picotron3DOptions(data_parallel=DataParallelOptions(mode=args.dp_mode),
+                                memory=MemoryOptions(moe_routing=args.moe_routing))
     if args.policies:
         return _print_policies(build, batch, layout, options, args)
     for mode in args.checkpointing.split(","):
