@@ -256,11 +256,10 @@ def _measure_style(rank: int, world: int, factory: Callable[[], nn.Module], seq:
         torch.manual_seed(0)
         module = factory()
         _resize_blocks(module, blocks)
-        parallel = parallelize(module, mesh, layout, options, torch.device("cpu"), world)
+        timer = _PhaseTimer(parallelize(module, mesh, layout, options, torch.device("cpu"), world), module)
         generator = torch.Generator().manual_seed(100 + replica)
-        for n in counts:
-            timers[(blocks, n)] = (_PhaseTimer(parallel, module),
-                                   torch.randint(0, _vocab_size(module), (n, seq + 1), generator=generator))
+        for n in counts:  # one model (and optimizer) per block count, one batch per sample count
+            timers[(blocks, n)] = (timer, torch.randint(0, _vocab_size(module), (n, seq + 1), generator=generator))
     times = _timed_rounds(timers, warmup, repeats)
     low, high = BLOCK_COUNTS
 
