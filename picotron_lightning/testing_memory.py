@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
 from typing_extensions import override
 
+from picotron_lightning.memory.replay import tracing_collectives
 from picotron_lightning.memory.tracker import LiveBytes
 
 
@@ -93,7 +94,7 @@ class ScriptedOOM(TorchDispatchMode):
         self._counts = {"forward": 0, "backward": 0}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if self.armed:
+        if self.armed and not tracing_collectives():  # a traced step runs on fake tensors: nothing to run out of
             attempt = self.attempt_of()
             if attempt != self._attempt:  # a new attempt counts its ops from 0
                 self._attempt, self._counts = attempt, {"forward": 0, "backward": 0}
@@ -117,6 +118,11 @@ class BudgetOOM(LiveBytes):
         self.budget = budget
         self.armed = True
         self.fired = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if tracing_collectives():  # OOM recovery tracing a step on fake tensors: nothing is allocated
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
     def _on_allocate(self, nbytes: int) -> None:
         if self.armed and self.current + nbytes > self.budget:

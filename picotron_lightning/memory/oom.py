@@ -123,22 +123,24 @@ def check_recovery_layout(
 ) -> None:
     """Refuse ``oom_recovery`` where a step's forward or backward has collectives that cannot be moved out.
 
-    Covered: data parallelism by DDP (gradient sync deferred to the agreement point). Not covered:
-    FSDP2/HSDP (parameter all-gathers inside forward), tensor parallelism (all-reduces inside each
-    block), pipeline parallelism (activations sent between stages), experts (all-to-all and routing
-    statistics inside forward). Raised before the first training step, on every rank alike.
+    Covered: data parallelism by DDP (gradient sync deferred to the agreement point) and tensor
+    parallelism (a failed rank replays the rest of the step's collectives, :mod:`.replay`). Not covered:
+    FSDP2/HSDP (parameter all-gathers inside forward, with state between them), pipeline parallelism
+    (activations sent between stages), experts (all-to-alls whose sizes depend on routing). Raised
+    before the first training step, on every rank alike.
     """
-    what = "Use data_parallel_mode='ddp' with tensor, pipeline and expert parallel sizes 1, or turn it off."
+    what = ("Use data_parallel_mode='ddp' (any data-parallel size) or tensor_parallel_size > 1 with "
+            "data-parallel size 1, with pipeline and expert parallel sizes 1; or turn it off.")
     reasons = []
     if pp > 1:
         reasons.append(f"pipeline_parallel_size={pp} (stages send activations to each other inside the step)")
-    if tp > 1:
-        reasons.append(f"tensor_parallel_size={tp} (every block all-reduces inside forward and backward)")
     if ep > 1 or has_experts:
-        reasons.append("a mixture-of-experts model (tokens and routing statistics are exchanged inside forward)")
-    if data_parallel_mode is not None and data_parallel_mode != "ddp":
+        reasons.append("a mixture-of-experts model (tokens and routing statistics are exchanged inside forward, "
+                       "in amounts that depend on the routing)")
+    if data_parallel_mode is not None and data_parallel_mode not in ("ddp", "none"):
         reasons.append(f"data_parallel_mode={data_parallel_mode!r} (FSDP2 gathers parameters inside forward; "
-                       "pass data_parallel_mode='ddp', whose gradient sync can wait for the agreement)")
+                       "pass data_parallel_mode='ddp', whose gradient sync can wait for the agreement"
+                       + (", or a data-parallel size of 1 with tensor parallelism)" if tp > 1 else ")"))
     if reasons:
         raise ValueError(
             "`memory.oom_recovery=True` needs a step whose forward and backward do not communicate, so that a rank "

@@ -39,6 +39,7 @@ from picotron_lightning.memory.oom import (
     split_batch,
 )
 from picotron_lightning.memory.options import MemoryOptions
+from picotron_lightning.memory.replay import issued_collectives, replay_remaining, trace_collectives
 
 
 class OOMRecoveryStep:
@@ -64,7 +65,11 @@ class OOMRecoveryStep:
         self.loss_weight: float | None = None  # this micro-batch's share of the samples, applied in backward
         self.deferred: list[tuple[torch.Tensor, Any, Any]] | None = None  # reductions asked for in an attempt
         self.batch: Any = None  # the loop's batch of the current step (strategy.batch_to_device records it)
-        self._guarded = False
+        # Tensor parallelism communicates inside forward and backward: a rank that fails mid-step replays
+        # the rest of the step's collectives (memory/replay.py) instead of the step being kept silent.
+        self.replays_collectives = strategy.layout.tp > 1
+        self.replayed: list[int] = []  # collectives each replay issued (for tests and the log)
+        self._guarded = self.replays_collectives  # a guard would refuse the collectives that tp needs
         ddp = strategy.model
         if hasattr(ddp, "broadcast_buffers"):  # DDP broadcasts buffers in forward; done at the agreement instead
             ddp.broadcast_buffers = False
@@ -78,7 +83,10 @@ class OOMRecoveryStep:
         """Lightning's closure, as attempts agreed across ranks; returns the step's loss as the closure does."""
         step, attempt = self.trainer.global_step, 0
         split = self.schedule.split
+        rng = _rng_state(self.strategy.root_device)
         while True:
+            if attempt:
+                _set_rng_state(self.strategy.root_device, rng)  # a retry draws what the step would have drawn
             result, error = self._attempt(closure, split, first=attempt == 0)
             failed_ranks, has_grad = self._agree(error is not None)
             if not failed_ranks:
@@ -106,6 +114,8 @@ class OOMRecoveryStep:
             _clear_gradients(module)
         self.deferred = []
         guard = contextlib.nullcontext() if self._guarded else CollectiveGuard()  # until one attempt succeeded
+        issued_before = issued_collectives() if self.replays_collectives else {}
+        issued: dict[str, int] = {}
         try:
             with guard, self.strategy._no_gradient_sync(self.strategy.model):
                 if split == 1 and first:
@@ -114,6 +124,8 @@ class OOMRecoveryStep:
         except torch.OutOfMemoryError as oom:
             message = str(oom).splitlines()[0] if str(oom) else type(oom).__name__
             self._snapshot()
+            if issued_before:
+                issued = {g: n - issued_before.get(g, 0) for g, n in issued_collectives().items()}
         finally:
             self.micro_batch, self.loss_weight = None, None
             module._current_fx_name = fx_name
@@ -122,7 +134,37 @@ class OOMRecoveryStep:
         _clear_gradients(module)
         if torch.cuda.is_available() and self.strategy.root_device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.replays_collectives:
+            self._let_peers_finish(closure, split, issued)
         return None, message
+
+    def _let_peers_finish(self, closure: Closure, split: int, issued: dict[str, int]) -> None:
+        """Issue the collectives of this attempt that the failure skipped, so the peers reach the agreement.
+
+        The attempt runs again on fake tensors (no memory, no communication) to learn its collectives in
+        order; ``self.log`` is silenced there and ``strategy.reduce`` deferred as in the real attempt, so
+        nothing of the traced run reaches the logs. Its fake gradients are dropped.
+        """
+        module = self.strategy.lightning_module
+
+        def attempt() -> None:
+            for piece, weight in split_batch(self.batch, split):
+                self.micro_batch, self.loss_weight = piece, weight
+                result = closure._step_fn()
+                if result.closure_loss is not None:
+                    with self.strategy._step_context():
+                        result.closure_loss.backward()
+
+        module.log = _silenced_log  # type: ignore[method-assign]  # an instance attribute, removed below
+        self.deferred = []
+        try:
+            with self.strategy._no_gradient_sync(self.strategy.model):
+                calls = trace_collectives(attempt)
+        finally:
+            del module.log
+            self.deferred, self.micro_batch, self.loss_weight = None, None, None
+            _clear_gradients(module)
+        self.replayed.append(replay_remaining(calls, {g: n for g, n in issued.items() if n}))
 
     def _split_attempt(self, closure: Closure, split: int, first: bool) -> ClosureResult:
         total: torch.Tensor | None = None
@@ -173,8 +215,9 @@ class OOMRecoveryStep:
                 continue  # no rank has a gradient: the optimizer skips it, as without recovery
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            handles.append(dist.all_reduce(p.grad, group=dp_group, async_op=True))
-            synced.append(p.grad)
+            if dp > 1:
+                handles.append(dist.all_reduce(p.grad, group=dp_group, async_op=True))
+                synced.append(p.grad)
         for handle in handles:
             handle.wait()
         for grad in synced:
@@ -184,7 +227,7 @@ class OOMRecoveryStep:
             if reduced is not tensor:
                 tensor.copy_(reduced)
         self.deferred = None
-        for buffer in self._buffers:  # what DDP's forward would have broadcast from data-parallel rank 0
+        for buffer in self._buffers if dp > 1 else ():  # what DDP's forward would have broadcast from dp rank 0
             dist.broadcast(buffer, src=dist.get_global_rank(dp_group, 0), group=dp_group)
 
     # ------------------------------------------------------------------ reporting
@@ -223,6 +266,21 @@ class OOMRecoveryStep:
             return False
         self.deferred.append((tensor, group, reduce_op))
         return True
+
+
+def _silenced_log(*args: Any, **kwargs: Any) -> None:
+    """``LightningModule.log`` while an attempt is traced on fake tensors: their values are not the step's."""
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:

@@ -50,8 +50,9 @@ def random_plan(world: int, steps: int, count: int, micro: int, retry_larger_aft
 
 
 def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list[OOMAt], budget: int | None = None,
-            memory: dict | None = None, monitor: bool = True) -> dict[str, Any]:
-    """``Trainer.fit`` with picotron3d (DDP, oom_recovery) and :class:`InjectOOM`; what the test compares."""
+            memory: dict | None = None, monitor: bool = True, tp: int = 1) -> dict[str, Any]:
+    """``Trainer.fit`` with picotron3d (DDP, or tensor parallel with ``tp`` > 1; oom_recovery) and
+    :class:`InjectOOM`; what the test compares (the state as whole tensors, gathered from tensor-parallel shards)."""
     from picotron_lightning import AlertManager, MetricsCollector, Picotron3DStrategy
     from picotron_lightning.testing import COLLECTIVE_TIMEOUT, TokenDataset
     from picotron_lightning.testing_memory import InjectOOM
@@ -59,7 +60,8 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
     from tests.parity import make_module
 
     memory = {"oom_recovery": True, "oom_retry_larger_after": 2, **(memory or {})}
-    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode="ddp", memory=memory)
+    strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode="ddp", memory=memory,
+                                  tensor_parallel_size=tp)
     injector = InjectOOM(plan, budget=budget)
     callbacks: list[Any] = [injector]
     alerts = collector = None
@@ -71,7 +73,7 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
     module = make_module()
     loader = DataLoader(TokenDataset(data), batch_size=micro, shuffle=False)
     fitted = fit_and_record(module, loader, callbacks=callbacks, strategy=strategy, devices=world, max_steps=steps)
-    state = module.state_dict()  # DDP: every replica holds the whole model
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
     recovery = strategy.oom_recovery
     reported = {}
     if collector is not None:
@@ -84,6 +86,7 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
         "state": {k: v.detach().clone() for k, v in state.items()},
         "alerts": dict(alerts.counts) if alerts is not None else {}, "metrics": reported,
         "final_split": recovery.schedule.split if recovery is not None else None,
+        "replayed": recovery.replayed if recovery is not None else [],
     }
 
 

@@ -1,0 +1,180 @@
+"""Collective replay: how a rank that ran out of memory mid-step lets its peers finish the step.
+
+Under tensor parallelism a step's forward and backward communicate (DTensor all-reduces, all-gathers
+and reduce-scatters over the ``tp`` group). A rank that raises ``torch.OutOfMemoryError`` half-way
+leaves its peers blocked in the next collective it never joins. This module gives that rank the rest
+of the step's collectives, without the memory the step needed:
+
+1. :func:`issued_collectives` before the attempt and at the failure: each process group's sequence
+   number (c10d counts every collective a group runs, functional ones included) tells how many
+   collectives of each group the rank issued before the error, at no cost during the step.
+2. :func:`trace_collectives` runs the same attempt again under ``FakeTensorMode``: no memory, no
+   communication (collectives have meta kernels), but every collective is dispatched with the shapes
+   the real step would have used, and :class:`RecordCollectives` writes them down in order.
+3. :func:`replay_remaining` issues, per group, the traced collectives after the ones already issued,
+   with zeros of the traced shapes, waiting on each. The peers' step completes (with values that the
+   agreement then throws away) and every rank reaches the agreement point of
+   :mod:`picotron_lightning.strategies.oom_step`.
+
+What this relies on, and what the strategy refuses where it does not hold (see
+:func:`picotron_lightning.memory.oom.check_recovery_layout`): every rank of a group issues the same
+collectives with the same shapes whatever the values (true for tensor parallelism; not for MoE
+all-to-alls, whose split sizes depend on routing, nor for pipeline sends, whose schedule is its own).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+# Ops in these namespaces communicate, except the ones that only wait for or wrap a result.
+_COLLECTIVE_NAMESPACES = ("c10d.", "_c10d_functional.", "c10d_functional.")
+_NOT_COMMUNICATING = ("wait_tensor", "_wrap_tensor_autograd", "barrier")
+
+
+def is_collective(func: Any) -> bool:
+    """Whether dispatching ``func`` runs a collective on a process group (waits and wrappers do not)."""
+    name = str(func)
+    return name.startswith(_COLLECTIVE_NAMESPACES) and not any(part in name for part in _NOT_COMMUNICATING)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape, dtype and device of a tensor a collective received: enough to send zeros in its place."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype, device=self.device)
+
+
+@dataclass(frozen=True)
+class CollectiveCall:
+    """One collective of a traced step: the op, its arguments (tensors as :class:`TensorSpec`) and its group."""
+
+    op: Any
+    args: tuple
+    kwargs: dict
+    group: str
+
+    def describe(self) -> str:
+        shapes = [list(a.shape) for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TensorSpec)]
+        return f"{self.op} on group {self.group!r} with {shapes}"
+
+
+def group_name_of(args: tuple, kwargs: dict) -> str:
+    """The process group a collective's arguments name: a ProcessGroup object (c10d ops) or its name (functional)."""
+    leaves = tree_flatten((args, kwargs))[0]
+    for leaf in leaves:
+        if isinstance(leaf, dist.ProcessGroup):
+            return leaf.group_name
+    names = [leaf for leaf in leaves if isinstance(leaf, str) and leaf in _group_names()]
+    if not names:
+        raise RuntimeError(f"cannot tell which process group a collective with arguments {args} runs on")
+    return names[-1]
+
+
+def _group_names() -> set[str]:
+    from torch.distributed.distributed_c10d import _world
+
+    return set(_world.pg_names.values())
+
+
+class RecordCollectives(TorchDispatchMode):
+    """Writes down every collective dispatched under it, in order (the op still runs below the mode)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[CollectiveCall] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if is_collective(func):
+            spec = tree_map(
+                lambda a: TensorSpec(tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else a,
+                (args, kwargs),
+            )
+            self.calls.append(CollectiveCall(func, spec[0], spec[1], group_name_of(args, kwargs)))
+        return func(*args, **kwargs)
+
+
+def trace_collectives(run: Callable[[], None]) -> list[CollectiveCall]:
+    """The collectives ``run`` dispatches, found by running it on fake tensors (no memory, no communication).
+
+    Real tensors that ``run`` touches (parameters, the batch) are read as fake copies; gradients that its
+    backward would accumulate land as fake tensors on the parameters, so the caller clears them.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    global _tracing
+    recorder = RecordCollectives()
+    _tracing += 1
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), recorder:
+            run()
+    finally:
+        _tracing -= 1
+    return recorder.calls
+
+
+_tracing = 0
+
+
+def tracing_collectives() -> bool:
+    """Whether :func:`trace_collectives` is running (on fake tensors): OOM injectors of the tests stay quiet then."""
+    return _tracing > 0
+
+
+def issued_collectives() -> dict[str, int]:
+    """Each process group's count of collectives issued so far (its c10d sequence number), by group name."""
+    from torch.distributed.distributed_c10d import _world
+
+    return {name: group._get_sequence_number_for_group()  # type: ignore[attr-defined]  # c10d has it, stubs not
+            for group, name in _world.pg_names.items()}
+
+
+def replay_remaining(calls: list[CollectiveCall], issued: dict[str, int]) -> int:
+    """Issue, per group, the collectives of ``calls`` after the first ``issued[group]``, with zeros; return how many.
+
+    Each is waited for before the next, in the traced order, so it pairs with the peers' own call.
+    Raises (naming the group) when the rank issued more collectives of a group than the trace has: the
+    trace is not this attempt's, and replaying would pair the wrong calls.
+    """
+    traced: dict[str, int] = {}
+    for call in calls:
+        traced[call.group] = traced.get(call.group, 0) + 1
+    for group, count in issued.items():
+        if count > traced.get(group, 0):
+            raise RuntimeError(
+                f"`memory.oom_recovery`: this rank issued {count} collectives on group {group!r} before running out of "
+                f"memory, but the traced step has {traced.get(group, 0)}; the step's collectives depend on values, so "
+                "it cannot be replayed. Turn oom_recovery off for this model."
+            )
+    seen: dict[str, int] = {}
+    replayed = 0
+    for call in calls:
+        index = seen.get(call.group, 0)
+        seen[call.group] = index + 1
+        if index < issued.get(call.group, 0):
+            continue  # issued before the error: the peers have (or will) run it already
+        args, kwargs = tree_map(lambda a: a.zeros() if isinstance(a, TensorSpec) else a, (call.args, call.kwargs))
+        _wait(call.op(*args, **kwargs))
+        replayed += 1
+    return replayed
+
+
+def _wait(result: Any) -> None:
+    """Wait for a collective's result: a Work object (c10d ops) or an async tensor (functional ops)."""
+    for leaf in tree_flatten(result)[0]:
+        if isinstance(leaf, torch.Tensor):
+            torch.ops._c10d_functional.wait_tensor(leaf)
+        elif hasattr(leaf, "wait"):
+            leaf.wait()

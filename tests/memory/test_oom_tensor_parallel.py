@@ -1,0 +1,92 @@
+"""OOM recovery under tensor parallelism, on real gloo ranks: the failed rank replays the step's collectives.
+
+A tp rank that runs out of memory half-way through forward or backward would leave its peer blocked in
+the next all-reduce. With ``memory.oom_recovery`` it traces the attempt on fake tensors, issues the
+collectives it skipped (``picotron_lightning.memory.replay``), and every rank meets at the agreement
+point and redoes the step in twice as many micro-batches. Nothing is mocked: the OOMs are
+``torch.OutOfMemoryError`` raised by a dispatch mode inside the real forward and backward.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from picotron_lightning.testing import run_ranks, run_script
+from picotron_lightning.testing_memory import OOMAt
+from tests.memory.oom_runs import oom_fit, random_plan
+from tests.parity import RTOL, make_data, make_module, max_relative_diff, train_reference
+
+pytestmark = pytest.mark.slow
+
+MICRO = 8  # samples per step (tp ranks share the batch): splits 1, 2, 4, 8
+SCRIPTS = Path(__file__).resolve().parents[1] / "user_path" / "scripts"
+
+
+def test_tensor_parallel_ranks_recover_from_ooms_at_any_point_of_the_step() -> None:
+    steps = 5
+    plan = [
+        OOMAt(rank=1, step=0, phase="forward", op=40),  # the very first step: no earlier step to learn from
+        OOMAt(rank=0, step=1, phase="backward", op=25, attempts=2),  # the retry fails too
+        OOMAt(rank=0, step=2, phase="forward", op=3),  # both ranks, at different points
+        OOMAt(rank=1, step=2, phase="backward", op=60),
+        OOMAt(rank=1, step=4, phase="forward", op=150),  # the last batch
+    ]
+    data = make_data(steps * MICRO)
+    runs = run_ranks(oom_fit, 2, data, MICRO, steps, plan, tp=2, memory={"oom_retry_larger_after": 1},
+                     timeout=600)
+
+    fired = [r["fired"] for r in runs]
+    assert len(fired[0]) == 3 and len(fired[1]) == 3, fired  # (step 1 fails twice on rank 0)
+    events = runs[0]["events"]
+    assert runs[1]["events"] == events
+    assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in events] == [
+        (0, [1], 1, 2), (1, [0], 1, 2), (1, [0], 2, 4), (2, [0, 1], 2, 4), (4, [1], 1, 2)]
+    # Each failed rank issued collectives it had skipped (a peer would otherwise have hung).
+    assert all(r["replayed"] and all(n > 0 for n in r["replayed"]) for r in runs), [r["replayed"] for r in runs]
+    # The losses and the final weights are those of one process on the same batches.
+    reference = train_reference(make_module(), data, steps, MICRO)
+    assert runs[0]["losses"] == runs[1]["losses"]
+    assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL, (runs[0]["losses"], reference["losses"])
+    final = reference["module"].state_dict()
+    for run in runs:
+        assert max((run["state"][k] - final[k]).abs().max().item() for k in final) < 1e-4
+
+
+def test_forty_random_ooms_on_tensor_parallel_ranks_leave_the_run_unchanged() -> None:
+    steps = 28
+    plan, expected_splits = random_plan(2, steps, 40, MICRO, retry_larger_after=1, seed=1, max_op=200)
+    data = make_data(steps * MICRO)
+    runs = run_ranks(oom_fit, 2, data, MICRO, steps, plan, tp=2, memory={"oom_retry_larger_after": 1},
+                     monitor=False, timeout=900)
+    assert sum(len(r["fired"]) for r in runs) == 40
+    events = runs[0]["events"]
+    assert runs[1]["events"] == events
+    ended = {e["step"]: e["new_split"] for e in events}
+    assert [ended.get(step) for step in range(steps)] == [
+        s if step in ended else None for step, s in enumerate(expected_splits)]
+    reference = train_reference(make_module(), data, steps, MICRO)
+    assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL
+    for name, tensor in runs[0]["state"].items():  # the whole tensors, gathered from both ranks' shards
+        assert torch.equal(tensor, runs[1]["state"][name]), name
+
+
+def test_a_tensor_parallel_oom_is_recovered_on_the_users_path(tmp_path: Path) -> None:
+    """``python train.py``: Lightning's launcher starts both tp ranks; rank 1 runs out of memory in step 1."""
+    tp = {"tensor_parallel_size": 2}
+    spec = {"devices": 2, "runs": [
+        {"name": "plain", "strategy": tp, "steps": 3, "micro_batch": 8, "samples": 24},
+        {"name": "oom", "strategy": {**tp, "memory": {"oom_recovery": True}}, "steps": 3, "micro_batch": 8,
+         "samples": 24, "monitoring": True, "inject_oom": [{"rank": 1, "step": 1, "phase": "backward", "op": 30}]},
+    ]}
+    spec_path, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    result = run_script(SCRIPTS / "train.py", spec_path, out, timeout=600)
+    runs = json.loads(out.read_text())
+    assert runs["oom"]["oom_events"] == [{"step": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs
+    assert runs["oom"]["alerts"].get("oom_retry") == 1, runs["oom"]
+    assert max_relative_diff(runs["oom"]["losses"], runs["plain"]["losses"]) <= RTOL
+    assert "oom_retry" in result.stdout
