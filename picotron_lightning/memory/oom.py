@@ -118,33 +118,27 @@ class CollectiveGuard(TorchDispatchMode):
 
 
 def check_recovery_layout(
-    *, pp: int, tp: int, ep: int, data_parallel_mode: str | None, has_experts: bool,
-    accumulate_grad_batches: int = 1, automatic_optimization: bool = True,
+    *, pp: int, ep: int, has_experts: bool, accumulate_grad_batches: int = 1, automatic_optimization: bool = True,
 ) -> None:
-    """Refuse ``oom_recovery`` where a step's forward or backward has collectives that cannot be moved out.
+    """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step.
 
-    Covered: data parallelism by DDP (gradient sync deferred to the agreement point) and tensor
-    parallelism (a failed rank replays the rest of the step's collectives, :mod:`.replay`). Not covered:
-    FSDP2/HSDP (parameter all-gathers inside forward, with state between them), pipeline parallelism
-    (activations sent between stages), experts (all-to-alls whose sizes depend on routing). Raised
-    before the first training step, on every rank alike.
+    Covered: DDP (gradient sync deferred to the agreement point), FSDP2/HSDP and tensor parallelism
+    (a failed rank replays the rest of the step's collectives, :mod:`.replay`). Not covered: pipeline
+    parallelism (activations sent between stages under their own schedule), experts (all-to-alls whose
+    sizes depend on routing). Raised before the first training step, on every rank alike.
     """
-    what = ("Use data_parallel_mode='ddp' (any data-parallel size) or tensor_parallel_size > 1 with "
-            "data-parallel size 1, with pipeline and expert parallel sizes 1; or turn it off.")
+    what = "Use pipeline and expert parallel sizes 1 (any data-parallel mode and tensor-parallel size), or turn it off."
     reasons = []
     if pp > 1:
         reasons.append(f"pipeline_parallel_size={pp} (stages send activations to each other inside the step)")
     if ep > 1 or has_experts:
         reasons.append("a mixture-of-experts model (tokens and routing statistics are exchanged inside forward, "
                        "in amounts that depend on the routing)")
-    if data_parallel_mode is not None and data_parallel_mode not in ("ddp", "none"):
-        reasons.append(f"data_parallel_mode={data_parallel_mode!r} (FSDP2 gathers parameters inside forward; "
-                       "pass data_parallel_mode='ddp', whose gradient sync can wait for the agreement"
-                       + (", or a data-parallel size of 1 with tensor parallelism)" if tp > 1 else ")"))
     if reasons:
         raise ValueError(
-            "`memory.oom_recovery=True` needs a step whose forward and backward do not communicate, so that a rank "
-            "that runs out of memory cannot leave the others waiting in a collective; this run has "
+            "`memory.oom_recovery=True` needs steps whose collectives are known without the values (so that a rank "
+            "that runs out of memory can issue the rest of them and leave no rank waiting in a collective); "
+            "this run has "
             + "; ".join(reasons) + f". {what}"
         )
     if accumulate_grad_batches != 1:

@@ -76,6 +76,8 @@ def group_name_of(args: tuple, kwargs: dict) -> str:
     for leaf in leaves:
         if isinstance(leaf, dist.ProcessGroup):
             return leaf.group_name
+        if isinstance(leaf, torch.ScriptObject):  # how the dispatcher passes a ProcessGroup to c10d ops
+            return dist.ProcessGroup.unbox(leaf).group_name
     names = [leaf for leaf in leaves if isinstance(leaf, str) and leaf in _group_names()]
     if not names:
         raise RuntimeError(f"cannot tell which process group a collective with arguments {args} runs on")

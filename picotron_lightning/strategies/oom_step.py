@@ -52,8 +52,7 @@ class OOMRecoveryStep:
     def __init__(self, strategy: Any, trainer: Any, options: MemoryOptions) -> None:
         module = strategy.lightning_module
         check_recovery_layout(
-            pp=strategy.layout.pp, tp=strategy.layout.tp, ep=strategy.layout.ep,
-            data_parallel_mode=strategy.data_parallel_mode, has_experts=_has_experts(module),
+            pp=strategy.layout.pp, ep=strategy.layout.ep, has_experts=_has_experts(module),
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
         )
@@ -65,11 +64,16 @@ class OOMRecoveryStep:
         self.loss_weight: float | None = None  # this micro-batch's share of the samples, applied in backward
         self.deferred: list[tuple[torch.Tensor, Any, Any]] | None = None  # reductions asked for in an attempt
         self.batch: Any = None  # the loop's batch of the current step (strategy.batch_to_device records it)
-        # Tensor parallelism communicates inside forward and backward: a rank that fails mid-step replays
-        # the rest of the step's collectives (memory/replay.py) instead of the step being kept silent.
-        self.replays_collectives = strategy.layout.tp > 1
+        # Tensor parallelism and FSDP2 communicate inside forward and backward: a rank that fails mid-step
+        # replays the rest of the step's collectives (memory/replay.py) instead of the step being kept silent.
+        # FSDP2 also reduces its gradients inside each backward (sharded, accumulated over micro-batches),
+        # so the agreement point has no gradient reduction left to do for it.
+        self.fsdp_root = _fsdp_root(strategy.model)
+        if self.fsdp_root is not None:
+            _materialize_unsharded_parameters(strategy.model)
+        self.replays_collectives = strategy.layout.tp > 1 or self.fsdp_root is not None
         self.replayed: list[int] = []  # collectives each replay issued (for tests and the log)
-        self._guarded = self.replays_collectives  # a guard would refuse the collectives that tp needs
+        self._guarded = self.replays_collectives  # a guard would refuse the collectives these layouts need
         ddp = strategy.model
         if hasattr(ddp, "broadcast_buffers"):  # DDP broadcasts buffers in forward; done at the agreement instead
             ddp.broadcast_buffers = False
@@ -117,7 +121,7 @@ class OOMRecoveryStep:
         issued_before = issued_collectives() if self.replays_collectives else {}
         issued: dict[str, int] = {}
         try:
-            with guard, self.strategy._no_gradient_sync(self.strategy.model):
+            with guard, self._local_gradients():
                 if split == 1 and first:
                     return closure.closure(), None  # Lightning's own order, hooks and all
                 return self._split_attempt(closure, split, first), None
@@ -137,6 +141,12 @@ class OOMRecoveryStep:
         if self.replays_collectives:
             self._let_peers_finish(closure, split, issued)
         return None, message
+
+    def _local_gradients(self) -> Any:
+        """DDP: keep gradients local until the agreement (``no_sync``). FSDP2 reduce-scatters in backward as usual."""
+        if self.fsdp_root is not None:
+            return contextlib.nullcontext()
+        return self.strategy._no_gradient_sync(self.strategy.model)
 
     def _let_peers_finish(self, closure: Closure, split: int, issued: dict[str, int]) -> None:
         """Issue the collectives of this attempt that the failure skipped, so the peers reach the agreement.
@@ -158,13 +168,23 @@ class OOMRecoveryStep:
         module.log = _silenced_log  # type: ignore[method-assign]  # an instance attribute, removed below
         self.deferred = []
         try:
-            with self.strategy._no_gradient_sync(self.strategy.model):
+            self._reset_fsdp()  # the failure left FSDP2 mid-iteration (units gathered, hooks pending)
+            with self._local_gradients():
                 calls = trace_collectives(attempt)
         finally:
             del module.log
             self.deferred, self.micro_batch, self.loss_weight = None, None, None
             _clear_gradients(module)
+        self._reset_fsdp()
         self.replayed.append(replay_remaining(calls, {g: n for g, n in issued.items() if n}))
+
+    def _reset_fsdp(self) -> None:
+        """FSDP2's recovery call after an aborted iteration: waits for issued collectives, reshards, clears trackers.
+
+        Safe before the replay: the collectives it waits for were issued before the failure, so the peers run them.
+        """
+        if self.fsdp_root is not None:
+            self.fsdp_root.reset_iter_state()
 
     def _split_attempt(self, closure: Closure, split: int, first: bool) -> ClosureResult:
         total: torch.Tensor | None = None
@@ -215,7 +235,7 @@ class OOMRecoveryStep:
                 continue  # no rank has a gradient: the optimizer skips it, as without recovery
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if dp > 1:
+            if dp > 1 and self.fsdp_root is None:  # (FSDP2 reduce-scattered in each backward)
                 handles.append(dist.all_reduce(p.grad, group=dp_group, async_op=True))
                 synced.append(p.grad)
         for handle in handles:
@@ -227,7 +247,8 @@ class OOMRecoveryStep:
             if reduced is not tensor:
                 tensor.copy_(reduced)
         self.deferred = None
-        for buffer in self._buffers if dp > 1 else ():  # what DDP's forward would have broadcast from dp rank 0
+        ddp = dp > 1 and self.fsdp_root is None
+        for buffer in self._buffers if ddp else ():  # what DDP's forward would have broadcast from dp rank 0
             dist.broadcast(buffer, src=dist.get_global_rank(dp_group, 0), group=dp_group)
 
     # ------------------------------------------------------------------ reporting
@@ -290,6 +311,29 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
 def _clear_gradients(module: nn.Module) -> None:
     for p in module.parameters():
         p.grad = None
+
+
+def _fsdp_root(model: nn.Module) -> Any:
+    """The outermost FSDP2 module of ``model`` (the one ``reset_iter_state`` is called on), or None."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+
+
+def _materialize_unsharded_parameters(model: nn.Module) -> None:
+    """Gather and free every FSDP2 unit once, on every rank alike, before training.
+
+    FSDP2 creates each unit's unsharded parameters at its first all-gather and reuses them after. A step
+    traced on fake tensors (the replay after an OOM) must not be that first gather, or the parameters it
+    creates would be fake for the rest of the run; so every unit is gathered once here, root first (the
+    root's first call sets up the others' state as its children).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():  # pre-order: the root comes first
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
 
 
 def _has_experts(module: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""OOM recovery under tensor parallelism, on real gloo ranks: the failed rank replays the step's collectives.
+"""OOM recovery under tensor parallelism (and FSDP2 on the user's path), on real gloo ranks.
 
 A tp rank that runs out of memory half-way through forward or backward would leave its peer blocked in
 the next all-reduce. With ``memory.oom_recovery`` it traces the attempt on fake tensors, issues the
@@ -74,19 +74,27 @@ def test_forty_random_ooms_on_tensor_parallel_ranks_leave_the_run_unchanged() ->
         assert torch.equal(tensor, runs[1]["state"][name]), name
 
 
-def test_a_tensor_parallel_oom_is_recovered_on_the_users_path(tmp_path: Path) -> None:
-    """``python train.py``: Lightning's launcher starts both tp ranks; rank 1 runs out of memory in step 1."""
-    tp = {"tensor_parallel_size": 2}
+def test_tensor_parallel_and_fsdp_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
+    """``python train.py``: Lightning's launcher starts both ranks; each layout's run with an OOM on rank 1 in
+    step 1 ends with the losses of the same layout's run without it."""
+    tp, fsdp = {"tensor_parallel_size": 2}, {"data_parallel_mode": "fsdp"}
+    oom = {"memory": {"oom_recovery": True}}
+    inject = [{"rank": 1, "step": 1, "phase": "backward", "op": 30}]
+    common = {"steps": 3, "micro_batch": 8, "samples": 48}
     spec = {"devices": 2, "runs": [
-        {"name": "plain", "strategy": tp, "steps": 3, "micro_batch": 8, "samples": 24},
-        {"name": "oom", "strategy": {**tp, "memory": {"oom_recovery": True}}, "steps": 3, "micro_batch": 8,
-         "samples": 24, "monitoring": True, "inject_oom": [{"rank": 1, "step": 1, "phase": "backward", "op": 30}]},
+        {"name": "tp", "strategy": tp, **common},
+        {"name": "tp_oom", "strategy": {**tp, **oom}, "monitoring": True, "inject_oom": inject, **common},
+        {"name": "fsdp", "strategy": fsdp, **common},
+        {"name": "fsdp_oom", "strategy": {**fsdp, **oom}, "inject_oom": inject, **common},
     ]}
     spec_path, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
     result = run_script(SCRIPTS / "train.py", spec_path, out, timeout=600)
     runs = json.loads(out.read_text())
-    assert runs["oom"]["oom_events"] == [{"step": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs
-    assert runs["oom"]["alerts"].get("oom_retry") == 1, runs["oom"]
-    assert max_relative_diff(runs["oom"]["losses"], runs["plain"]["losses"]) <= RTOL
+    for name in ("tp", "fsdp"):
+        assert runs[f"{name}_oom"]["oom_events"] == [
+            {"step": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
+        assert max_relative_diff(runs[f"{name}_oom"]["losses"], runs[name]["losses"]) <= RTOL, name
+    assert runs["fsdp"]["data_parallel_mode"] == "fsdp" and "tensor_parallel_size=2" in runs["tp"]["layout"], runs["tp"]
+    assert runs["tp_oom"]["alerts"].get("oom_retry") == 1, runs["tp_oom"]
     assert "oom_retry" in result.stdout
