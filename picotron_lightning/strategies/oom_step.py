@@ -3,18 +3,23 @@
 Lightning's automatic optimization hands the strategy a closure (training step, zero_grad,
 backward) inside ``optimizer.step``. With ``memory.oom_recovery`` the strategy runs that closure as:
 
-1. **Local attempt**, with no collective: DDP's gradient sync is deferred (``no_sync``), DDP's buffer
-   broadcast is moved to step 3, and reductions that ``training_step`` asks for (``self.log(...,
-   sync_dist=True)`` calls ``strategy.reduce``) are recorded instead of run. Attempts up to the first
-   that succeeds on every rank run under :class:`~picotron_lightning.memory.oom.CollectiveGuard`, which stops every rank
-   alike if anything else communicates. A ``torch.OutOfMemoryError`` is caught; the step's graph,
-   gradients and outputs are dropped.
+1. **Attempt.** Under DDP alone, with no collective: DDP's gradient sync is deferred (``no_sync``),
+   DDP's buffer broadcast is moved to step 3. Under FSDP2 and tensor parallelism the attempt
+   communicates as usual (gathers, reduce-scatters, tp all-reduces). Either way, reductions that
+   ``training_step`` asks for (``self.log(..., sync_dist=True)`` calls ``strategy.reduce``) are recorded
+   instead of run. DDP attempts up to the first that succeeds on every rank run under
+   :class:`~picotron_lightning.memory.oom.CollectiveGuard`, which stops every rank alike if anything
+   else communicates. A ``torch.OutOfMemoryError`` is caught; the step's graph, gradients and outputs
+   are dropped; under FSDP2/tp the failed rank then issues the collectives it skipped
+   (:mod:`picotron_lightning.memory.replay`), so its peers finish their attempt.
 2. **Agreement**: one all-reduce (MAX) of a small vector: which ranks failed, how many reductions each
-   recorded, and which parameters have gradients. Every rank reaches it after zero collectives.
-3. On success everywhere: the gradient all-reduce over the data-parallel group, the recorded reductions
-   and the buffer broadcast, in the same order on every rank. On any failure: every rank clears its
-   gradients, reports the retry (AlertManager alert, MetricsCollector metric) and redoes step 1 with the
-   same global batch in twice as many micro-batches, each loss weighted by its share of the samples.
+   recorded, and which parameters have gradients. Every rank reaches it having issued the same
+   collectives since the previous step.
+3. On success everywhere: the gradient all-reduce over the data-parallel group (DDP; FSDP2 reduced in
+   backward), the recorded reductions and the buffer broadcast, in the same order on every rank. On any
+   failure: every rank clears its gradients, reports the retry (AlertManager alert, MetricsCollector
+   metric) and redoes step 1 from the step's random state with the same global batch in twice as many
+   micro-batches, each loss weighted by its share of the samples.
 """
 
 from __future__ import annotations
