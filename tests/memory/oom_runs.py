@@ -50,7 +50,8 @@ def random_plan(world: int, steps: int, count: int, micro: int, retry_larger_aft
 
 
 def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list[OOMAt], budget: int | None = None,
-            memory: dict | None = None, monitor: bool = True, tp: int = 1, dp_mode: str = "ddp") -> dict[str, Any]:
+            memory: dict | None = None, monitor: bool = True, tp: int = 1, dp_mode: str = "ddp",
+            strategy_options: dict | None = None) -> dict[str, Any]:
     """``Trainer.fit`` with picotron3d (``dp_mode`` data parallelism, ``tp`` tensor parallelism; oom_recovery) and
     :class:`InjectOOM`; what the test compares (the state as whole tensors, gathered from sharded ones)."""
     from picotron_lightning import AlertManager, MetricsCollector, Picotron3DStrategy
@@ -61,7 +62,7 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
 
     memory = {"oom_recovery": True, "oom_retry_larger_after": 2, **(memory or {})}
     strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode=dp_mode, memory=memory,
-                                  tensor_parallel_size=tp)
+                                  tensor_parallel_size=tp, **(strategy_options or {}))
     injector = InjectOOM(plan, budget=budget)
     callbacks: list[Any] = [injector]
     alerts = collector = None

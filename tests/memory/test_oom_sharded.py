@@ -69,3 +69,25 @@ def test_random_ooms_on_tensor_and_fully_sharded_ranks_leave_the_run_unchanged()
     assert max_relative_diff(mean_over_ranks([r["losses"] for r in runs]), reference["losses"]) <= RTOL
     for name, tensor in runs[0]["state"].items():
         assert all(torch.equal(tensor, r["state"][name]) for r in runs[1:]), name
+
+
+def test_hsdp_ranks_recover_from_ooms() -> None:
+    """4 ranks, HSDP (2 replicas of 2 shards): gathers and reduce-scatters per shard group, all-reduces across."""
+    steps = 4
+    plan = [
+        OOMAt(rank=3, step=0, phase="forward", op=40),
+        OOMAt(rank=0, step=1, phase="backward", op=25),
+        OOMAt(rank=1, step=2, phase="forward", op=10),  # two ranks of different replicas and shards
+        OOMAt(rank=2, step=2, phase="backward", op=70),
+    ]
+    data = make_data(4 * steps * MICRO)
+    runs = run_ranks(oom_fit, 4, data, MICRO, steps, plan, dp_mode="hsdp", strategy_options={"hsdp_shard_size": 2},
+                     memory={"oom_retry_larger_after": 1}, monitor=False, timeout=900)
+    events = runs[0]["events"]
+    assert all(r["events"] == events for r in runs)
+    assert [(e["step"], e["ranks"], e["new_split"]) for e in events] == [
+        (0, [3], 2), (1, [0], 2), (2, [1, 2], 2)], events
+    reference = train_reference(make_module(), data, steps, 4 * MICRO)
+    assert max_relative_diff(mean_over_ranks([r["losses"] for r in runs]), reference["losses"]) <= RTOL
+    for name, tensor in runs[0]["state"].items():
+        assert all(torch.equal(tensor, r["state"][name]) for r in runs[1:]), name
