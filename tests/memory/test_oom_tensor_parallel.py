@@ -56,6 +56,18 @@ def test_tensor_parallel_ranks_recover_from_ooms_at_any_point_of_the_step() -> N
         assert max((run["state"][k] - final[k]).abs().max().item() for k in final) < 1e-4
 
 
+def test_recovery_under_full_activation_checkpointing() -> None:
+    """Checkpointed blocks recompute forward (and its all-reduces) inside backward: the trace must see those too."""
+    plan = [OOMAt(rank=1, step=0, phase="backward", op=40), OOMAt(rank=0, step=1, phase="backward", op=120),
+            OOMAt(rank=1, step=2, phase="forward", op=20)]
+    data = make_data(3 * MICRO)
+    runs = run_ranks(oom_fit, 2, data, MICRO, 3, plan, tp=2, monitor=False, timeout=600,
+                     memory={"oom_retry_larger_after": 1, "activation_checkpointing": "full"})
+    assert [len(r["fired"]) for r in runs] == [1, 2] and all(r["replayed"] for r in runs)
+    reference = train_reference(make_module(), data, 3, MICRO)
+    assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL
+
+
 def test_forty_random_ooms_on_tensor_parallel_ranks_leave_the_run_unchanged() -> None:
     steps = 28
     plan, expected_splits = random_plan(2, steps, 40, MICRO, retry_larger_after=1, seed=1, max_op=200)
