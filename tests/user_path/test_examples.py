@@ -20,6 +20,7 @@ CONFIG_TAGS = {
     "pretrain_3d.yaml": ["train_loss", "train/loss", "throughput/tokens_per_sec", "throughput/mfu", "grad/norm",
                          "memory/host_rss_gb", "pipeline/bubble"],
     "pretrain_dp.yaml": ["train_loss"],
+    "pretrain_oom_recovery.yaml": ["train_loss", "throughput/tokens_per_sec"],
 }
 
 
