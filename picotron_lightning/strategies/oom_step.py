@@ -144,7 +144,20 @@ class OOMRecoveryStep:
         if torch.cuda.is_available() and self.strategy.root_device.type == "cuda":
             torch.cuda.empty_cache()
         if self.replays_collectives:
-            self._let_peers_finish(closure, split, issued)
+            failure = None
+            try:
+                self._let_peers_finish(closure, split, issued)
+            except Exception as error:  # noqa: BLE001 - any failure here leaves the peers without this rank
+                failure = f"{type(error).__name__}: {error}"
+            # Raised outside the handler, unchained: the trace's frames hold autograd nodes that reference the
+            # parameters, and Lightning's teardown (which moves the model) fails while they are alive.
+            if failure is not None:
+                raise RuntimeError(
+                    f"`memory.oom_recovery`: rank {dist.get_rank()} ran out of memory ({message}) and then could not "
+                    f"issue the rest of the step's collectives ({failure}); its peers cannot finish the step, so the "
+                    "run stops here. The step is traced on fake tensors to learn its collectives, so training_step "
+                    "must not read tensor values (`.item()`, `.tolist()`, branching on them); see docs/memory.md."
+                )
         return None, message
 
     def _local_gradients(self) -> Any:

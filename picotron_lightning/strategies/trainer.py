@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -399,5 +400,14 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         # Fault tolerance: finish asynchronous saves and stop heartbeats (after a failure, silently: the others
         # then report this rank within the heartbeat timeout instead of waiting for the collective timeout).
         trainer = getattr(self.lightning_module, "_trainer", None)
-        self._fault_tolerance.stop(succeeded=trainer is None or trainer.state.status != TrainerStatus.INTERRUPTED)
-        super().teardown()
+        interrupted = trainer is not None and trainer.state.status == TrainerStatus.INTERRUPTED
+        self._fault_tolerance.stop(succeeded=not interrupted)
+        try:
+            super().teardown()
+        except RuntimeError as error:
+            if not interrupted:
+                raise
+            # After a failure mid-step the failure's traceback still holds the step's autograd graph, which
+            # references the (DTensor) parameters, so moving the module to the CPU cannot swap them. Raising
+            # here would replace the failure the user needs to see; Lightning raises that one after teardown.
+            warnings.warn(f"teardown after the failure could not move the model to the CPU ({error})", stacklevel=1)

@@ -51,7 +51,7 @@ def random_plan(world: int, steps: int, count: int, micro: int, retry_larger_aft
 
 def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list[OOMAt], budget: int | None = None,
             memory: dict | None = None, monitor: bool = True, tp: int = 1, dp_mode: str = "ddp",
-            strategy_options: dict | None = None) -> dict[str, Any]:
+            strategy_options: dict | None = None, module: Any = None) -> dict[str, Any]:
     """``Trainer.fit`` with picotron3d (``dp_mode`` data parallelism, ``tp`` tensor parallelism; oom_recovery) and
     :class:`InjectOOM`; what the test compares (the state as whole tensors, gathered from sharded ones)."""
     from picotron_lightning import AlertManager, MetricsCollector, Picotron3DStrategy
@@ -71,7 +71,7 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
         collector = MetricsCollector(log_every_n_steps=1, histogram_every_n_steps=0, flops_per_token=1.0,
                                      peak_flops_per_device=1.0, log_param_norm=False, log_moe=False)
         callbacks += [alerts, collector]
-    module = make_module()
+    module = module() if module is not None else make_module()
     loader = DataLoader(TokenDataset(data), batch_size=micro, shuffle=False)
     fitted = fit_and_record(module, loader, callbacks=callbacks, strategy=strategy, devices=world, max_steps=steps)
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
@@ -89,6 +89,31 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
         "final_split": recovery.schedule.split if recovery is not None else None,
         "replayed": recovery.replayed if recovery is not None else [],
     }
+
+
+def module_reading_values() -> Any:
+    """The tiny Llama whose ``training_step`` reads a value (``loss.item()``), as user code sometimes does."""
+    from tests.parity import make_module
+
+    module = make_module()
+
+    def training_step(batch: Any, batch_idx: int) -> Any:
+        loss = module._loss(batch)
+        if loss.item() > 1e6:  # a value the fake trace of an OOM-recovered step cannot know
+            raise RuntimeError("diverged")
+        return loss
+
+    module.training_step = training_step
+    return module
+
+
+def oom_fit_expect_error(rank: int, world: int, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``oom_fit`` that is expected to fail: the error's text, or an empty one if it finished."""
+    try:
+        oom_fit(rank, world, *args, **kwargs)
+    except Exception as error:  # noqa: BLE001 - the test reads the message
+        return {"error": f"{type(error).__name__}: {error}"}
+    return {"error": ""}
 
 
 def oom_fit_expect_stop(rank: int, world: int, data: Any, micro: int, plan: list[OOMAt]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import torch
 
 from picotron_lightning.testing import run_ranks, run_script
 from picotron_lightning.testing_memory import OOMAt
-from tests.memory.oom_runs import oom_fit, random_plan
+from tests.memory.oom_runs import module_reading_values, oom_fit, oom_fit_expect_error, random_plan
 from tests.parity import RTOL, make_data, make_module, max_relative_diff, train_reference
 
 pytestmark = pytest.mark.slow
@@ -66,6 +66,19 @@ def test_recovery_under_full_activation_checkpointing() -> None:
     assert [len(r["fired"]) for r in runs] == [1, 2] and all(r["replayed"] for r in runs)
     reference = train_reference(make_module(), data, 3, MICRO)
     assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL
+
+
+def test_a_step_whose_collectives_cannot_be_traced_stops_the_run_with_the_reason() -> None:
+    """A ``training_step`` that reads a value (``loss.item()``) cannot run on fake tensors: the failed rank says so
+    and stops, and its peer fails as soon as that rank's connection closes instead of hanging."""
+    plan = [OOMAt(rank=1, step=0, phase="forward", op=40)]
+    runs = run_ranks(oom_fit_expect_error, 2, make_data(2 * MICRO), MICRO, 2, plan, tp=2, monitor=False,
+                     module=module_reading_values, timeout=300)
+    assert "could not issue the rest of the step's collectives" in runs[1]["error"], runs[1]
+    assert "rank 1 ran out of memory" in runs[1]["error"], runs[1]
+    # The peer stops too, with its own cause (not the teardown's failure to move DTensor parameters, which used to
+    # replace it: the failure's traceback holds the step's autograd graph).
+    assert "Connection closed by peer" in runs[0]["error"], runs[0]
 
 
 def test_forty_random_ooms_on_tensor_parallel_ranks_leave_the_run_unchanged() -> None:
