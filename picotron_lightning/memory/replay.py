@@ -34,8 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 # Ops in these namespaces communicate, except the ones that only wait for or wrap a result.
-_COLLECTIVE_NAMESPACES = ("c10d.", "_c10d_functional.", "c10d_functional.")
-_NOT_COMMUNICATING = ("wait_tensor", "_wrap_tensor_autograd", "barrier")
+_COLLECTIVE_NAMESPACES = ("c10d.", "_c10d_functional.", "_c10d_functional_autograd.", "c10d_functional.")
+_NOT_COMMUNICATING = ("wait_tensor", "_wrap_tensor_autograd")
 
 
 def is_collective(func: Any) -> bool:
