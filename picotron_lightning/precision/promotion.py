@@ -61,6 +61,24 @@ class _ForwardWrapper:
             self.module.forward = self.previous  # type: ignore[method-assign]
 
 
+class _Fp32Forward:
+    """A promoted module's forward: autocast off, floating inputs cast to fp32, then the forward it replaced.
+
+    An object holding the module, not a closure over its bound ``forward``: ``copy.deepcopy(module)`` then
+    gives the copy a wrapper that calls the copy (the tensor-parallel dry run deep-copies blocks to the meta
+    device; a closure kept calling the original, on CPU tensors).
+    """
+
+    def __init__(self, module: nn.Module, device_type: str, previous: Any) -> None:
+        self.module, self.device_type = module, device_type
+        self.previous = previous  # the forward set on the instance before this one, or None: the class's
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inner = self.previous if self.previous is not None else type(self.module).forward.__get__(self.module)
+        with torch.autocast(self.device_type, enabled=False):
+            return inner(*tree_map(_to_fp32, args), **tree_map(_to_fp32, kwargs))
+
+
 class PromotionManager:
     """Applies, records and (optionally) reverts fp32 promotions on one model.
 
@@ -185,14 +203,7 @@ class PromotionManager:
         # A wrapper around the module's forward rather than a pre-hook entering autocast and a post-hook
         # leaving it: one `with` block is traceable by torch.compile (compile=True compiles blocks that
         # contain promoted modules), a context entered in one hook and left in another is not.
-        device_type = self.device_type
-        inner = module.forward
-
-        def fp32_forward(*args: Any, **kwargs: Any) -> Any:
-            with torch.autocast(device_type, enabled=False):
-                return inner(*tree_map(_to_fp32, args), **tree_map(_to_fp32, kwargs))
-
-        return [_ForwardWrapper(module, fp32_forward)]
+        return [_ForwardWrapper(module, _Fp32Forward(module, self.device_type, module.__dict__.get("forward")))]
 
     def _watch(self, name: str) -> Any:
         def hook(mod: nn.Module, args: tuple, output: Any) -> None:

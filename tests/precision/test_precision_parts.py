@@ -196,3 +196,31 @@ def test_scaler_floor_and_stop_with_message():
     assert scaler.scale == 2.0  # never below the floor
     with pytest.raises(LossScaleError, match="stuck at its floor"):
         scaler.update(True, 3)
+
+
+def test_a_promoted_module_deep_copied_runs_its_own_weights() -> None:
+    """The tensor-parallel dry run deep-copies blocks to the meta device; a promoted norm in the copy must call the
+    copy's forward (a closure over the original's bound forward ran the CPU weights on meta inputs and failed)."""
+    import copy
+
+    import torch
+    from torch import nn
+
+    from picotron_lightning.precision.promotion import PromotionManager
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    manager = PromotionManager("cpu")
+    manager.bind(model)
+    assert manager.promote("1", "test", step=0, source="static")
+    x = torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.float32  # the promoted norm's output
+    shard = copy.deepcopy(model).to("meta")
+    out = shard(x.to("meta"))
+    assert out.device.type == "meta" and out.dtype == torch.float32
+    with torch.no_grad():
+        shard_cpu = copy.deepcopy(model)
+        shard_cpu[1].weight.fill_(2.0)  # the copy's weights, not the original's, are used
+        shard_cpu[1].bias.zero_()
+        expected = nn.functional.layer_norm(model[0](x), (4,)) * 2.0
+        assert torch.allclose(shard_cpu(x), expected, atol=1e-6)
