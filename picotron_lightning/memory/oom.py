@@ -173,7 +173,7 @@ def exhausted_message(
     if activation_checkpointing != "full":
         turn_on.append("memory.activation_checkpointing='full'" if activation_checkpointing == "selective"
                        else "memory.activation_checkpointing='selective' (or 'full')")
-    turn_on += ["data_parallel_mode='fsdp' (shards parameters, gradients and optimizer state; without oom_recovery)",
+    turn_on += ["data_parallel_mode='fsdp' (shards parameters, gradients and optimizer state, OOM recovery included)",
                 "a memory budget (memory.memory_budget, where available), a shorter sequence or a smaller model"]
     lines.append("Estimate each rank's peak before launch with `python -m picotron_lightning.memory.estimate "
                  "--world-size N --micro-batch 1 --seq-len L --checkpointing none,selective,full` (or "
