@@ -1,7 +1,8 @@
 """Collective replay: how a rank that ran out of memory mid-step lets its peers finish the step.
 
-Under tensor parallelism a step's forward and backward communicate (DTensor all-reduces, all-gathers
-and reduce-scatters over the ``tp`` group). A rank that raises ``torch.OutOfMemoryError`` half-way
+Under FSDP2 and tensor parallelism a step's forward and backward communicate (FSDP2's parameter
+all-gathers and gradient reduce-scatters; DTensor's all-reduces, all-gathers and reduce-scatters over
+the ``tp`` group). A rank that raises ``torch.OutOfMemoryError`` half-way
 leaves its peers blocked in the next collective it never joins. This module gives that rank the rest
 of the step's collectives, without the memory the step needed:
 
@@ -18,7 +19,7 @@ of the step's collectives, without the memory the step needed:
 
 What this relies on, and what the strategy refuses where it does not hold (see
 :func:`picotron_lightning.memory.oom.check_recovery_layout`): every rank of a group issues the same
-collectives with the same shapes whatever the values (true for tensor parallelism; not for MoE
+collectives with the same shapes whatever the values (true for FSDP2 and tensor parallelism; not for MoE
 all-to-alls, whose split sizes depend on routing, nor for pipeline sends, whose schedule is its own).
 """
 
@@ -65,10 +66,6 @@ class CollectiveCall:
     kwargs: dict
     group: str
 
-    def describe(self) -> str:
-        shapes = [list(a.shape) for a in tree_flatten((self.args, self.kwargs))[0] if isinstance(a, TensorSpec)]
-        return f"{self.op} on group {self.group!r} with {shapes}"
-
 
 def group_name_of(args: tuple, kwargs: dict) -> str:
     """The process group a collective's arguments name: a ProcessGroup object (c10d ops) or its name (functional)."""
@@ -78,7 +75,8 @@ def group_name_of(args: tuple, kwargs: dict) -> str:
             return leaf.group_name
         if isinstance(leaf, torch.ScriptObject):  # how the dispatcher passes a ProcessGroup to c10d ops
             return dist.ProcessGroup.unbox(leaf).group_name
-    names = [leaf for leaf in leaves if isinstance(leaf, str) and leaf in _group_names()]
+    known = _group_names()
+    names = [leaf for leaf in leaves if isinstance(leaf, str) and leaf in known]
     if not names:
         raise RuntimeError(f"cannot tell which process group a collective with arguments {args} runs on")
     return names[-1]

@@ -246,6 +246,7 @@ class OOMRecoveryStep:
         strategy = self.strategy
         dp_group = strategy.device_mesh["dp"].get_group()
         dp = dist.get_world_size(dp_group)
+        ddp = dp > 1 and self.fsdp_root is None  # (FSDP2 reduce-scattered in each backward)
         handles = []
         synced = []
         for p, any_rank in zip(_trainable(strategy.lightning_module), has_grad, strict=True):
@@ -253,7 +254,7 @@ class OOMRecoveryStep:
                 continue  # no rank has a gradient: the optimizer skips it, as without recovery
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if dp > 1 and self.fsdp_root is None:  # (FSDP2 reduce-scattered in each backward)
+            if ddp:
                 handles.append(dist.all_reduce(p.grad, group=dp_group, async_op=True))
                 synced.append(p.grad)
         for handle in handles:
@@ -265,7 +266,6 @@ class OOMRecoveryStep:
             if reduced is not tensor:
                 tensor.copy_(reduced)
         self.deferred = None
-        ddp = dp > 1 and self.fsdp_root is None
         for buffer in self._buffers if ddp else ():  # what DDP's forward would have broadcast from dp rank 0
             dist.broadcast(buffer, src=dist.get_global_rank(dp_group, 0), group=dp_group)
 
