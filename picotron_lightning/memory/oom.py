@@ -127,13 +127,15 @@ def check_recovery_layout(
     parallelism (activations sent between stages under their own schedule), experts (all-to-alls whose
     sizes depend on routing). Raised before the first training step, on every rank alike.
     """
-    what = "Use pipeline and expert parallel sizes 1 (any data-parallel mode and tensor-parallel size), or turn it off."
+    what = ("Use pipeline and expert parallel sizes 1 (any data-parallel mode and tensor-parallel size), or turn it "
+            "off (under pipeline parallelism, a larger num_microbatches lowers each stage's activation memory).")
     reasons = []
     if pp > 1:
         reasons.append(f"pipeline_parallel_size={pp} (stages send activations to each other inside the step)")
     if ep > 1 or has_experts:
-        reasons.append("a mixture-of-experts model (tokens and routing statistics are exchanged inside forward, "
-                       "in amounts that depend on the routing)")
+        reasons.append("a mixture-of-experts model (tokens are exchanged inside forward in amounts that depend on "
+                       "the routing, and a split step would change the auxiliary loss and capacity dropping, which "
+                       "are computed per forward)")
     if reasons:
         raise ValueError(
             "`memory.oom_recovery=True` needs steps whose collectives are known without the values (so that a rank "
