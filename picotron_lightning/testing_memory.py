@@ -94,7 +94,9 @@ class ScriptedOOM(TorchDispatchMode):
         self._counts = {"forward": 0, "backward": 0}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if self.armed and not tracing_collectives():  # a traced step runs on fake tensors: nothing to run out of
+        # A traced step runs on fake tensors, and profiler ops (the optimizer's record_function, which runs before
+        # the step's closure) allocate nothing: neither can run out of memory.
+        if self.armed and not tracing_collectives() and not str(func).startswith("profiler."):
             attempt = self.attempt_of()
             if attempt != self._attempt:  # a new attempt counts its ops from 0
                 self._attempt, self._counts = attempt, {"forward": 0, "backward": 0}

@@ -10,7 +10,8 @@ Lightning side (running the attempts inside the optimizer step) is
 * :func:`split_batch`: the batch cut along dim 0, with each piece's weight (its share of samples);
 * :class:`CollectiveGuard`: refuses a collective inside the part of a step that may fail, which is
   what makes the agreement sound (see docs/memory.md, "OOM recovery");
-* :func:`check_recovery_layout`: the layouts where that holds, and the message where it does not;
+* :func:`check_recovery_layout` (with :class:`ExpertLayerFacts`): the layouts where that holds, and the message
+  where it does not;
 * :func:`exhausted_message`, :func:`snapshot_path`, :func:`memory_history_kwargs`: the stop message
   and the CUDA memory-history dump.
 
@@ -21,6 +22,7 @@ rank keeps the same schedule without communicating.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -117,31 +119,61 @@ class CollectiveGuard(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@dataclass(frozen=True)
+class ExpertLayerFacts:
+    """What OOM recovery needs to know of one mixture-of-experts layer (the strategy reads it off the model).
+
+    Attributes:
+        name: the layer's qualified name, for the message.
+        records_exchange: whether the layer records its token exchange for a replay
+            (:class:`picotron_lightning.moe.MoELayer` does; Hugging Face experts converted for ep do not).
+        aux_loss_coeff: the auxiliary load-balancing loss weight.
+        capacity_factor: None for dropless routing.
+    """
+
+    name: str
+    records_exchange: bool
+    aux_loss_coeff: float = 0.0
+    capacity_factor: float | None = None
+
+
 def check_recovery_layout(
-    *, pp: int, ep: int, has_experts: bool, accumulate_grad_batches: int = 1, automatic_optimization: bool = True,
+    *, pp: int, tp: int = 1, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
+    automatic_optimization: bool = True,
 ) -> None:
-    """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step.
+    """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
+    redoing the step in smaller micro-batches would not give the same update.
 
     Covered: DDP (gradient sync deferred to the agreement point), FSDP2/HSDP and tensor parallelism
-    (a failed rank replays the rest of the step's collectives, :mod:`.replay`). Not covered: pipeline
-    parallelism (activations sent between stages under their own schedule), experts (all-to-alls whose
-    sizes depend on routing). Raised before the first training step, on every rank alike.
+    (a failed rank replays the rest of the step's collectives, :mod:`.replay`), and dropless MoE layers
+    without an auxiliary loss, with or without expert parallelism (their token exchange is replayed by
+    protocol). Not covered: pipeline parallelism (activations sent between stages under their own
+    schedule), MoE with tensor parallelism, an auxiliary loss or a capacity. Raised before the first
+    training step, on every rank alike.
     """
-    what = ("Use pipeline and expert parallel sizes 1 (any data-parallel mode and tensor-parallel size), or turn it "
-            "off (under pipeline parallelism, a larger num_microbatches lowers each stage's activation memory).")
     reasons = []
     if pp > 1:
-        reasons.append(f"pipeline_parallel_size={pp} (stages send activations to each other inside the step)")
-    if ep > 1 or has_experts:
-        reasons.append("a mixture-of-experts model (tokens are exchanged inside forward in amounts that depend on "
-                       "the routing, and a split step would change the auxiliary loss and capacity dropping, which "
-                       "are computed per forward)")
+        reasons.append(f"pipeline_parallel_size={pp} (stages send activations to each other inside the step; "
+                       "a larger num_microbatches lowers each stage's activation memory instead)")
+    if experts and tp > 1:
+        reasons.append(f"MoE layers with tensor_parallel_size={tp} (not covered: use tensor_parallel_size=1 with MoE)")
+    for layer in experts:
+        if not layer.records_exchange:
+            reasons.append(f"MoE layer '{layer.name}' exchanges tokens without recording the exchange for a replay "
+                           "(use picotron_lightning.moe.MoELayer, or expert_parallel_size=1)")
+        if layer.aux_loss_coeff:
+            reasons.append(f"MoE layer '{layer.name}' has aux_loss_coeff={layer.aux_loss_coeff} (a product of batch "
+                           "means: a step split into micro-batches changes it; use 0, e.g. with bias balancing, "
+                           "bias_update_rate > 0, which a split does not change)")
+        if layer.capacity_factor is not None:
+            reasons.append(f"MoE layer '{layer.name}' has capacity_factor={layer.capacity_factor} (which assignments "
+                           "are dropped depends on the tokens of one forward; use None, dropless)")
     if reasons:
+        shown = reasons[:4] + ([f"and {len(reasons) - 4} more"] if len(reasons) > 4 else [])
         raise ValueError(
-            "`memory.oom_recovery=True` needs steps whose collectives are known without the values (so that a rank "
-            "that runs out of memory can issue the rest of them and leave no rank waiting in a collective); "
-            "this run has "
-            + "; ".join(reasons) + f". {what}"
+            "`memory.oom_recovery=True` needs steps whose collectives a rank that runs out of memory can issue "
+            "without the values, and that give the same update when redone in smaller micro-batches; this run "
+            "has " + "; ".join(shown) + ". Change those, or turn oom_recovery off."
         )
     if accumulate_grad_batches != 1:
         raise ValueError(

@@ -19,8 +19,15 @@ of the step's collectives, without the memory the step needed:
 
 What this relies on, and what the strategy refuses where it does not hold (see
 :func:`picotron_lightning.memory.oom.check_recovery_layout`): every rank of a group issues the same
-collectives with the same shapes whatever the values (true for FSDP2 and tensor parallelism; not for MoE
-all-to-alls, whose split sizes depend on routing, nor for pipeline sends, whose schedule is its own).
+collectives with the same shapes whatever the values (true for FSDP2 and tensor parallelism; not for
+pipeline sends, whose schedule is its own).
+
+Collectives whose sizes follow values exchanged in the step (MoE token all-to-alls: split sizes come from
+an exchange of counts) cannot be traced that way. The layer that issues them records a
+:class:`ProtocolCall` instead while a trace runs (:func:`record_protocol_call`): an object that knows how
+to take part in that collective as a rank that sends nothing, learning the sizes from what it receives.
+What such a layer exchanged for real during the attempt (needed when the failure came half-way through
+one of its protocols) it keeps per attempt, :func:`recorded_attempt` telling attempts apart.
 """
 
 from __future__ import annotations
@@ -88,12 +95,26 @@ def _group_names() -> set[str]:
     return set(_world.pg_names.values())
 
 
+class ProtocolCall:
+    """One collective of a traced step whose sizes the trace cannot know: the layer that issues it replays it.
+
+    ``group`` is the process group's name, as for :class:`CollectiveCall`. The layer creates one per
+    collective its real step would issue there, in the same order, while :func:`tracing_collectives` is true.
+    """
+
+    group: str
+
+    def replay(self, issued: bool) -> None:
+        """Take part in the collective as the failed rank; ``issued``: it already ran for real (keep its sizes)."""
+        raise NotImplementedError
+
+
 class RecordCollectives(TorchDispatchMode):
     """Writes down every collective dispatched under it, in order (the op still runs below the mode)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.calls: list[CollectiveCall] = []
+        self.calls: list[CollectiveCall | ProtocolCall] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
@@ -106,7 +127,7 @@ class RecordCollectives(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def trace_collectives(run: Callable[[], None]) -> list[CollectiveCall]:
+def trace_collectives(run: Callable[[], None]) -> list[CollectiveCall | ProtocolCall]:
     """The collectives ``run`` dispatches, found by running it on fake tensors (no memory, no communication).
 
     Real tensors that ``run`` touches (parameters, the batch) are read as fake copies; gradients that its
@@ -114,23 +135,50 @@ def trace_collectives(run: Callable[[], None]) -> list[CollectiveCall]:
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    global _tracing
     recorder = RecordCollectives()
-    _tracing += 1
+    _recorders.append(recorder)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), recorder:
             run()
     finally:
-        _tracing -= 1
+        _recorders.pop()
     return recorder.calls
 
 
-_tracing = 0
+_recorders: list[RecordCollectives] = []  # the traces running, innermost last
+_attempt = 0  # counts the attempts recorded so far
+_recording = False  # whether an attempt that may fail is running (or has just failed)
 
 
 def tracing_collectives() -> bool:
-    """Whether :func:`trace_collectives` is running (on fake tensors): OOM injectors of the tests stay quiet then."""
-    return _tracing > 0
+    """Whether :func:`trace_collectives` is running (on fake tensors): OOM injectors of the tests stay quiet then,
+    and layers with value-dependent collectives record :class:`ProtocolCall` objects instead of issuing them."""
+    return bool(_recorders)
+
+
+def record_protocol_call(call: ProtocolCall) -> None:
+    """Add ``call`` to the running trace, in order with the collectives dispatched around it."""
+    if not _recorders:
+        raise RuntimeError("record_protocol_call is only meaningful while trace_collectives runs")
+    _recorders[-1].calls.append(call)
+
+
+def begin_attempt() -> None:
+    """An attempt that may fail starts: layers keep what their value-dependent collectives exchange in it."""
+    global _attempt, _recording
+    _attempt += 1
+    _recording = True
+
+
+def end_recording() -> None:
+    """The step is over on every rank: layers stop keeping their exchanges (until the next :func:`begin_attempt`)."""
+    global _recording
+    _recording = False
+
+
+def recorded_attempt() -> int | None:
+    """The attempt whose exchanges layers keep now (they key what they keep by it), or None outside one."""
+    return _attempt if _recording else None
 
 
 def issued_collectives() -> dict[str, int]:
@@ -141,7 +189,7 @@ def issued_collectives() -> dict[str, int]:
             for group, name in _world.pg_names.items()}
 
 
-def replay_remaining(calls: list[CollectiveCall], issued: dict[str, int]) -> int:
+def replay_remaining(calls: list[CollectiveCall | ProtocolCall], issued: dict[str, int]) -> int:
     """Issue, per group, the collectives of ``calls`` after the first ``issued[group]``, with zeros; return how many.
 
     Each is waited for before the next, in the traced order, so it pairs with the peers' own call.
@@ -163,8 +211,13 @@ def replay_remaining(calls: list[CollectiveCall], issued: dict[str, int]) -> int
     for call in calls:
         index = seen.get(call.group, 0)
         seen[call.group] = index + 1
-        if index < issued.get(call.group, 0):
-            continue  # issued before the error: the peers have (or will) run it already
+        already = index < issued.get(call.group, 0)  # issued before the error: the peers have (or will) run it
+        if isinstance(call, ProtocolCall):
+            call.replay(issued=already)  # told even when issued: later calls of its protocol need its sizes
+            replayed += not already
+            continue
+        if already:
+            continue
         args, kwargs = tree_map(lambda a: a.zeros() if isinstance(a, TensorSpec) else a, (call.args, call.kwargs))
         _wait(call.op(*args, **kwargs))
         replayed += 1

@@ -205,6 +205,11 @@ class LoadBalancer(nn.Module):
         _ensure_optimizer_hook()  # the rate may have been switched on after construction
         _PENDING.add(self)
 
+    def discard_pending(self) -> None:
+        """Forget the counts recorded since the last optimizer step (a step attempt that is redone, OOM recovery)."""
+        self._pending_counts = None
+        _PENDING.discard(self)
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """Apply the pending bias update now (normally called by the optimizer-step hook)."""

@@ -13,6 +13,16 @@ block. A dispatch is:
 ``combine`` undoes 3 and 2 with the split sizes swapped. Both all-to-alls are autograd functions
 whose backward is the opposite all-to-all, so gradients flow to the sending rank's tokens and to
 the receiving rank's expert weights.
+
+**OOM recovery** (``memory.oom_recovery``, :mod:`picotron_lightning.memory.replay`). A rank that runs
+out of memory mid-step must still take part in every exchange its peers make, but the row counts
+follow the routing, which a trace on fake tensors cannot compute. So while an attempt may fail, each
+dispatch keeps its counts (:meth:`ExpertCommunication.dispatch`); under a trace,
+:meth:`ExpertCommunication.traced_exchange` records the five collectives of a dispatch and combine
+(forward and backward) as protocol calls. Replayed, the failed rank sends no rows: it exchanges zero
+counts, learns from the counts it receives how many rows each peer sends it, and returns that many
+rows of zeros. Where the failure came half-way through a dispatch, the counts the real exchange kept
+give the sizes of the rest.
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from picotron_lightning.memory.replay import ProtocolCall, record_protocol_call, recorded_attempt
 
 __all__ = ["ExpertCommunication", "all_to_all_rows"]
 
@@ -76,6 +88,13 @@ class ExpertCommunication:
                 f"num_experts={num_experts} is not divisible by expert_parallel_size={self.ep_size}.")
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep_size
+        # OOM recovery: the counts of each dispatch of the attempt being recorded, and the dispatches a trace
+        # of it has met so far (see the module docstring).
+        self._kept_attempt: int | None = None
+        self._kept: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._traced_attempt: int | None = None
+        self._traced_count = 0
+        self._traced_forward: _ReplayedExchange | None = None
 
     @property
     def local_experts(self) -> range:
@@ -93,6 +112,7 @@ class ExpertCommunication:
         send_counts = counts.reshape(p, local).contiguous()
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
+        self._keep_for_replay(send_counts, recv_counts)
         # One host sync: the split sizes of the row exchange must be Python ints.
         send_splits = send_counts.sum(1).tolist()
         recv_splits = recv_counts.sum(1).tolist()
@@ -111,3 +131,120 @@ class ExpertCommunication:
         """Return expert outputs to the ranks their tokens came from, in the original row order."""
         back = expert_out.index_select(0, handle.inverse)
         return all_to_all_rows(back, handle.send_splits, handle.recv_splits, self.group)
+
+    # ------------------------------------------------------------------ OOM recovery
+    def _keep_for_replay(self, send_counts: torch.Tensor, recv_counts: torch.Tensor) -> None:
+        """While an attempt may fail, keep each dispatch's counts (no copy: the tensors are the step's own)."""
+        attempt = recorded_attempt()
+        if attempt is None:
+            return
+        if attempt != self._kept_attempt:
+            self._kept_attempt, self._kept = attempt, []
+        self._kept.append((send_counts, recv_counts))
+
+    def kept_counts(self, attempt: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``(ep, local experts)`` counts sent and received by dispatch ``index`` of ``attempt`` (kept by
+        :meth:`dispatch`)."""
+        if attempt != self._kept_attempt or index >= len(self._kept):
+            raise RuntimeError(
+                f"no counts were kept for dispatch {index} of attempt {attempt} of this MoE layer: the traced step "
+                "has more dispatches than the real one issued counts for (a model whose MoE calls depend on values?)")
+        return self._kept[index]
+
+    def traced_exchange(self, rows: torch.Tensor) -> torch.Tensor:
+        """Under a collective trace: record dispatch and combine (and their backward) as protocol calls.
+
+        Returns zeros shaped like ``rows`` that stand for the combined expert outputs; their backward
+        records the two backward all-to-alls. The layer calls this instead of :meth:`dispatch` and
+        :meth:`combine` while :func:`picotron_lightning.memory.replay.tracing_collectives` is true.
+        """
+        attempt = recorded_attempt()
+        if attempt is None:
+            raise RuntimeError("traced_exchange runs inside an OOM-recovery trace, after an attempt was recorded")
+        if self._traced_attempt != attempt:
+            self._traced_attempt, self._traced_count, self._traced_forward = attempt, 0, None
+        # A dispatch inside backward is activation checkpointing recomputing the last forward's: the peers'
+        # recompute checks that it receives what their forward received, so the replay sends the same counts.
+        recomputes = torch._C._current_graph_task_id() != -1
+        exchange = _ReplayedExchange(self, attempt, self._traced_count, tuple(rows.shape[1:]), rows.dtype, rows.device,
+                                     origin=self._traced_forward if recomputes else None)
+        if not recomputes:
+            self._traced_forward = exchange
+        self._traced_count += 1
+        return _TracedExchange.apply(rows, exchange)
+
+
+class _ReplayedExchange:
+    """The failed rank's side of one traced dispatch and combine: the sizes its protocol calls share."""
+
+    def __init__(self, comm: ExpertCommunication, attempt: int, index: int, width: tuple[int, ...],
+                 dtype: torch.dtype, device: torch.device, origin: _ReplayedExchange | None) -> None:
+        self.comm, self.attempt, self.index, self.origin = comm, attempt, index, origin
+        self.width, self.dtype, self.device = width, dtype, device
+        self.sent_counts: torch.Tensor | None = None  # (ep, local experts) counts this rank sent, once known
+        self.splits: tuple[list[int], list[int]] | None = None  # rows (sent, received) per rank, once known
+
+    def record(self, step: str) -> None:
+        record_protocol_call(_ExchangeStep(self, step))
+
+
+class _ExchangeStep(ProtocolCall):
+    """One of the five collectives of a dispatch and combine, replayed by a rank that sends no rows.
+
+    ``counts`` (forward): zero counts out (the real ones where the failure came after them, the recomputed
+    forward's under activation checkpointing), the peers' counts in. ``dispatch``: rows sent to experts;
+    ``combine``: expert outputs sent back; ``combine_backward`` and ``dispatch_backward``: their gradients,
+    in the opposite directions.
+    """
+
+    # Which of (sent, received) each all-to-all of rows sends: dispatch and combine's backward send what the
+    # dispatch sent; combine and dispatch's backward send what it received.
+    _SENDS_SENT = {"dispatch": True, "combine": False, "combine_backward": True, "dispatch_backward": False}
+
+    def __init__(self, exchange: _ReplayedExchange, step: str) -> None:
+        self.exchange, self.step = exchange, step
+        self.group = exchange.comm.group.group_name
+
+    def replay(self, issued: bool) -> None:
+        ex, comm = self.exchange, self.exchange.comm
+        if self.step == "counts":
+            if issued:  # the real dispatch exchanged its counts before the failure: the rest follows them
+                sent, received = comm.kept_counts(ex.attempt, ex.index)
+            else:  # nothing sent, unless this recomputes a forward that sent rows
+                origin = ex.origin.sent_counts if ex.origin is not None else None
+                sent = origin if origin is not None else torch.zeros(
+                    (comm.ep_size, comm.num_local), dtype=torch.long, device=ex.device)
+                received = torch.empty_like(sent)
+                dist.all_to_all_single(received, sent, group=comm.group)
+            ex.sent_counts = sent
+            ex.splits = (sent.sum(1).tolist(), received.sum(1).tolist())
+            return
+        if issued:
+            return
+        assert ex.splits is not None, "a dispatch's counts are replayed before its rows"
+        rows_sent, rows_received = ex.splits
+        send, receive = (rows_sent, rows_received) if self._SENDS_SENT[self.step] else (rows_received, rows_sent)
+        out = torch.empty((sum(receive), *ex.width), dtype=ex.dtype, device=ex.device)
+        zeros = torch.zeros((sum(send), *ex.width), dtype=ex.dtype, device=ex.device)
+        dist.all_to_all_single(out, zeros, receive, send, group=comm.group)
+
+
+class _TracedExchange(torch.autograd.Function):
+    """Stands for dispatch, experts and combine in a trace: records the collectives, returns zeros."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, exchange: _ReplayedExchange) -> torch.Tensor:  # type: ignore[override]
+        ctx.exchange = exchange
+        # Saved only to be unpacked in backward: under activation checkpointing that unpacking recomputes the
+        # block (and its exchange) before the backward all-to-alls, as the real layer's backward does.
+        ctx.save_for_backward(rows)
+        for step in ("counts", "dispatch", "combine"):
+            exchange.record(step)
+        return torch.zeros_like(rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (rows,) = ctx.saved_tensors
+        for step in ("combine_backward", "dispatch_backward"):
+            ctx.exchange.record(step)
+        return torch.zeros_like(rows), None

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from picotron_lightning.memory.replay import tracing_collectives
 from picotron_lightning.moe.balancing import LoadBalancer
 from picotron_lightning.moe.communication import ExpertCommunication
 from picotron_lightning.moe.experts import ExpertLayer, SharedExperts
@@ -107,6 +108,8 @@ class MoELayer(nn.Module):
             # Shape-only dry runs (planners validating a layout on the meta device): routing is
             # data-dependent (bincount, split sizes), the output shape is not.
             return torch.empty_like(x)
+        if tracing_collectives():
+            return self._traced_forward(x)
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         route = self.router(tokens)
@@ -127,6 +130,31 @@ class MoELayer(nn.Module):
             out = out + self.shared_experts(tokens)
         stats = self.balancer.compute(route, counts_all, dropped)
         out = self.balancer.attach(out, stats)
+        return out.view(shape)
+
+    def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward on fake tensors while OOM recovery traces a failed attempt (``memory/replay.py``).
+
+        Routing cannot run there (``bincount`` and the split sizes need values), and only the collectives
+        matter: the token exchange's five (forward and backward) as protocol calls, then the statistics'
+        all-reduce, in the real forward's order. The output is zeros of the right shape; the statistics of
+        the last real forward are kept for the metrics, and nothing reaches the bias balancing.
+        """
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        route = self.router(tokens)
+        out = (self.communication.traced_exchange(tokens) if self.communication is not None
+               else torch.zeros_like(tokens))
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        # Every parameter gets a gradient (zero) as in the real backward: FSDP2 reduce-scatters only those that do.
+        touched = [p.sum() for p in self.parameters() if p.requires_grad]
+        if touched:
+            out = out + (torch.stack(touched).sum() * 0).to(out.dtype)
+        last = self.balancer.last
+        no_counts = torch.zeros(self.num_experts, dtype=torch.long, device=tokens.device)
+        self.balancer.compute(route, no_counts, no_counts.sum())
+        self.balancer.last = last
         return out.view(shape)
 
     def moe_metrics(self) -> dict[str, torch.Tensor]:

@@ -4,19 +4,22 @@ Lightning's automatic optimization hands the strategy a closure (training step, 
 backward) inside ``optimizer.step``. With ``memory.oom_recovery`` the strategy runs that closure as:
 
 1. **Attempt.** Under DDP alone, with no collective: DDP's gradient sync is deferred (``no_sync``),
-   DDP's buffer broadcast is moved to step 3. Under FSDP2 and tensor parallelism the attempt
-   communicates as usual (gathers, reduce-scatters, tp all-reduces). Either way, reductions that
+   DDP's buffer broadcast is moved to step 3. Under FSDP2, tensor parallelism and with MoE layers the
+   attempt communicates as usual (gathers, reduce-scatters, tp all-reduces, token all-to-alls and routing
+   statistics). Either way, reductions that
    ``training_step`` asks for (``self.log(..., sync_dist=True)`` calls ``strategy.reduce``) are recorded
    instead of run. DDP attempts up to the first that succeeds on every rank run under
    :class:`~picotron_lightning.memory.oom.CollectiveGuard`, which stops every rank alike if anything
    else communicates. A ``torch.OutOfMemoryError`` is caught; the step's graph, gradients and outputs
-   are dropped; under FSDP2/tp the failed rank then issues the collectives it skipped
-   (:mod:`picotron_lightning.memory.replay`), so its peers finish their attempt.
+   are dropped; under FSDP2/tp/MoE the failed rank then issues the collectives it skipped
+   (:mod:`picotron_lightning.memory.replay`; MoE exchanges by protocol, :mod:`picotron_lightning.moe.communication`),
+   so its peers finish their attempt.
 2. **Agreement**: one all-reduce (MAX) of a small vector: which ranks failed, how many reductions each
    recorded, and which parameters have gradients. Every rank reaches it having issued the same
    collectives since the previous step.
 3. On success everywhere: the gradient all-reduce over the data-parallel group (DDP; FSDP2 reduced in
-   backward), the recorded reductions and the buffer broadcast, in the same order on every rank. On any
+   backward), the expert gradients' over their replicas, the recorded reductions and the buffer broadcast,
+   in the same order on every rank. On any
    failure: every rank clears its gradients, reports the retry (AlertManager alert, MetricsCollector
    metric) and redoes step 1 from the step's random state with the same global batch in twice as many
    micro-batches, each loss weighted by its share of the samples.
@@ -34,6 +37,7 @@ from torch import nn
 
 from picotron_lightning.memory.oom import (
     CollectiveGuard,
+    ExpertLayerFacts,
     OOMRecoveryExhausted,
     SplitSchedule,
     batch_size_of,
@@ -44,7 +48,15 @@ from picotron_lightning.memory.oom import (
     split_batch,
 )
 from picotron_lightning.memory.options import MemoryOptions
-from picotron_lightning.memory.replay import issued_collectives, replay_remaining, trace_collectives
+from picotron_lightning.memory.replay import (
+    begin_attempt,
+    end_recording,
+    issued_collectives,
+    replay_remaining,
+    trace_collectives,
+)
+from picotron_lightning.moe import LoadBalancer, MoELayer
+from picotron_lightning.parallel.expert import ExpertParallelExperts, is_expert_parameter, set_aux_loss_scale
 
 
 class OOMRecoveryStep:
@@ -56,8 +68,9 @@ class OOMRecoveryStep:
 
     def __init__(self, strategy: Any, trainer: Any, options: MemoryOptions) -> None:
         module = strategy.lightning_module
+        experts = _expert_layer_facts(module)
         check_recovery_layout(
-            pp=strategy.layout.pp, ep=strategy.layout.ep, has_experts=_has_experts(module),
+            pp=strategy.layout.pp, tp=strategy.layout.tp, experts=experts,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
         )
@@ -76,7 +89,10 @@ class OOMRecoveryStep:
         self.fsdp_root = _fsdp_root(strategy.model)
         if self.fsdp_root is not None:
             _materialize_unsharded_parameters(strategy.model)
-        self.replays_collectives = strategy.layout.tp > 1 or self.fsdp_root is not None
+        # MoE layers exchange tokens (ep > 1) and all-reduce routing statistics inside forward; their exchange is
+        # replayed by protocol (moe/communication.py), and the split step scales their injected gradients.
+        self.has_experts = bool(experts)
+        self.replays_collectives = strategy.layout.tp > 1 or self.fsdp_root is not None or self.has_experts
         self.replayed: list[int] = []  # collectives each replay issued (for tests and the log)
         self._guarded = self.replays_collectives  # a guard would refuse the collectives these layouts need
         ddp = strategy.model
@@ -100,6 +116,7 @@ class OOMRecoveryStep:
             failed_ranks, has_grad = self._agree(error is not None)
             if not failed_ranks:
                 assert result is not None
+                end_recording()
                 self._finish(has_grad)
                 self._guarded = True
                 self.schedule.on_success()
@@ -121,9 +138,12 @@ class OOMRecoveryStep:
         fx_name = module._current_fx_name
         if not first:
             _clear_gradients(module)
+            _discard_bias_counts(module)  # the failed attempt's routing counts are not the step's
         self.deferred = []
         guard = contextlib.nullcontext() if self._guarded else CollectiveGuard()  # until one attempt succeeded
         issued_before = issued_collectives() if self.replays_collectives else {}
+        if self.replays_collectives:
+            begin_attempt()
         issued: dict[str, int] = {}
         try:
             with guard, self._local_gradients():
@@ -136,7 +156,7 @@ class OOMRecoveryStep:
             if issued_before:
                 issued = {g: n - issued_before.get(g, 0) for g, n in issued_collectives().items()}
         finally:
-            self.micro_batch, self.loss_weight = None, None
+            self._set_piece(None, None)
             module._current_fx_name = fx_name
         # The exception and its frames are gone here: what the attempt held can be freed.
         self.deferred = None
@@ -177,7 +197,7 @@ class OOMRecoveryStep:
 
         def attempt() -> None:
             for piece, weight in split_batch(self.batch, split):
-                self.micro_batch, self.loss_weight = piece, weight
+                self._set_piece(piece, weight)
                 result = closure._step_fn()
                 if result.closure_loss is not None:
                     with self.strategy._step_context():
@@ -191,7 +211,8 @@ class OOMRecoveryStep:
                 calls = trace_collectives(attempt)
         finally:
             del module.log
-            self.deferred, self.micro_batch, self.loss_weight = None, None, None
+            self.deferred = None
+            self._set_piece(None, None)
             _clear_gradients(module)
         self._reset_fsdp()
         self.replayed.append(replay_remaining(calls, {g: n for g, n in issued.items() if n}))
@@ -204,11 +225,20 @@ class OOMRecoveryStep:
         if self.fsdp_root is not None:
             self.fsdp_root.reset_iter_state()
 
+    def _set_piece(self, piece: Any, weight: float | None) -> None:
+        """The micro-batch ``training_step`` runs next and its share of the samples (None, None: the loop's batch).
+
+        MoE layers inject their z-loss gradient themselves; it is scaled like the user's loss.
+        """
+        self.micro_batch, self.loss_weight = piece, weight
+        if self.has_experts:
+            set_aux_loss_scale(self.strategy.lightning_module, 1.0 if weight is None else weight)
+
     def _split_attempt(self, closure: Closure, split: int, first: bool) -> ClosureResult:
         total: torch.Tensor | None = None
         extra: dict[str, Any] = {}
         for i, (piece, weight) in enumerate(split_batch(self.batch, split)):
-            self.micro_batch, self.loss_weight = piece, weight
+            self._set_piece(piece, weight)
             result = closure._step_fn()
             if i == 0 and first and closure._zero_grad_fn is not None:
                 closure._zero_grad_fn()  # once per step, where Lightning calls it
@@ -254,13 +284,15 @@ class OOMRecoveryStep:
                 continue  # no rank has a gradient: the optimizer skips it, as without recovery
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            if ddp:
+            if ddp and not is_expert_parameter(p):  # (ep-split experts are averaged over their replicas below)
                 handles.append(dist.all_reduce(p.grad, group=dp_group, async_op=True))
                 synced.append(p.grad)
         for handle in handles:
             handle.wait()
         for grad in synced:
             grad.div_(dp)
+        if self.has_experts:
+            strategy._reduce_expert_gradients(strategy.lightning_module)  # what post_backward left to this point
         for tensor, group, op in self.deferred or []:
             reduced = strategy._reduce_now(tensor, group, op)
             if reduced is not tensor:
@@ -354,7 +386,19 @@ def _materialize_unsharded_parameters(model: nn.Module) -> None:
             module.reshard()
 
 
-def _has_experts(module: nn.Module) -> bool:
-    from picotron_lightning.moe import MoELayer
+def _expert_layer_facts(module: nn.Module) -> list[ExpertLayerFacts]:
+    """The MoE layers of ``module``, as OOM recovery's layout check reads them."""
+    facts = []
+    for name, m in module.named_modules():
+        if isinstance(m, MoELayer):
+            facts.append(ExpertLayerFacts(name, records_exchange=True, aux_loss_coeff=m.balancer.aux_loss_coeff,
+                                          capacity_factor=m.capacity_factor))
+        elif isinstance(m, ExpertParallelExperts):
+            facts.append(ExpertLayerFacts(name, records_exchange=False))
+    return facts
 
-    return any(isinstance(m, MoELayer) for m in module.modules())
+
+def _discard_bias_counts(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, LoadBalancer):
+            m.discard_pending()

@@ -325,7 +325,8 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
         assert self.lightning_module is not None
-        self._reduce_expert_gradients(self.lightning_module)
+        if self.oom_recovery is None:  # (OOM recovery reduces them at its agreement point, outside the attempt)
+            self._reduce_expert_gradients(self.lightning_module)
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from picotron_lightning.memory.oom import (
     CollectiveGuard,
+    ExpertLayerFacts,
     SplitSchedule,
     batch_size_of,
     check_recovery_layout,
@@ -91,19 +92,37 @@ def test_collective_guard_stops_before_a_collective_runs() -> None:
         dist.destroy_process_group()
 
 
+MOE_OK = ExpertLayerFacts("model.layers.1.mlp", records_exchange=True)
+
+
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"pp": 2}, "pipeline_parallel_size=2"),
-    ({"ep": 2}, "mixture-of-experts"),
-    ({"has_experts": True}, "mixture-of-experts"),
+    ({"tp": 2, "experts": [MOE_OK]}, "tensor_parallel_size=2"),
+    ({"experts": [ExpertLayerFacts("model.layers.0.mlp.experts", records_exchange=False)]},
+     "'model.layers.0.mlp.experts' exchanges tokens without recording"),
+    ({"experts": [ExpertLayerFacts("moe", records_exchange=True, aux_loss_coeff=0.01)]}, "aux_loss_coeff=0.01"),
+    ({"experts": [ExpertLayerFacts("moe", records_exchange=True, capacity_factor=1.25)]}, "capacity_factor=1.25"),
     ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
     ({"automatic_optimization": False}, "automatic_optimization"),
 ])
 def test_layouts_without_a_sound_agreement_are_refused(kwargs: dict, needle: str) -> None:
-    args = {"pp": 1, "ep": 1, "has_experts": False, **kwargs}
+    args = {"pp": 1, **kwargs}
     with pytest.raises(ValueError, match=needle.replace("(", r"\(")) as info:
         check_recovery_layout(**args)
     assert "oom_recovery" in str(info.value)
-    check_recovery_layout(pp=1, ep=1, has_experts=False)  # DDP, FSDP2/HSDP and tp: any of them
+
+
+def test_layouts_with_a_sound_agreement_are_accepted() -> None:
+    check_recovery_layout(pp=1)  # DDP, FSDP2/HSDP
+    check_recovery_layout(pp=1, tp=2)  # tensor parallelism
+    check_recovery_layout(pp=1, experts=[MOE_OK, MOE_OK])  # dropless MoE without an auxiliary loss, any ep
+
+
+def test_a_long_list_of_reasons_is_shortened() -> None:
+    many = [ExpertLayerFacts(f"layer{i}", records_exchange=True, aux_loss_coeff=0.01) for i in range(6)]
+    with pytest.raises(ValueError, match="and 2 more") as info:
+        check_recovery_layout(pp=1, experts=many)
+    assert "layer3" in str(info.value) and "layer4" not in str(info.value)
 
 
 def test_stop_message_names_the_estimate_and_what_to_turn_on() -> None:
