@@ -39,6 +39,7 @@ class LlamaConfig:
     moe_capacity_factor: float | None = None
     moe_aux_loss_coeff: float = 1e-2
     moe_z_loss_coeff: float = 1e-3
+    moe_bias_update_rate: float = 0.0  # > 0: auxiliary-loss-free balancing through the router's expert bias
     moe_num_shared_experts: int = 0
 
     def __post_init__(self) -> None:
@@ -167,6 +168,7 @@ def _make_mlp(config: LlamaConfig, index: int) -> nn.Module:
         capacity_factor=config.moe_capacity_factor,
         aux_loss_coeff=config.moe_aux_loss_coeff,
         z_loss_coeff=config.moe_z_loss_coeff,
+        bias_update_rate=config.moe_bias_update_rate,
         num_shared_experts=config.moe_num_shared_experts,
     )
 

@@ -127,19 +127,16 @@ def oom_fit_expect_stop(rank: int, world: int, data: Any, micro: int, plan: list
     return {"stopped": False, "message": ""}
 
 
-MOE_CONFIG = {"moe_aux_loss_coeff": 0.0}  # dropless, z-loss on, no auxiliary loss: what OOM recovery covers
+# What OOM recovery covers: dropless, no auxiliary loss; z-loss on, and bias balancing, whose counts are sums
+# (a split step must give the same update).
+MOE_CONFIG = {"moe_aux_loss_coeff": 0.0, "moe_bias_update_rate": 1e-2}
 
 
 def moe_module() -> Any:
-    """The tiny MoE Llama in the configuration OOM recovery covers, with bias balancing on."""
-    from picotron_lightning.moe import LoadBalancer
+    """The tiny MoE Llama in the configuration OOM recovery covers."""
     from tests.parity import make_module
 
-    module = make_module("tiny-moe", config=MOE_CONFIG)
-    for m in module.modules():
-        if isinstance(m, LoadBalancer):
-            m.bias_update_rate = 1e-2  # counts are sums: a split step must give the same update
-    return module
+    return make_module("tiny-moe", config=MOE_CONFIG)
 
 
 def moe_module_with_aux_loss() -> Any:
