@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from picotron_lightning.testing_memory import OOMAt
+from picotron_lightning.testing_memory import OOMAt, Phase
 
 
 def random_plan(world: int, steps: int, count: int, micro: int, retry_larger_after: int, seed: int,
@@ -47,6 +47,32 @@ def random_plan(world: int, steps: int, count: int, micro: int, retry_larger_aft
     if fired != count:
         raise ValueError(f"only {fired} of {count} OOMs fit in {steps} steps")
     return plan, splits
+
+
+def check_agreed_schedule(runs: list[dict[str, Any]], count: int, expected_splits: list[int]) -> None:
+    """All ``count`` scripted OOMs fired, every rank agreed on every retry, each step ended with the predicted split."""
+    assert sum(len(r["fired"]) for r in runs) == count, [r["fired"] for r in runs]
+    events = runs[0]["events"]
+    assert all(r["events"] == events for r in runs)
+    ended = {e["step"]: e["new_split"] for e in events}
+    assert [ended.get(step) for step in range(len(expected_splits))] == [
+        s if step in ended else None for step, s in enumerate(expected_splits)]
+
+
+CHOSEN_STEPS = 5
+# (step, failed ranks, split, new split) of each retry that chosen_points() causes with oom_retry_larger_after=1.
+CHOSEN_POINT_EVENTS = [(0, [1], 1, 2), (1, [0], 1, 2), (1, [0], 2, 4), (2, [0, 1], 2, 4), (4, [1], 1, 2)]
+
+
+def chosen_points(last_phase: Phase = "forward") -> list[OOMAt]:
+    """OOMs on 2 ranks over :data:`CHOSEN_STEPS` steps at the points a replay can get wrong (3 on each rank)."""
+    return [
+        OOMAt(rank=1, step=0, phase="forward", op=40),  # the very first step: no earlier step to learn from
+        OOMAt(rank=0, step=1, phase="backward", op=25, attempts=2),  # the retry fails too
+        OOMAt(rank=0, step=2, phase="forward", op=3),  # both ranks, at different points
+        OOMAt(rank=1, step=2, phase="backward", op=60),
+        OOMAt(rank=1, step=4, phase=last_phase, op=150),  # the last batch
+    ]
 
 
 def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list[OOMAt], budget: int | None = None,

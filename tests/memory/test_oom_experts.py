@@ -17,9 +17,12 @@ import pytest
 import torch
 
 from picotron_lightning.testing import run_ranks, run_script
-from picotron_lightning.testing_memory import OOMAt
 from tests.memory.oom_runs import (
+    CHOSEN_POINT_EVENTS,
+    CHOSEN_STEPS,
     MOE_CONFIG,
+    check_agreed_schedule,
+    chosen_points,
     moe_module,
     moe_module_with_aux_loss,
     oom_fit,
@@ -63,14 +66,7 @@ def _check_against_one_process(runs: list[dict[str, Any]], data: torch.Tensor, s
     (2, "fsdp", "none"),  # FSDP2's gathers and reduce-scatters around the exchange
 ])
 def test_moe_ranks_recover_from_ooms_at_any_point_of_the_step(ep: int, dp_mode: str, checkpointing: str) -> None:
-    steps = 4
-    plan = [
-        OOMAt(rank=1, step=0, phase="forward", op=40),  # the first step
-        OOMAt(rank=0, step=1, phase="backward", op=25, attempts=2),  # the retry fails too
-        OOMAt(rank=0, step=2, phase="forward", op=3),  # both ranks, at different points
-        OOMAt(rank=1, step=2, phase="backward", op=60),
-        OOMAt(rank=1, step=3, phase="forward", op=150),  # the last batch
-    ]
+    steps, plan = CHOSEN_STEPS, chosen_points()
     data = make_data(2 * steps * MICRO)
     runs = run_ranks(oom_fit, 2, data, MICRO, steps, plan, module=moe_module, dp_mode=dp_mode, monitor=False,
                      strategy_options={"expert_parallel_size": ep},
@@ -79,8 +75,7 @@ def test_moe_ranks_recover_from_ooms_at_any_point_of_the_step(ep: int, dp_mode: 
     assert [len(r["fired"]) for r in runs] == [3, 3], [r["fired"] for r in runs]
     events = runs[0]["events"]
     assert runs[1]["events"] == events
-    assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in events] == [
-        (0, [1], 1, 2), (1, [0], 1, 2), (1, [0], 2, 4), (2, [0, 1], 2, 4), (3, [1], 2, 4)]
+    assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in events] == CHOSEN_POINT_EVENTS
     # Each failure was followed by a replay; under ep the failed rank always had exchanges left to join.
     assert [len(r["replayed"]) for r in runs] == [3, 3]
     if ep > 1:
@@ -96,12 +91,7 @@ def test_random_ooms_on_four_ranks_with_two_expert_replicas() -> None:
     runs = run_ranks(oom_fit, 4, data, MICRO, steps, plan, module=moe_module, monitor=False,
                      strategy_options={"expert_parallel_size": 2}, memory={"oom_retry_larger_after": 1},
                      timeout=900)
-    assert sum(len(r["fired"]) for r in runs) == 20
-    events = runs[0]["events"]
-    assert all(r["events"] == events for r in runs)
-    ended = {e["step"]: e["new_split"] for e in events}
-    assert [ended.get(step) for step in range(steps)] == [
-        s if step in ended else None for step, s in enumerate(expected_splits)]
+    check_agreed_schedule(runs, 20, expected_splits)
     _check_against_one_process(runs, data, steps, ep=2)
 
 

@@ -15,7 +15,14 @@ import torch
 
 from picotron_lightning.testing import run_ranks
 from picotron_lightning.testing_memory import OOMAt
-from tests.memory.oom_runs import oom_fit, random_plan
+from tests.memory.oom_runs import (
+    CHOSEN_POINT_EVENTS,
+    CHOSEN_STEPS,
+    check_agreed_schedule,
+    chosen_points,
+    oom_fit,
+    random_plan,
+)
 from tests.parity import RTOL, make_data, make_module, max_relative_diff, mean_over_ranks, train_reference
 
 pytestmark = pytest.mark.slow
@@ -24,14 +31,7 @@ MICRO = 8  # samples per data-parallel rank and step: splits 1, 2, 4, 8
 
 
 def test_fsdp_ranks_recover_from_ooms_at_any_point_of_the_step() -> None:
-    steps = 5
-    plan = [
-        OOMAt(rank=1, step=0, phase="forward", op=40),  # the first step
-        OOMAt(rank=0, step=1, phase="backward", op=25, attempts=2),  # the retry fails too
-        OOMAt(rank=0, step=2, phase="forward", op=3),  # both ranks, at different points
-        OOMAt(rank=1, step=2, phase="backward", op=60),
-        OOMAt(rank=1, step=4, phase="backward", op=150),  # the last batch
-    ]
+    steps, plan = CHOSEN_STEPS, chosen_points(last_phase="backward")
     data = make_data(2 * steps * MICRO)
     runs = run_ranks(oom_fit, 2, data, MICRO, steps, plan, dp_mode="fsdp", memory={"oom_retry_larger_after": 1},
                      timeout=600)
@@ -39,8 +39,7 @@ def test_fsdp_ranks_recover_from_ooms_at_any_point_of_the_step() -> None:
     assert [len(r["fired"]) for r in runs] == [3, 3], [r["fired"] for r in runs]
     events = runs[0]["events"]
     assert runs[1]["events"] == events
-    assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in events] == [
-        (0, [1], 1, 2), (1, [0], 1, 2), (1, [0], 2, 4), (2, [0, 1], 2, 4), (4, [1], 1, 2)]
+    assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in events] == CHOSEN_POINT_EVENTS
     assert all(r["replayed"] and all(n > 0 for n in r["replayed"]) for r in runs), [r["replayed"] for r in runs]
     reference = train_reference(make_module(), data, steps, 2 * MICRO)
     assert max_relative_diff(mean_over_ranks([r["losses"] for r in runs]), reference["losses"]) <= RTOL
@@ -59,12 +58,7 @@ def test_random_ooms_on_tensor_and_fully_sharded_ranks_leave_the_run_unchanged()
     data = make_data(2 * steps * MICRO)
     runs = run_ranks(oom_fit, 4, data, MICRO, steps, plan, tp=2, dp_mode="fsdp",
                      memory={"oom_retry_larger_after": 1}, monitor=False, timeout=900)
-    assert sum(len(r["fired"]) for r in runs) == 20
-    events = runs[0]["events"]
-    assert all(r["events"] == events for r in runs)
-    ended = {e["step"]: e["new_split"] for e in events}
-    assert [ended.get(step) for step in range(steps)] == [
-        s if step in ended else None for step, s in enumerate(expected_splits)]
+    check_agreed_schedule(runs, 20, expected_splits)
     reference = train_reference(make_module(), data, steps, 2 * MICRO)
     assert max_relative_diff(mean_over_ranks([r["losses"] for r in runs]), reference["losses"]) <= RTOL
     for name, tensor in runs[0]["state"].items():

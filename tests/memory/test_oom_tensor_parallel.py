@@ -17,7 +17,15 @@ import torch
 
 from picotron_lightning.testing import run_ranks, run_script
 from picotron_lightning.testing_memory import OOMAt
-from tests.memory.oom_runs import module_reading_values, oom_fit, oom_fit_expect_error, random_plan
+from tests.memory.oom_runs import (
+    CHOSEN_POINT_EVENTS,
+    CHOSEN_STEPS,
+    chosen_points,
+    module_reading_values,
+    oom_fit,
+    oom_fit_expect_error,
+    random_plan,
+)
 from tests.parity import RTOL, make_data, make_module, max_relative_diff, train_reference
 
 pytestmark = pytest.mark.slow
@@ -27,14 +35,7 @@ SCRIPTS = Path(__file__).resolve().parents[1] / "user_path" / "scripts"
 
 
 def test_tensor_parallel_ranks_recover_from_ooms_at_any_point_of_the_step() -> None:
-    steps = 5
-    plan = [
-        OOMAt(rank=1, step=0, phase="forward", op=40),  # the very first step: no earlier step to learn from
-        OOMAt(rank=0, step=1, phase="backward", op=25, attempts=2),  # the retry fails too
-        OOMAt(rank=0, step=2, phase="forward", op=3),  # both ranks, at different points
-        OOMAt(rank=1, step=2, phase="backward", op=60),
-        OOMAt(rank=1, step=4, phase="forward", op=150),  # the last batch
-    ]
+    steps, plan = CHOSEN_STEPS, chosen_points()
     data = make_data(steps * MICRO)
     runs = run_ranks(oom_fit, 2, data, MICRO, steps, plan, tp=2, memory={"oom_retry_larger_after": 1},
                      timeout=600)
@@ -43,8 +44,7 @@ def test_tensor_parallel_ranks_recover_from_ooms_at_any_point_of_the_step() -> N
     assert len(fired[0]) == 3 and len(fired[1]) == 3, fired  # (step 1 fails twice on rank 0)
     events = runs[0]["events"]
     assert runs[1]["events"] == events
-    assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in events] == [
-        (0, [1], 1, 2), (1, [0], 1, 2), (1, [0], 2, 4), (2, [0, 1], 2, 4), (4, [1], 1, 2)]
+    assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in events] == CHOSEN_POINT_EVENTS
     # Each failed rank issued collectives it had skipped (a peer would otherwise have hung).
     assert all(r["replayed"] and all(n > 0 for n in r["replayed"]) for r in runs), [r["replayed"] for r in runs]
     # The losses and the final weights are those of one process on the same batches.
