@@ -138,7 +138,7 @@ class ExpertLayerFacts:
 
 
 def check_recovery_layout(
-    *, pp: int, tp: int = 1, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
+    *, pp: int, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
     automatic_optimization: bool = True,
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
@@ -148,15 +148,13 @@ def check_recovery_layout(
     (a failed rank replays the rest of the step's collectives, :mod:`.replay`), and dropless MoE layers
     without an auxiliary loss, with or without expert parallelism (their token exchange is replayed by
     protocol). Not covered: pipeline parallelism (activations sent between stages under their own
-    schedule), MoE with tensor parallelism, an auxiliary loss or a capacity. Raised before the first
-    training step, on every rank alike.
+    schedule), MoE with an auxiliary loss or a capacity (a split step changes the update). Raised before
+    the first training step, on every rank alike.
     """
     reasons = []
     if pp > 1:
         reasons.append(f"pipeline_parallel_size={pp} (stages send activations to each other inside the step; "
                        "a larger num_microbatches lowers each stage's activation memory instead)")
-    if experts and tp > 1:
-        reasons.append(f"MoE layers with tensor_parallel_size={tp} (not covered: use tensor_parallel_size=1 with MoE)")
     for layer in experts:
         if not layer.records_exchange:
             reasons.append(f"MoE layer '{layer.name}' exchanges tokens without recording the exchange for a replay "

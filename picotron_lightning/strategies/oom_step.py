@@ -70,7 +70,7 @@ class OOMRecoveryStep:
         module = strategy.lightning_module
         experts = _expert_layer_facts(module)
         check_recovery_layout(
-            pp=strategy.layout.pp, tp=strategy.layout.tp, experts=experts,
+            pp=strategy.layout.pp, experts=experts,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
         )

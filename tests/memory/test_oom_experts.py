@@ -37,10 +37,14 @@ MICRO = 8  # samples per data-parallel rank and step: splits 1, 2, 4, 8
 SCRIPTS = Path(__file__).resolve().parents[1] / "user_path" / "scripts"
 
 
-def _check_against_one_process(runs: list[dict[str, Any]], data: torch.Tensor, steps: int, ep: int) -> None:
-    """Every step's loss and the final weights are one process's on the global batch; replicas agree."""
-    world = len(runs)
-    reference = train_reference(moe_module(), data, steps, world * MICRO)
+def _check_against_one_process(runs: list[dict[str, Any]], data: torch.Tensor, steps: int, ep: int,
+                               tp: int = 1) -> None:
+    """Every step's loss and the final weights are one process's on the global batch; replicas agree.
+
+    Ranks are laid out (ep replica, ep, tp), tp fastest: rank r holds the experts of ep rank (r // tp) % ep.
+    """
+    dp = len(runs) // tp
+    reference = train_reference(moe_module(), data, steps, dp * MICRO)
     assert max_relative_diff(mean_over_ranks([r["losses"] for r in runs]), reference["losses"]) <= RTOL, (
         [r["losses"] for r in runs], reference["losses"])
     final = reference["module"].state_dict()
@@ -50,37 +54,40 @@ def _check_against_one_process(runs: list[dict[str, Any]], data: torch.Tensor, s
             if got.shape != expected.shape:  # an expert weight: this rank holds experts [r L, (r + 1) L)
                 local = got.shape[0]
                 assert expected.shape[0] == ep * local, name
-                ep_rank = rank % ep
+                ep_rank = (rank // tp) % ep
                 expected = expected[ep_rank * local:(ep_rank + 1) * local]
             assert (got - expected).abs().max().item() < 1e-3, (rank, name)
     for rank, run in enumerate(runs):  # replicas end bitwise equal (the bias-balancing buffers included)
         for name, tensor in run["state"].items():
-            same = runs[rank % ep] if tensor.shape != final[name].shape else runs[0]  # expert weights: same experts
+            holder = runs[((rank // tp) % ep) * tp]  # the first rank holding the same experts
+            same = holder if tensor.shape != final[name].shape else runs[0]
             assert torch.equal(tensor, same["state"][name]), (rank, name)
 
 
-@pytest.mark.parametrize(("ep", "dp_mode", "checkpointing"), [
-    (1, "ddp", "none"),  # no exchange: the routing statistics' all-reduce is what a failed rank must still join
-    (2, "ddp", "none"),
-    (2, "ddp", "full"),  # the backward recomputes each block's exchange: the replay must send what forward sent
-    (2, "fsdp", "none"),  # FSDP2's gathers and reduce-scatters around the exchange
+@pytest.mark.parametrize(("world", "ep", "tp", "dp_mode", "checkpointing"), [
+    (2, 1, 1, "ddp", "none"),  # no exchange: the routing statistics' all-reduce is what a failed rank must still join
+    (2, 2, 1, "ddp", "none"),
+    (2, 2, 1, "ddp", "full"),  # the backward recomputes each block's exchange: the replay must send what forward sent
+    (2, 2, 1, "fsdp", "none"),  # FSDP2's gathers and reduce-scatters around the exchange
+    (4, 2, 2, "fsdp", "none"),  # tp=2 x FSDP2 dp=2 x ep=2: tp all-reduces too; the failed ranks 0 and 1 are a tp pair
 ])
-def test_moe_ranks_recover_from_ooms_at_any_point_of_the_step(ep: int, dp_mode: str, checkpointing: str) -> None:
+def test_moe_ranks_recover_from_ooms_at_any_point_of_the_step(world: int, ep: int, tp: int, dp_mode: str,
+                                                               checkpointing: str) -> None:
     steps, plan = CHOSEN_STEPS, chosen_points()
-    data = make_data(2 * steps * MICRO)
-    runs = run_ranks(oom_fit, 2, data, MICRO, steps, plan, module=moe_module, dp_mode=dp_mode, monitor=False,
-                     strategy_options={"expert_parallel_size": ep},
+    data = make_data(world // tp * steps * MICRO)
+    runs = run_ranks(oom_fit, world, data, MICRO, steps, plan, module=moe_module, dp_mode=dp_mode, monitor=False,
+                     tp=tp, strategy_options={"expert_parallel_size": ep},
                      memory={"oom_retry_larger_after": 1, "activation_checkpointing": checkpointing}, timeout=600)
 
-    assert [len(r["fired"]) for r in runs] == [3, 3], [r["fired"] for r in runs]
+    assert [len(r["fired"]) for r in runs] == [3, 3] + [0] * (world - 2), [r["fired"] for r in runs]
     events = runs[0]["events"]
-    assert runs[1]["events"] == events
+    assert all(r["events"] == events for r in runs)
     assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in events] == CHOSEN_POINT_EVENTS
     # Each failure was followed by a replay; under ep the failed rank always had exchanges left to join.
-    assert [len(r["replayed"]) for r in runs] == [3, 3]
+    assert [len(r["replayed"]) for r in runs] == [3, 3] + [0] * (world - 2)
     if ep > 1:
         assert all(n > 0 for r in runs for n in r["replayed"]), [r["replayed"] for r in runs]
-    _check_against_one_process(runs, data, steps, ep)
+    _check_against_one_process(runs, data, steps, ep, tp)
 
 
 def test_random_ooms_on_four_ranks_with_two_expert_replicas() -> None:
