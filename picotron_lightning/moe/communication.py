@@ -175,7 +175,11 @@ class ExpertCommunication:
 
 
 class _ReplayedExchange:
-    """The failed rank's side of one traced dispatch and combine: the sizes its protocol calls share."""
+    """The failed rank's side of one traced dispatch and combine: the sizes its protocol calls share.
+
+    Rows go both ways in the dtype of the tokens dispatched: the experts of :class:`~picotron_lightning.moe.MoELayer`
+    compute in their input's dtype, so their outputs (combine) and the gradients (backward) share it.
+    """
 
     def __init__(self, comm: ExpertCommunication, attempt: int, index: int, width: tuple[int, ...],
                  dtype: torch.dtype, device: torch.device, origin: _ReplayedExchange | None) -> None:
