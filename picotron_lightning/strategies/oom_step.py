@@ -92,6 +92,7 @@ class OOMRecoveryStep:
         # MoE layers exchange tokens (ep > 1) and all-reduce routing statistics inside forward; their exchange is
         # replayed by protocol (moe/communication.py), and the split step scales their injected gradients.
         self.has_experts = bool(experts)
+        self._aux_loss_scale = 1.0  # what the MoE layers' injected gradients are scaled by now (1: accumulation is off)
         self.replays_collectives = strategy.layout.tp > 1 or self.fsdp_root is not None or self.has_experts
         self.replayed: list[int] = []  # collectives each replay issued (for tests and the log)
         self._guarded = self.replays_collectives  # a guard would refuse the collectives these layouts need
@@ -231,8 +232,10 @@ class OOMRecoveryStep:
         MoE layers inject their z-loss gradient themselves; it is scaled like the user's loss.
         """
         self.micro_batch, self.loss_weight = piece, weight
-        if self.has_experts:
-            set_aux_loss_scale(self.strategy.lightning_module, 1.0 if weight is None else weight)
+        scale = 1.0 if weight is None else weight
+        if self.has_experts and scale != self._aux_loss_scale:  # (a clean step sets nothing: no walk over the model)
+            set_aux_loss_scale(self.strategy.lightning_module, scale)
+            self._aux_loss_scale = scale
 
     def _split_attempt(self, closure: Closure, split: int, first: bool) -> ClosureResult:
         total: torch.Tensor | None = None
