@@ -51,9 +51,11 @@ def test_tensor_parallel_ranks_recover_from_ooms_at_any_point_of_the_step() -> N
     reference = train_reference(make_module(), data, steps, MICRO)
     assert runs[0]["losses"] == runs[1]["losses"]
     assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL, (runs[0]["losses"], reference["losses"])
+    # (1e-3 as for DDP: Adam's first steps divide by tiny second moments, so rounding differences grow; on an AMD
+    # EPYC machine the same tp=2 run without any OOM ends 1.2e-4 from one process, 1.1e-4 with these OOMs.)
     final = reference["module"].state_dict()
     for run in runs:
-        assert max((run["state"][k] - final[k]).abs().max().item() for k in final) < 1e-4
+        assert max((run["state"][k] - final[k]).abs().max().item() for k in final) < 1e-3
 
 
 def test_recovery_under_full_activation_checkpointing() -> None:
