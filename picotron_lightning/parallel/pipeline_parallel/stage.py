@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from picotron_lightning.parallel.pipeline_parallel.split import PipelineParts, PipelineSplitError, replace_submodule
-from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
+from picotron_lightning.parallel.pipeline_parallel.step_state import StepState, microbatch_index
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class StageModule(nn.Module):
     def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
         if self._traced is not None:
             return self._traced(*activations, mb_index=mb_index)
-        index = int(mb_index.reshape(-1)[0])
+        index = microbatch_index(mb_index)
         args, kwargs = self._state.calls[index]
         received = None if self.is_first else activations
         if received is not None and len(received) != 1:

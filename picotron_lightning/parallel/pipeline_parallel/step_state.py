@@ -41,3 +41,15 @@ class StepState:
     def end_step(self) -> None:
         """Forget the step's output structures (the calls are replaced at the next step)."""
         self.output_structure.clear()
+
+
+def microbatch_index(tag: torch.Tensor) -> int:
+    """The microbatch number a schedule passed as a tensor (``mb_index``, the loss's ``target``).
+
+    Read with any fake-tensor mode set aside: OOM recovery infers a stage's shapes on fake tensors
+    (``recovery.py``), and the tag itself is a real tensor whose value the stage needs.
+    """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return int(tag.reshape(-1)[0])

@@ -52,7 +52,7 @@ from picotron_lightning.parallel.pipeline_parallel.split import (
     PipelineSplitError,
     replace_submodule,
 )
-from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
+from picotron_lightning.parallel.pipeline_parallel.step_state import StepState, microbatch_index
 from picotron_lightning.parallel.tensor_parallel.traced import LocalShardLinear, local_twin
 
 if TYPE_CHECKING:
@@ -266,7 +266,7 @@ class TracedStage(nn.Module):
     def forward(self, *activations: torch.Tensor, mb_index: torch.Tensor) -> Any:
         if self._gather is not None:  # FSDP2: the graph reads the unsharded parameters (traced_sharding.py)
             self._gather()
-        index = int(mb_index.reshape(-1)[0])
+        index = microbatch_index(mb_index)
         inputs = tensor_inputs(self._state.calls[index]) if self.index == 0 else list(activations)
         out = self.graph(*inputs)
         if self.index == self.num_stages - 1:
