@@ -16,10 +16,13 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from typing_extensions import override
 
+from picotron_lightning.memory.oom import inside_attempt
 from picotron_lightning.memory.replay import tracing_collectives
 from picotron_lightning.memory.tracker import LiveBytes
+from picotron_lightning.parallel.pipeline_parallel.recovery import outside_stage_compute
 
 
 class PeakProbe(Callback):
@@ -81,6 +84,20 @@ class OOMAt:
     attempts: int = 1
 
 
+def allocates_nothing(func: Any, args: tuple, kwargs: dict | None) -> bool:
+    """Whether the injectors leave ``func`` alone: ops on fake or meta tensors (a step traced for OOM recovery, a
+    pipeline stage's shape inference) and profiler ops (the optimizer's ``record_function``) allocate nothing; under
+    pipeline parallelism only a stage's compute is covered by recovery, not the schedule's few-byte handshakes."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if tracing_collectives() or str(func).startswith("profiler.") or outside_stage_compute():
+        return True
+    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return True
+    tensors = [a for a in tree_flatten((args, kwargs or {}))[0] if isinstance(a, torch.Tensor)]
+    return any(isinstance(t, FakeTensor) or t.is_meta for t in tensors)
+
+
 class ScriptedOOM(TorchDispatchMode):
     """Counts ops by phase within one attempt and raises at the scripted ones; ``fired`` lists what it raised."""
 
@@ -89,14 +106,13 @@ class ScriptedOOM(TorchDispatchMode):
         self.plan = plan
         self.attempt_of = attempt_of  # () -> the current attempt's number within the step
         self.armed = True
+        self.covered: Any = lambda: True  # () -> whether ops now may fail (InjectOOM: inside a recovered attempt)
         self.fired: list[tuple[int, str, int, int]] = []  # (step, phase, op, attempt)
         self._attempt = -1
         self._counts = {"forward": 0, "backward": 0}
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        # A traced step runs on fake tensors, and profiler ops (the optimizer's record_function, which runs before
-        # the step's closure) allocate nothing: neither can run out of memory.
-        if self.armed and not tracing_collectives() and not str(func).startswith("profiler."):
+        if self.armed and self.covered() and not allocates_nothing(func, args, kwargs):
             attempt = self.attempt_of()
             if attempt != self._attempt:  # a new attempt counts its ops from 0
                 self._attempt, self._counts = attempt, {"forward": 0, "backward": 0}
@@ -119,15 +135,16 @@ class BudgetOOM(LiveBytes):
         super().__init__()
         self.budget = budget
         self.armed = True
+        self.covered: Any = lambda: True  # as ScriptedOOM.covered
         self.fired = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        if tracing_collectives():  # OOM recovery tracing a step on fake tensors: nothing is allocated
+        if allocates_nothing(func, args, kwargs):
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
 
     def _on_allocate(self, nbytes: int) -> None:
-        if self.armed and self.current + nbytes > self.budget:
+        if self.armed and self.covered() and self.current + nbytes > self.budget:
             self.fired += 1
             raise torch.OutOfMemoryError(
                 f"injected OOM: {self.current + nbytes} live bytes would pass the budget of {self.budget}")
@@ -137,7 +154,9 @@ class InjectOOM(Callback):
     """Make a real ``Trainer.fit`` run out of memory where a test says, on CPU (test tooling).
 
     Entered from ``on_train_batch_start`` to ``on_train_batch_end``; it raises only until
-    ``on_before_optimizer_step`` (forward and backward, not the optimizer update). Each rank keeps
+    ``on_before_optimizer_step`` (forward and backward, not the optimizer update); with
+    ``memory.oom_recovery`` on, only inside an attempt of the step (what recovery covers, not its
+    agreement point: :func:`picotron_lightning.memory.oom.covered_attempt`). Each rank keeps
     the entries of ``plan`` for its own rank. After ``fit``: ``fired`` (scripted OOMs raised on this
     rank, ``(step, phase, op, attempt)``) and ``budget_fired``.
 
@@ -174,6 +193,10 @@ class InjectOOM(Callback):
             modes.append(ScriptedOOM(entries, self._attempt_of(trainer)))
         if self.budget is not None:
             modes.append(BudgetOOM(self.budget))
+        if getattr(trainer.strategy, "oom_recovery", None) is not None:
+            # Recovery covers the attempts of a step (forward and backward), not the agreement after them.
+            for mode in modes:
+                mode.covered = inside_attempt
         for mode in modes:
             mode.__enter__()
         self._modes = modes

@@ -8,6 +8,8 @@ Lightning side (running the attempts inside the optimizer step) is
 * :class:`SplitSchedule`: how many micro-batches the next step uses (doubles on an agreed OOM,
   halves after ``retry_larger_after`` clean steps, gives up at one sample per micro-batch);
 * :func:`split_batch`: the batch cut along dim 0, with each piece's weight (its share of samples);
+* :func:`covered_attempt` / :func:`inside_attempt`: marks the part of a step that recovery covers (an
+  attempt: forward and backward of every piece), which the test tooling injects OOMs into;
 * :class:`CollectiveGuard`: refuses a collective inside the part of a step that may fail, which is
   what makes the agreement sound (see docs/memory.md, "OOM recovery");
 * :func:`check_recovery_layout` (with :class:`ExpertLayerFacts`): the layouts where that holds, and the message
@@ -21,7 +23,8 @@ rank keeps the same schedule without communicating.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +102,26 @@ def split_batch(batch: Any, pieces: int) -> list[tuple[Any, float]]:
     return parts
 
 
+_attempts_running = 0  # attempts of a recovered step running on this process (0 or 1; a counter for nesting)
+
+
+@contextmanager
+def covered_attempt() -> Iterator[None]:
+    """Marks one attempt of a recovered step: its forward and backward, every piece of it. An out-of-memory error
+    raised here is recovered from; the agreement and the reductions after it are not inside (see docs/memory.md)."""
+    global _attempts_running
+    _attempts_running += 1
+    try:
+        yield
+    finally:
+        _attempts_running -= 1
+
+
+def inside_attempt() -> bool:
+    """Whether an attempt of a recovered step runs now (:func:`covered_attempt`)."""
+    return _attempts_running > 0
+
+
 class CollectiveGuard(TorchDispatchMode):
     """Raise before any collective runs: the part of a step that may fail must not communicate.
 
@@ -139,22 +162,30 @@ class ExpertLayerFacts:
 
 def check_recovery_layout(
     *, pp: int, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
-    automatic_optimization: bool = True,
+    automatic_optimization: bool = True, tp: int = 1, sharded: bool = False,
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
     redoing the step in smaller micro-batches would not give the same update.
 
     Covered: DDP (gradient sync deferred to the agreement point), FSDP2/HSDP and tensor parallelism
-    (a failed rank replays the rest of the step's collectives, :mod:`.replay`), and dropless MoE layers
+    (a failed rank replays the rest of the step's collectives, :mod:`.replay`), dropless MoE layers
     without an auxiliary loss, with or without expert parallelism (their token exchange is replayed by
-    protocol). Not covered: pipeline parallelism (activations sent between stages under their own
-    schedule), MoE with an auxiliary loss or a capacity (a split step changes the update). Raised before
-    the first training step, on every rank alike.
+    protocol), and pipeline parallelism whose stages communicate only with their neighbours (a failed
+    stage finishes its schedule hollow, :mod:`picotron_lightning.parallel.pipeline_parallel.recovery`):
+    pp alone or with data-parallel replicas (``pipeline_split="trace"``). Not covered: pipeline
+    parallelism combined with tensor parallelism, FSDP2 (``sharded``) or MoE layers (their collectives
+    inside a stage), MoE with an auxiliary loss or a capacity (a split step changes the update). Raised
+    before the first training step, on every rank alike.
     """
     reasons = []
     if pp > 1:
-        reasons.append(f"pipeline_parallel_size={pp} (stages send activations to each other inside the step; "
-                       "a larger num_microbatches lowers each stage's activation memory instead)")
+        inside = ([f"tensor_parallel_size={tp}"] if tp > 1 else []) + (["FSDP2 data parallelism"] if sharded else []) \
+            + ([f"{len(experts)} MoE layer(s)"] if experts else [])
+        if inside:
+            reasons.append(
+                f"pipeline_parallel_size={pp} with {' and '.join(inside)} (collectives inside a pipeline stage, which "
+                "a stage that ran out of memory skips; pp recovers alone or with data-parallel replicas, "
+                "pipeline_split='trace' with data_parallel_mode='ddp')")
     for layer in experts:
         if not layer.records_exchange:
             reasons.append(f"MoE layer '{layer.name}' exchanges tokens without recording the exchange for a replay "
@@ -188,13 +219,17 @@ def check_recovery_layout(
 
 def exhausted_message(
     *, step: int, batch_size: int, ranks: Sequence[int], error: str, activation_checkpointing: str,
-    device: torch.device, peak_bytes: int | None = None,
+    device: torch.device, peak_bytes: int | None = None, pieces: int | None = None,
 ) -> str:
-    """What every rank says when a step fails with one sample per micro-batch."""
+    """What every rank says when a step fails at its finest split: ``pieces`` micro-batches (default: one sample
+    each; a pipeline schedule may need several samples per piece)."""
     where = f"rank(s) {list(ranks)}"
+    pieces = batch_size if pieces is None else pieces
+    finest = "one sample per micro-batch" if pieces == batch_size else \
+        f"{batch_size // pieces} samples per micro-batch, the fewest the pipeline schedule runs"
     lines = [
-        f"Out of memory at step {step} on {where} even with one sample per micro-batch (the batch of {batch_size} "
-        f"samples was split into {batch_size} micro-batches); no smaller split is left. Last error: {error}",
+        f"Out of memory at step {step} on {where} even with {finest} (the batch of {batch_size} "
+        f"samples was split into {pieces} micro-batches); no smaller split is left. Last error: {error}",
     ]
     if peak_bytes is not None:
         lines.append(f"Live tensor bytes at the failure on this rank: {peak_bytes / 2**20:.1f} MiB.")

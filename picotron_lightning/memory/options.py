@@ -70,11 +70,12 @@ class MemoryOptions:
     See docs/memory.md ("Why can an MoE budget with expert parallelism be exceeded?")."""
 
     oom_recovery: bool = field(default=False, metadata={"flat": None})
-    """Recover from ``torch.OutOfMemoryError`` in forward or backward on any rank (Trainer, data_parallel_mode
-    ``"ddp"``): every rank agrees at one fixed point of the step, frees what the step held and redoes the same
-    global batch in twice as many micro-batches (accumulated inside the step), so the update is the one without
-    the OOM. Stops on every rank, with the estimate command and what to turn on, at one sample per
-    micro-batch. See docs/memory.md ("OOM recovery") for the layouts it covers and why."""
+    """Recover from ``torch.OutOfMemoryError`` in forward or backward on any rank (Trainer; DDP, FSDP2, tensor,
+    expert and pipeline parallelism): every rank agrees at one fixed point of the step, frees what the step held
+    and redoes the same global batch in twice as many micro-batches (accumulated inside the step), so the update
+    is the one without the OOM. Stops on every rank, with the estimate command and what to turn on, at the
+    finest split (one sample per micro-batch, or the fewest a pipeline schedule runs). See docs/memory.md
+    ("OOM recovery") for the layouts it covers, those it refuses, and why."""
 
     oom_retry_larger_after: int = field(default=50, metadata={"flat": None})
     """With ``oom_recovery``: clean steps after which a split step tries half as many (larger) micro-batches

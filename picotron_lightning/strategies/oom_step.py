@@ -42,6 +42,7 @@ from picotron_lightning.memory.oom import (
     SplitSchedule,
     batch_size_of,
     check_recovery_layout,
+    covered_attempt,
     dump_memory_snapshot,
     exhausted_message,
     memory_history_kwargs,
@@ -69,12 +70,19 @@ class OOMRecoveryStep:
     def __init__(self, strategy: Any, trainer: Any, options: MemoryOptions) -> None:
         module = strategy.lightning_module
         experts = _expert_layer_facts(module)
+        fsdp_root = _fsdp_root(strategy.model)
         check_recovery_layout(
             pp=strategy.layout.pp, experts=experts,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
+            tp=strategy.layout.tp, sharded=fsdp_root is not None,
         )
         self.strategy, self.trainer, self.options = strategy, trainer, options
+        # Pipeline parallelism: a stage that runs out of memory finishes its schedule hollow (its sends and
+        # receives still happen) and the runtime reports the failure after the step; nothing to replay.
+        self.pipeline = strategy._pipeline
+        if self.pipeline is not None:
+            self.pipeline.enable_oom_recovery()
         self.schedule = SplitSchedule(options.oom_retry_larger_after)
         self.retries = 0
         self.events: list[dict[str, Any]] = []
@@ -86,16 +94,18 @@ class OOMRecoveryStep:
         # replays the rest of the step's collectives (memory/replay.py) instead of the step being kept silent.
         # FSDP2 also reduces its gradients inside each backward (sharded, accumulated over micro-batches),
         # so the agreement point has no gradient reduction left to do for it.
-        self.fsdp_root = _fsdp_root(strategy.model)
+        self.fsdp_root = fsdp_root
         if self.fsdp_root is not None:
             _materialize_unsharded_parameters(strategy.model)
         # MoE layers exchange tokens (ep > 1) and all-reduce routing statistics inside forward; their exchange is
         # replayed by protocol (moe/communication.py), and the split step scales their injected gradients.
         self.has_experts = bool(experts)
         self._aux_loss_scale = 1.0  # what the MoE layers' injected gradients are scaled by now (1: accumulation is off)
-        self.replays_collectives = strategy.layout.tp > 1 or self.fsdp_root is not None or self.has_experts
+        self.replays_collectives = self.pipeline is None and (
+            strategy.layout.tp > 1 or self.fsdp_root is not None or self.has_experts)
         self.replayed: list[int] = []  # collectives each replay issued (for tests and the log)
-        self._guarded = self.replays_collectives  # a guard would refuse the collectives these layouts need
+        # A guard would refuse the collectives these layouts need (a pipeline step sends and receives throughout).
+        self._guarded = self.replays_collectives or self.pipeline is not None
         ddp = strategy.model
         if hasattr(ddp, "broadcast_buffers"):  # DDP broadcasts buffers in forward; done at the agreement instead
             ddp.broadcast_buffers = False
@@ -124,11 +134,11 @@ class OOMRecoveryStep:
                 closure._result = result
                 return result.loss
             attempt += 1
-            new_split = self.schedule.on_oom(batch_size_of(self.batch))
+            new_split = self.schedule.on_oom(self._splittable(batch_size_of(self.batch)))
             self._report(step, attempt, failed_ranks, split, new_split, error)
             if new_split is None:
                 raise OOMRecoveryExhausted(exhausted_message(
-                    step=step, batch_size=batch_size_of(self.batch), ranks=failed_ranks,
+                    step=step, batch_size=batch_size_of(self.batch), ranks=failed_ranks, pieces=split,
                     error=error or "on another rank", device=self.strategy.root_device,
                     activation_checkpointing=self.options.activation_checkpointing))
             split = new_split
@@ -146,13 +156,22 @@ class OOMRecoveryStep:
         if self.replays_collectives:
             begin_attempt()
         issued: dict[str, int] = {}
+        message: str | None = None
+        pieces = None if split == 1 and first else split_batch(self.batch, split)  # (views: nothing to run out of)
         try:
-            with guard, self._local_gradients():
-                if split == 1 and first:
-                    return closure.closure(), None  # Lightning's own order, hooks and all
-                return self._split_attempt(closure, split, first), None
+            with guard, self._local_gradients(), covered_attempt():
+                if pieces is None:
+                    result = closure.closure()  # Lightning's own order, hooks and all
+                else:
+                    result = self._split_attempt(closure, pieces, first)
+            message = self.pipeline.take_failure() if self.pipeline is not None else None
+            if message is None:
+                return result, None
+            del result  # a hollow pipeline step ran to its end; its values are not the step's
         except torch.OutOfMemoryError as oom:
-            message = str(oom).splitlines()[0] if str(oom) else type(oom).__name__
+            # (a pipeline's stage may have failed first, and the step run on hollow: its error is the one to report)
+            earlier = self.pipeline.take_failure() if self.pipeline is not None else None
+            message = earlier or (str(oom).splitlines()[0] if str(oom) else type(oom).__name__)
             self._snapshot()
             if issued_before:
                 issued = {g: n - issued_before.get(g, 0) for g, n in issued_collectives().items()}
@@ -181,9 +200,16 @@ class OOMRecoveryStep:
                 )
         return None, message
 
+    def _splittable(self, batch_size: int) -> int:
+        """The most pieces the batch can be split into (a pipeline schedule may need several samples per piece)."""
+        if self.pipeline is None:
+            return batch_size
+        return max(1, batch_size // self.pipeline.smallest_piece())
+
     def _local_gradients(self) -> Any:
-        """DDP: keep gradients local until the agreement (``no_sync``). FSDP2 reduce-scatters in backward as usual."""
-        if self.fsdp_root is not None:
+        """DDP: keep gradients local until the agreement (``no_sync``). FSDP2 reduce-scatters in backward as usual;
+        a pipeline under recovery keeps its gradients local by itself (``finish_backward``)."""
+        if self.fsdp_root is not None or self.pipeline is not None:
             return contextlib.nullcontext()
         return self.strategy._no_gradient_sync(self.strategy.model)
 
@@ -237,27 +263,40 @@ class OOMRecoveryStep:
             set_aux_loss_scale(self.strategy.lightning_module, scale)
             self._aux_loss_scale = scale
 
-    def _split_attempt(self, closure: Closure, split: int, first: bool) -> ClosureResult:
+    def _split_attempt(self, closure: Closure, pieces: list[tuple[Any, float]], first: bool) -> ClosureResult:
         total: torch.Tensor | None = None
         extra: dict[str, Any] = {}
-        for i, (piece, weight) in enumerate(split_batch(self.batch, split)):
+        for i, (piece, weight) in enumerate(pieces):
             self._set_piece(piece, weight)
-            result = closure._step_fn()
-            if i == 0 and first and closure._zero_grad_fn is not None:
-                closure._zero_grad_fn()  # once per step, where Lightning calls it
-            if closure._backward_fn is not None and result.closure_loss is not None:
-                closure._backward_fn(result.closure_loss)
-            if result.loss is not None:
-                total = result.loss * weight if total is None else total + result.loss * weight
+            try:
+                result = closure._step_fn()
+                if i == 0 and first and closure._zero_grad_fn is not None:
+                    closure._zero_grad_fn()  # once per step, where Lightning calls it
+                if closure._backward_fn is not None and result.closure_loss is not None:
+                    closure._backward_fn(result.closure_loss)
+                if result.loss is not None:
+                    total = result.loss * weight if total is None else total + result.loss * weight
+            except torch.OutOfMemoryError as oom:
+                if self.pipeline is None:
+                    raise
+                # After this piece's schedule (Lightning's closure, the gradients' weighting): the later pieces'
+                # schedules still run, hollow, so that no other stage waits for this rank's sends.
+                self.pipeline.record_failure(oom)
+                continue
             extra = result.extra
         return ClosureResult(total, extra=extra)
 
     # ------------------------------------------------------------------ the fixed point
     def _agree(self, failed: bool) -> tuple[list[int], list[bool]]:
-        """One all-reduce (MAX): failed ranks, recorded reductions (count and its negative), gradients present."""
+        """One all-reduce (MAX): failed ranks, recorded reductions (count and its negative), gradients present.
+
+        Under pipeline parallelism each rank holds other parameters (its stages'), so the gradient flags are
+        left out: each rank keeps its own, and :meth:`_finish` reduces them with the pipeline's own reductions.
+        """
         strategy = self.strategy
         world, rank = dist.get_world_size(), dist.get_rank()
-        params = _trainable(strategy.lightning_module)
+        local = _trainable(strategy.lightning_module)
+        params = local if self.pipeline is None else []
         count = len(self.deferred or [])
         vector = torch.zeros(world + 2 + len(params), device=strategy.root_device)
         vector[rank] = float(failed)
@@ -272,6 +311,8 @@ class OOMRecoveryStep:
                 f"(between {int(-flags[world + 1])} and {int(flags[world])}); every rank must log the same keys "
                 "with sync_dist=True in each step."
             )
+        if self.pipeline is not None:
+            return failed_ranks, [p.grad is not None for p in local]
         return failed_ranks, [flag > 0 for flag in flags[world + 2:]]
 
     def _finish(self, has_grad: list[bool]) -> None:
@@ -279,7 +320,8 @@ class OOMRecoveryStep:
         strategy = self.strategy
         dp_group = strategy.device_mesh["dp"].get_group()
         dp = dist.get_world_size(dp_group)
-        ddp = dp > 1 and self.fsdp_root is None  # (FSDP2 reduce-scattered in each backward)
+        # (FSDP2 reduce-scattered in each backward; a pipeline reduces its own gradients below)
+        ddp = dp > 1 and self.fsdp_root is None and self.pipeline is None
         handles = []
         synced = []
         for p, any_rank in zip(_trainable(strategy.lightning_module), has_grad, strict=True):
@@ -294,6 +336,8 @@ class OOMRecoveryStep:
             handle.wait()
         for grad in synced:
             grad.div_(dp)
+        if self.pipeline is not None:  # the tied copies' sum and the traced replicas' average (runtime.py)
+            self.pipeline.reduce_gradients()
         if self.has_experts:
             strategy._reduce_expert_gradients(strategy.lightning_module)  # what post_backward left to this point
         for tensor, group, op in self.deferred or []:
@@ -316,8 +360,8 @@ class OOMRecoveryStep:
         alerts = find_alert_manager(callbacks)
         if alerts is not None:
             if new_split is None:
-                alerts.alert("oom_exhausted", f"out of memory on rank(s) {ranks} at one sample per micro-batch; "
-                             "stopping", severity="critical", step=step, key=f"oom_exhausted@{step}")
+                alerts.alert("oom_exhausted", f"out of memory on rank(s) {ranks} at the finest split ({split} "
+                             "micro-batches); stopping", severity="critical", step=step, key=f"oom_exhausted@{step}")
             else:
                 alerts.alert("oom_retry", f"out of memory on rank(s) {ranks} with {split} micro-batch(es); redoing "
                              f"the step with {new_split}" + (f" ({error})" if error else ""), severity="warning",

@@ -263,7 +263,8 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             assert self.lightning_module is not None
             self.pre_backward(closure_loss)
             closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-            self._pipeline.finish_backward()  # the gradients the schedule set aside
+            recovery = self.oom_recovery  # (a piece of an OOM-split step weights its gradients by its samples)
+            self._pipeline.finish_backward(recovery.loss_weight if recovery is not None else None)
             closure_loss = self.precision_plugin.post_backward(closure_loss, self.lightning_module)
             self.post_backward(closure_loss)
             return closure_loss

@@ -96,7 +96,9 @@ MOE_OK = ExpertLayerFacts("model.layers.1.mlp", records_exchange=True)
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"pp": 2}, "pipeline_parallel_size=2"),
+    ({"pp": 2, "tp": 2}, "pipeline_parallel_size=2 with tensor_parallel_size=2"),
+    ({"pp": 2, "sharded": True}, "pipeline_parallel_size=2 with FSDP2 data parallelism"),
+    ({"pp": 4, "experts": [MOE_OK]}, "pipeline_parallel_size=4 with 1 MoE layer"),
     ({"experts": [ExpertLayerFacts("model.layers.0.mlp.experts", records_exchange=False)]},
      "'model.layers.0.mlp.experts' exchanges tokens without recording"),
     ({"experts": [ExpertLayerFacts("moe", records_exchange=True, aux_loss_coeff=0.01)]}, "aux_loss_coeff=0.01"),
@@ -114,6 +116,7 @@ def test_layouts_without_a_sound_agreement_are_refused(kwargs: dict, needle: str
 def test_layouts_with_a_sound_agreement_are_accepted() -> None:
     check_recovery_layout(pp=1)  # DDP, FSDP2/HSDP, tensor parallelism
     check_recovery_layout(pp=1, experts=[MOE_OK, MOE_OK])  # dropless MoE without an auxiliary loss, any ep and tp
+    check_recovery_layout(pp=2)  # stages alone, or as data-parallel replicas (the traced split)
 
 
 def test_a_long_list_of_reasons_is_shortened() -> None:

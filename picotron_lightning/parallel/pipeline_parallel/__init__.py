@@ -12,6 +12,7 @@ Modules, in the order a step meets them:
 * ``user_step.py``: the user's unchanged ``training_step`` reused for capture, loss and logging.
 * ``schedule.py``: which ``torch.distributed.pipelining`` schedule, how many microbatches, the bubble.
 * ``runtime.py``: :func:`split_into_stages` and the :class:`PipelineRuntime` that drives the rest.
+* ``recovery.py``: under ``memory.oom_recovery``, stages that finish their schedule hollow after an OOM.
 """
 
 from picotron_lightning.parallel.pipeline_parallel.options import PipelineOptions

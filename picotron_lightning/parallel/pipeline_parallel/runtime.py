@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +30,14 @@ from picotron_lightning.parallel.data import DataParallelOptions, fully_shard_un
 from picotron_lightning.parallel.expert import set_aux_loss_scale
 from picotron_lightning.parallel.pipeline_parallel import user_step
 from picotron_lightning.parallel.pipeline_parallel.options import PipelineOptions
+from picotron_lightning.parallel.pipeline_parallel.recovery import (
+    RecoverableStage,
+    StepFailure,
+    fake_mode_of,
+    is_out_of_memory,
+    recoverable_step,
+    stage_compute,
+)
 from picotron_lightning.parallel.pipeline_parallel.schedule import (
     TARGET_MICROBATCHES_PER_STAGE,
     BubbleMeter,
@@ -52,7 +60,7 @@ from picotron_lightning.parallel.pipeline_parallel.split import (
     stub_for,
 )
 from picotron_lightning.parallel.pipeline_parallel.stage import SplitModel, StageModule
-from picotron_lightning.parallel.pipeline_parallel.step_state import StepState
+from picotron_lightning.parallel.pipeline_parallel.step_state import StepState, microbatch_index
 from picotron_lightning.parallel.pipeline_parallel.tied import (
     TiedWeights,
     check_tied_supported,
@@ -128,6 +136,8 @@ class PipelineRuntime:
         self._replicas: ReplicatedGradients | None = None  # the traced split's data parallelism (trace.py)
         self._tensor_twins: TracedTensorParallel | None = None  # the traced split's tensor parallelism (trace.py)
         self._sharded: TracedFullyShard | None = None  # the traced split under FSDP2 (traced_sharding.py)
+        # memory.oom_recovery: this rank's failure in the current attempt of a step (recovery.py), else None.
+        self.failure: StepFailure | None = None
 
     # ------------------------------------------------------------------ stage forward support
     @property
@@ -229,6 +239,56 @@ class PipelineRuntime:
         self.tied.attach(self.root)  # after FSDP: the parameters it registered are the ones to tie
         return self.root, mode if layout.dp > 1 else "none"
 
+    # ------------------------------------------------------------------ OOM recovery (recovery.py)
+    def enable_oom_recovery(self) -> None:
+        """Build training schedules from :class:`RecoverableStage` (before the first one is built): a rank that
+        runs out of memory finishes the step hollow and reports it through :meth:`take_failure`."""
+        if any(key[0] for key in self._schedules):
+            raise RuntimeError("enable_oom_recovery must be called before the first training step")
+        self.failure = StepFailure()
+
+    def take_failure(self) -> str | None:
+        """Why this rank's latest attempt failed (its first out-of-memory error), or None; cleared for the next,
+        with the gradients a hollow schedule left for ``finish_backward``."""
+        if self.failure is None:
+            return None
+        message = self.failure.take()
+        if message is not None:
+            self._pending_grads = None
+        return message
+
+    def record_failure(self, error: BaseException) -> None:
+        """An out-of-memory error of this rank's attempt outside a schedule (the strategy caught it): the attempt's
+        later schedules run hollow, so that the other stages still find every send and receive."""
+        assert self.failure is not None, "enable_oom_recovery() first"
+        self.failure.record(error)
+        self._pending_grads = None
+
+    def smallest_piece(self) -> int:
+        """Samples the smallest batch this schedule can run has (1F1B and ZBV need a microbatch per stage)."""
+        return self.mesh["pp"].size() if self.options.schedule in ("1f1b", "zbv") else 1
+
+    def _capture(self, step: Callable[..., Any], microbatch: Any, rest: tuple, kwargs: dict,
+                 kind: str) -> tuple[tuple, dict]:
+        """The inner model's call for one microbatch; under OOM recovery a failure there makes the step hollow
+        (the call is then captured on fake tensors: the stages only need its shapes)."""
+        failure = self.failure if kind == "training_step" else None
+        if failure is not None and not failure.failed:
+            try:
+                with stage_compute():
+                    return user_step.capture_inputs(self.root, self.inner, step, microbatch, rest, kwargs, kind,
+                                                    self.parts.inner_name)
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                failure.record(error)
+        if failure is not None:
+            with failure.fake_mode():
+                return user_step.capture_inputs(self.root, self.inner, step, microbatch, rest, kwargs, kind,
+                                                self.parts.inner_name)
+        return user_step.capture_inputs(self.root, self.inner, step, microbatch, rest, kwargs, kind,
+                                        self.parts.inner_name)
+
     # ------------------------------------------------------------------ schedules
     def _schedule(self, training: bool, microbatches: int, signature: tuple) -> tuple[Any, bool]:
         """A schedule for this input shape (built on first use: stages fix their buffer shapes)."""
@@ -240,8 +300,12 @@ class PipelineRuntime:
         modules = self.run_modules
         if self.options.split == "trace" and self._sharded is None:  # under FSDP2 the stage modules run the graphs
             modules = self.traced_modules(signature)
-        stages = [PipelineStage(m, sm.index, self.num_stages, self.device, group=self.pp_group)
-                  for m, sm in zip(modules, self.stage_modules, strict=True)]
+        failure = self.failure if training else None
+        stages = [
+            RecoverableStage(m, sm.index, self.num_stages, self.device, group=self.pp_group, failure=failure)
+            if failure is not None else PipelineStage(m, sm.index, self.num_stages, self.device, group=self.pp_group)
+            for m, sm in zip(modules, self.stage_modules, strict=True)
+        ]
         for stage in stages:
             self.meter.instrument(stage)
         cls = schedule_class(self.options.schedule, training)
@@ -252,9 +316,28 @@ class PipelineRuntime:
         return schedule, True
 
     def _loss_fn(self, output: Any, target: torch.Tensor) -> torch.Tensor:
+        failure = self.failure if self._ctx is not None and self._ctx.kind == "training_step" else None
+        if failure is None:
+            return self._user_loss(output, target)
+        fake = fake_mode_of(output)
+        if fake is not None:  # a recoverable stage's shape inference: the user's step on fake tensors
+            with fake:
+                return self._user_loss(output, target)
+        if not failure.failed:
+            try:
+                with stage_compute():
+                    return self._user_loss(output, target)
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                failure.record(error)
+            failure.drop_graphs()
+        return torch.zeros((), device=self.device)  # a hollow step's loss: its backward is hollow too
+
+    def _user_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx
         assert ctx is not None
-        index = int(target.reshape(-1)[0])
+        index = microbatch_index(target)
         result = user_step.run_with_output(
             self.root, self.inner, ctx.step, ctx.microbatches[index], ctx.rest, ctx.kwargs,
             self.state.unpack_output(output, index), ctx.logs.recorder(index),
@@ -270,6 +353,10 @@ class PipelineRuntime:
         pp = self.mesh["pp"].size()
         if training:
             warn, self._warned = not self._warned, True
+            explicit = self.options.num_microbatches
+            if self.failure is not None and explicit is not None and local_batch % explicit:
+                # A piece of a step that OOM recovery split: as many microbatches as the piece allows.
+                return choose_microbatches(local_batch, pp, replace(self.options, num_microbatches=None), warn=False)
             return choose_microbatches(local_batch, pp, self.options, warn=warn)
         # Evaluation: at most the training count, dividing the batch (the last batch may be short).
         wanted = self.options.num_microbatches or TARGET_MICROBATCHES_PER_STAGE * pp
@@ -307,13 +394,16 @@ class PipelineRuntime:
     def _run(self, step: Callable[..., Any], kind: str, batch: Any, rest: tuple, kwargs: dict,
              accumulate: int) -> tuple[Any, list]:
         """One batch of ``step`` through the schedule; returns the replica-mean output and the averaged logs."""
+        recovering = kind == "training_step" and self.failure is not None
+        with recoverable_step() if recovering else nullcontext():
+            return self._run_schedule(step, kind, batch, rest, kwargs, accumulate)
+
+    def _run_schedule(self, step: Callable[..., Any], kind: str, batch: Any, rest: tuple, kwargs: dict,
+                      accumulate: int) -> tuple[Any, list]:
         training = kind == "training_step"
         m = self._microbatches(user_step.batch_size_of(batch), training)
         microbatches = user_step.split_batch(batch, m)
-        self.state.calls = [
-            user_step.capture_inputs(self.root, self.inner, step, mb, rest, kwargs, kind, self.parts.inner_name)
-            for mb in microbatches
-        ]
+        self.state.calls = [self._capture(step, mb, rest, kwargs, kind) for mb in microbatches]
         self._ctx = _StepContext(kind, step, microbatches, rest, kwargs, scale=float(m * accumulate))
         if training:
             # MoE auxiliary gradients are injected per microbatch: scale them as the loss is scaled.
@@ -335,8 +425,10 @@ class PipelineRuntime:
                 schedule.eval(index, mb_index=index, target=index, return_outputs=False)
                 if self._sharded is not None:  # no backward reshards the units gathered by the traced graphs
                     self._sharded.reshard()
-            payload = None
-            if self.holds_last_stage:
+            payload: tuple[Any, list] | None = None
+            if self.holds_last_stage and training and self.failure is not None and self.failure.failed:
+                payload = (torch.zeros((), device=self.device), [])  # a hollow step: the strategy redoes it
+            elif self.holds_last_stage:
                 results = [self._ctx.results[i] for i in range(m)]
                 merged = user_step.merge_outputs(results) if kind == "predict_step" else user_step.mean_outputs(results)
                 payload = (merged, self._ctx.logs.averaged())
@@ -344,6 +436,8 @@ class PipelineRuntime:
         finally:
             self._ctx = None
             self.state.end_step()
+            if self.failure is not None:
+                self.failure.end_step()
         return out, logs
 
     # Lightning zeroes gradients between a step's forward (``training_step``) and its ``backward``. The
@@ -363,19 +457,42 @@ class PipelineRuntime:
             new += self._tensor_twins.take_gradients()
         return new
 
-    def finish_backward(self) -> None:
-        """Add the gradients of the latest training step's schedule (called by the strategy's ``backward``)."""
+    def finish_backward(self, weight: float | None = None) -> None:
+        """Add the gradients of the latest training step's schedule (called by the strategy's ``backward``).
+
+        ``weight``: the step's share of the samples when OOM recovery split the batch (None: the whole batch).
+        Under OOM recovery the gradients stay on this rank: the tied copies' sum and the replicas' average wait
+        for :meth:`reduce_gradients`, which the strategy calls once every rank agreed the step succeeded, so a
+        rank that fails after its schedule leaves no peer waiting in a reduction.
+        """
         pending, self._pending_grads = self._pending_grads or [], None
-        pending = self.tied.reduce(pending)  # the tied copies' gradients summed over their pair of ranks
-        if self._replicas is not None:
-            pending = self._replicas.average(pending)
-        if self._tensor_twins is not None:
-            pending = as_parameter_gradients(pending)
+        if self.failure is None:
+            pending = self._reduce(pending)
+        elif weight is not None:
+            for _, grad in pending:
+                grad.mul_(weight)
         for p, grad in pending:
             if p.grad is None:
                 p.grad = grad
             else:
                 p.grad.add_(grad)
+
+    def reduce_gradients(self) -> None:
+        """OOM recovery: the reductions :meth:`finish_backward` left out, once for the agreed step (on every rank,
+        in the same order: the strategy's agreement point)."""
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = [
+            (p, p.grad) for p in self.root.parameters() if p.grad is not None]
+        for p, grad in self._reduce(pending):
+            p.grad = grad
+
+    def _reduce(self, pending: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The tied copies' gradients summed over their pair of ranks, the replicas' averaged (traced split)."""
+        pending = self.tied.reduce(pending)
+        if self._replicas is not None:
+            pending = self._replicas.average(pending)
+        if self._tensor_twins is not None:
+            pending = as_parameter_gradients(pending)
+        return pending
 
     @property
     def bubble(self) -> float | None:

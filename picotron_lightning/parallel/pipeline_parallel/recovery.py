@@ -1,0 +1,248 @@
+"""A pipeline stage that keeps its schedule going after running out of memory (``memory.oom_recovery``).
+
+Pipeline stages talk to each other with point-to-point sends and receives that the schedule posts
+around every forward and backward. A rank that raises ``torch.OutOfMemoryError`` half-way through a
+step and leaves the schedule would leave its neighbours blocked in a receive it never answers.
+With OOM recovery on, the runtime builds its stages as :class:`RecoverableStage`, which instead:
+
+1. catches the error where a stage computes (a microbatch's forward or backward, the last stage's
+   loss, the capture of the step's inputs), drops the autograd graphs it held, and writes the
+   failure into the rank's :class:`StepFailure`;
+2. runs the rest of the step *hollow*: each later forward returns zeros of the stage's output shape,
+   each later backward hands the previous stage zero gradients (torch's stage sends zeros for a
+   missing input gradient), the loss is a constant. Every send and receive of the schedule still
+   happens, in its order, so every rank reaches the end of the step;
+3. the strategy reads the failure (:meth:`StepFailure.take`) at its agreement point and every rank
+   redoes the step in smaller pieces (``strategies/oom_step.py``); the hollow step's values are
+   thrown away there. An error after a schedule (Lightning's closure, a piece's weighting) is caught
+   by the strategy, which records it here so that the attempt's later pieces run hollow too, and the
+   runtime keeps gradients on the rank until the agreement (the tied and replica reductions run
+   there, once), so no failure leaves a peer waiting in a reduction.
+
+Each schedule's first step infers the stages' activation shapes by running a stage once. A
+recoverable stage runs that inference on fake tensors (no memory, so it cannot fail half-way
+through the metadata exchange with its neighbours).
+
+What this relies on, and what the strategy refuses where it does not hold
+(:func:`picotron_lightning.memory.oom.check_recovery_layout`): a stage's only communication inside
+the schedule is with its neighbours (no tensor parallelism, FSDP2 or expert exchange inside a stage,
+whose collectives a hollow stage would skip).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+from typing_extensions import override
+
+_step_running = False  # a training step of a recoverable pipeline runs on this process
+_computing = 0  # how deep this process is in a stage's compute (forward, loss, backward, input capture)
+
+
+@contextmanager
+def recoverable_step() -> Iterator[None]:
+    """Marks a training step of a recoverable pipeline (the runtime enters it around the schedule)."""
+    global _step_running
+    _step_running = True
+    try:
+        yield
+    finally:
+        _step_running = False
+
+
+@contextmanager
+def stage_compute() -> Iterator[None]:
+    """Marks the part of such a step whose out-of-memory errors the stage recovers from."""
+    global _computing
+    _computing += 1
+    try:
+        yield
+    finally:
+        _computing -= 1
+
+
+def outside_stage_compute() -> bool:
+    """Whether a recoverable pipeline step runs its schedule's own bookkeeping now (handshakes of a few bytes,
+    the microbatch loop), not a stage's compute: the test tooling injects no OOM there (it is not covered)."""
+    return _step_running and not _computing
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is, or was raised from, a ``torch.OutOfMemoryError`` (torch's stage wraps what a
+    forward or backward raises in a ``RuntimeError``)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, torch.OutOfMemoryError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    cause = error
+    while cause.__cause__ is not None and not isinstance(cause, torch.OutOfMemoryError):
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
+
+
+class StepFailure:
+    """Whether this rank ran out of memory in the current attempt of a step (one per pipeline rank).
+
+    Set by the stages and the runtime, read and cleared by the strategy once per attempt. Also holds the
+    attempt's fake-tensor mode, so everything traced in one step (captured inputs, shape inference) is
+    fake in the same mode.
+    """
+
+    def __init__(self) -> None:
+        self.message: str | None = None
+        self.stages: list[RecoverableStage] = []  # every stage of this rank (all schedules), to free on a failure
+        self._fake_mode: Any = None
+
+    @property
+    def failed(self) -> bool:
+        return self.message is not None
+
+    def record(self, error: BaseException) -> None:
+        """Keep the first failure's message (later ones in a hollow step cannot happen: it allocates nothing)."""
+        if self.message is None:
+            self.message = _first_line(error)
+
+    def take(self) -> str | None:
+        """The attempt's failure message (None: it ran to the end), and forget it for the next attempt."""
+        message, self.message = self.message, None
+        return message
+
+    def fake_mode(self) -> Any:
+        """The fake-tensor mode of the current step (made on first use, dropped by :meth:`end_step`)."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        if self._fake_mode is None:
+            self._fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+        return self._fake_mode
+
+    def end_step(self) -> None:
+        self._fake_mode = None
+
+    def drop_graphs(self) -> None:
+        """Free what this rank's stages hold for the chunks forwarded before the failure (see
+        :meth:`RecoverableStage.drop_graphs`)."""
+        for stage in self.stages:
+            stage.drop_graphs()
+
+
+def fake_mode_of(value: Any) -> Any:
+    """The fake-tensor mode of the first fake tensor in ``value`` (a tensor or tuple of them), or None."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(item, FakeTensor):
+            return item.fake_mode
+    return None
+
+
+class RecoverableStage(PipelineStage):
+    """A ``PipelineStage`` whose compute may run out of memory without stopping its schedule (see module doc)."""
+
+    def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, device: torch.device, *,
+                 group: Any, failure: StepFailure) -> None:
+        super().__init__(submodule, stage_index, num_stages, device, group=group)
+        self.failure = failure
+        failure.stages.append(self)
+
+    # ------------------------------------------------------------------ shape inference, on fake tensors
+    @override
+    def _compute_outputs(self, *args: torch.Tensor, module: nn.Module, **kwargs: Any) -> Any:
+        with self.failure.fake_mode():
+            return module(*args, **kwargs)
+
+    @override
+    def _compute_input_grads(self, outputs: list[torch.Tensor], all_fwd_inputs: list[torch.Tensor],
+                             grad_outputs: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor | None, ...]:
+        with self.failure.fake_mode():
+            return super()._compute_input_grads(outputs, all_fwd_inputs, grad_outputs)
+
+    # ------------------------------------------------------------------ compute that may fail
+    @override
+    def forward_one_chunk(self, fwd_chunk_id: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
+                          save_forward_output: bool = True) -> Any:
+        if not self.failure.failed:
+            try:
+                with stage_compute():
+                    return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                self.failure.record(error)
+            self.failure.drop_graphs()
+        return self._hollow_forward(fwd_chunk_id, save_forward_output)
+
+    @override
+    def backward_one_chunk(self, bwd_chunk_id: int, loss: Any = None, full_backward: bool = True,
+                           last_backward: bool = False) -> None:
+        if not self.has_backward:
+            return
+        if not self.failure.failed:
+            try:
+                with stage_compute():
+                    super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
+                return
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                self.failure.record(error)
+            self.failure.drop_graphs()
+        self._hollow_backward(bwd_chunk_id, full_backward)
+
+    @override
+    def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False) -> None:
+        if not self.has_backward:
+            return
+        if not self.failure.failed:
+            try:
+                with stage_compute():
+                    super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
+                return
+            except RuntimeError as error:
+                if not is_out_of_memory(error):
+                    raise
+                self.failure.record(error)
+            self.failure.drop_graphs()
+        self.dw_runner.pop(bwd_chunk_id, None)
+        self.backward_state.pop(bwd_chunk_id, None)
+
+    # ------------------------------------------------------------------ the hollow step
+    def _hollow_forward(self, fwd_chunk_id: int, save_forward_output: bool) -> Any:
+        """Zeros of the stage's output shapes, kept as this chunk's forward so its sends and backward find them."""
+        metas = self._stage_meta.outputs or ()
+        outputs = tuple(torch.zeros(m.shape, dtype=m.dtype, device=self.device) for m in metas)
+        output = outputs[0] if len(outputs) == 1 else outputs
+        if self.is_last and save_forward_output:
+            self.output_chunks.append(output)
+        self.fwd_cache[fwd_chunk_id] = (outputs, [])
+        return output
+
+    def _hollow_backward(self, bwd_chunk_id: int, full_backward: bool) -> None:
+        """No input gradients (the schedule sends zeros for them); the chunk's forward is dropped."""
+        self.fwd_cache.pop(bwd_chunk_id, None)
+        self.bwd_cache[bwd_chunk_id] = (None,) * len(self._stage_meta.inputs or ())
+        if not full_backward:
+            self.backward_state.pop(bwd_chunk_id, None)
+            self.dw_runner[bwd_chunk_id] = lambda: None  # the weight half of this chunk: nothing to do either
+
+    def drop_graphs(self) -> None:
+        """Free the activations of the chunks forwarded before the failure: their backward will be hollow.
+
+        The outputs themselves stay (a posted send may still read them); only their autograd graph goes.
+        """
+        for chunk, (outputs, _) in list(self.fwd_cache.items()):
+            for tensor in outputs:
+                if isinstance(tensor, torch.Tensor) and not tensor._is_view():
+                    tensor.detach_()
+            self.fwd_cache[chunk] = (outputs, [])
+        self.backward_state.clear()  # zero-bubble: what the weight half of each chunk would have used
