@@ -21,6 +21,7 @@ CONFIG_TAGS = {
                          "memory/host_rss_gb", "pipeline/bubble"],
     "pretrain_dp.yaml": ["train_loss"],
     "pretrain_oom_recovery.yaml": ["train_loss", "throughput/tokens_per_sec"],
+    "pretrain_pp_oom_recovery.yaml": ["train_loss", "pipeline/bubble"],
     "pretrain_moe_oom_recovery.yaml": ["train_loss", "moe/load_imbalance"],
 }
 
