@@ -31,8 +31,9 @@ whose collectives a hollow stage would skip).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -168,53 +169,45 @@ class RecoverableStage(PipelineStage):
             return super()._compute_input_grads(outputs, all_fwd_inputs, grad_outputs)
 
     # ------------------------------------------------------------------ compute that may fail
-    @override
-    def forward_one_chunk(self, fwd_chunk_id: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
-                          save_forward_output: bool = True) -> Any:
+    def _compute(self, run: Callable[[], Any]) -> tuple[bool, Any]:
+        """``(True, run())`` unless this rank's step already failed or ``run`` runs out of memory (then the failure
+        is recorded, the graphs held are dropped, and ``(False, None)``: the caller goes on hollow)."""
         if not self.failure.failed:
             try:
                 with stage_compute():
-                    return super().forward_one_chunk(fwd_chunk_id, args, kwargs, save_forward_output)
-            except RuntimeError as error:
+                    return True, run()
+            except RuntimeError as error:  # torch's stage wraps what a forward or backward raises
                 if not is_out_of_memory(error):
                     raise
                 self.failure.record(error)
             self.failure.drop_graphs()
-        return self._hollow_forward(fwd_chunk_id, save_forward_output)
+        return False, None
+
+    @override
+    def forward_one_chunk(self, fwd_chunk_id: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
+                          save_forward_output: bool = True) -> Any:
+        ran, output = self._compute(partial(PipelineStage.forward_one_chunk, self, fwd_chunk_id, args, kwargs,
+                                            save_forward_output))
+        return output if ran else self._hollow_forward(fwd_chunk_id, save_forward_output)
 
     @override
     def backward_one_chunk(self, bwd_chunk_id: int, loss: Any = None, full_backward: bool = True,
                            last_backward: bool = False) -> None:
         if not self.has_backward:
             return
-        if not self.failure.failed:
-            try:
-                with stage_compute():
-                    super().backward_one_chunk(bwd_chunk_id, loss, full_backward, last_backward)
-                return
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                self.failure.record(error)
-            self.failure.drop_graphs()
-        self._hollow_backward(bwd_chunk_id, full_backward)
+        ran, _ = self._compute(partial(PipelineStage.backward_one_chunk, self, bwd_chunk_id, loss, full_backward,
+                                       last_backward))
+        if not ran:
+            self._hollow_backward(bwd_chunk_id, full_backward)
 
     @override
     def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False) -> None:
         if not self.has_backward:
             return
-        if not self.failure.failed:
-            try:
-                with stage_compute():
-                    super().backward_weight_one_chunk(bwd_chunk_id, last_backward)
-                return
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                self.failure.record(error)
-            self.failure.drop_graphs()
-        self.dw_runner.pop(bwd_chunk_id, None)
-        self.backward_state.pop(bwd_chunk_id, None)
+        ran, _ = self._compute(partial(PipelineStage.backward_weight_one_chunk, self, bwd_chunk_id, last_backward))
+        if not ran:
+            self.dw_runner.pop(bwd_chunk_id, None)
+            self.backward_state.pop(bwd_chunk_id, None)
 
     # ------------------------------------------------------------------ the hollow step
     def _hollow_forward(self, fwd_chunk_id: int, save_forward_output: bool) -> Any:
