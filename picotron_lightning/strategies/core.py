@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
-import warnings
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -29,27 +27,12 @@ from picotron_lightning.parallel.grad_norm import clip_grad_norm_, global_grad_n
 from picotron_lightning.parallel.pipeline_parallel import check_pipeline_model, check_traceable_layout
 from picotron_lightning.parallel.pipeline_parallel.traced_sharding import check_traced_sharding
 from picotron_lightning.parallel.tensor_parallel import loss_parallel_context
+from picotron_lightning.strategies.library_warnings import show_library_warnings_once
 from picotron_lightning.strategies.memory_policy import MemoryPolicyMixin
 from picotron_lightning.topology import ParallelLayout
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
-
-# Libraries whose warnings every rank repeats word for word: the same code on the same configuration.
-_LIBRARY_MODULES = r"(torch|lightning|lightning_fabric|pytorch_lightning|lightning_utilities)(\.|$)"
-
-
-def show_library_warnings_once(rank: int) -> None:
-    """Let only global rank 0 print torch's and Lightning's warnings, so 8 ranks do not print each one 8 times.
-
-    Lightning does the same for its own messages (``rank_zero_warn``). The package's own warnings and
-    everything else stay on every rank. A user who chose warning filters (``python -W ...`` or
-    ``PYTHONWARNINGS``) keeps exactly those.
-    """
-    if rank == 0 or sys.warnoptions:
-        return
-    warnings.filterwarnings("ignore", module=_LIBRARY_MODULES)
-
 
 class Picotron3DCore(MemoryPolicyMixin):
     """Parallelism shared by :class:`Picotron3DStrategy` and :class:`Picotron3DFabricStrategy`.
