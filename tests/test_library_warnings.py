@@ -8,10 +8,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
-# Lightning 2.6's tree flattening warns through a deprecated torch class; a deep copy of its result warns again
-# from copyreg. A user warning is shown by Python's own rules (again after a catch_warnings block).
+# The warnings the traced pipeline split gave: one from a torch module, the same text again after a catch_warnings
+# block, and again attributed to copyreg (a deep copy of a deprecated class). A user warning is shown by Python's
+# own rules (again after a catch_warnings block).
 SCRIPT = """
-import copy, sys, warnings
+import sys, warnings
 from picotron_lightning.strategies.library_warnings import show_library_warnings_once
 show_library_warnings_once(int(sys.argv[1]))
 show_library_warnings_once(int(sys.argv[1]))

@@ -28,8 +28,8 @@ def _is_library_file(filename: str) -> bool:
         return True
     for install_dir in ("site-packages", "dist-packages"):
         if install_dir in parts:
-            top = parts[parts.index(install_dir) + 1:][:1]
-            return bool(top) and top[0] in _LIBRARY_PACKAGES
+            package = parts.index(install_dir) + 1
+            return package < len(parts) and parts[package] in _LIBRARY_PACKAGES
     return False
 
 
