@@ -104,8 +104,9 @@ def apply_tensor_parallel(
     if plan is None:
         return
     # Compiled blocks must not see DTensors between the sharded linears (parallel/compile.py).
+    stage_blocks = [sm.block_keys for sm in pipeline.stage_modules] if pipeline is not None else None
     apply_plan(root, mesh["tp"], plan, loss_parallel=options.tensor_parallel.loss_parallel,
-               local_norm_output=options.compile.enabled)
+               local_norm_output=options.compile.enabled, stage_blocks=stage_blocks)
     if pipeline is not None and pipeline.options.split == "trace":
         pipeline.trace_tensor_parallel(plan, mesh["tp"])  # traced with local twins of the sharded linears
 

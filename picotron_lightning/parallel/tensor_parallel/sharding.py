@@ -173,11 +173,13 @@ def _untie(root: nn.Module, plan: TensorParallelPlan) -> None:
 
 
 def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss_parallel: bool = False,
-               local_norm_output: bool = False) -> None:
+               local_norm_output: bool = False, stage_blocks: list[list[str]] | None = None) -> None:
     """Shard ``root`` in place according to ``plan`` (from :func:`make_tensor_plan`) over the 1-D ``mesh``.
 
-    ``root`` may be one pipeline stage of the model the plan was made for: entries naming modules
-    the stage does not hold are skipped, and the sequence-parallel region spans the blocks it holds.
+    ``root`` may hold only this rank's pipeline stages of the model the plan was made for: entries naming
+    modules it does not hold are skipped. ``stage_blocks`` (the block keys of each of those stages, in the
+    block container) gives each stage its own sequence-parallel region, so what crosses a stage boundary is
+    the whole sequence; without it the region spans all the blocks ``root`` holds (one stage, or no pipeline).
     """
     from torch.distributed.tensor.parallel import SequenceParallel, parallelize_module
 
@@ -202,9 +204,14 @@ def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss
         parallelize_module(module, mesh, _style(kind, module, sequence_parallel, loss_parallel, groups))
     if sequence_parallel:
         assert plan.block_stack is not None  # resolve_sequence_parallel turns SP off without one
-        blocks = list(root.get_submodule(plan.block_stack).children())
-        if blocks:
-            _install_sequence_region(blocks[0], blocks[-1], mesh)
+        container = root.get_submodule(plan.block_stack)
+        # A rank with several stages (interleaved schedules) holds blocks that do not follow each other:
+        # one region across them would leave the sequence split at the end of its first stage.
+        regions = [[container.get_submodule(key) for key in keys] for keys in stage_blocks or [] if keys] \
+            if stage_blocks is not None else [list(container.children())]
+        for blocks in regions:
+            if blocks:
+                _install_sequence_region(blocks[0], blocks[-1], mesh)
 
 
 def make_tensor_plan(root: nn.Module, tp: int, options: TensorParallelOptions) -> TensorParallelPlan:
