@@ -162,7 +162,8 @@ class ExpertLayerFacts:
 
 def check_recovery_layout(
     *, pp: int, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
-    automatic_optimization: bool = True, tp: int = 1, sharded: bool = False,
+    automatic_optimization: bool = True, tp: int = 1, sharded: bool = False, pipeline_schedule: str = "1f1b",
+    loss_parallel: bool = False,
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
     redoing the step in smaller micro-batches would not give the same update.
@@ -172,20 +173,30 @@ def check_recovery_layout(
     without an auxiliary loss, with or without expert parallelism (their token exchange is replayed by
     protocol), and pipeline parallelism whose stages communicate only with their neighbours (a failed
     stage finishes its schedule hollow, :mod:`picotron_lightning.parallel.pipeline_parallel.recovery`):
-    pp alone or with data-parallel replicas (``pipeline_split="trace"``). Not covered: pipeline
-    parallelism combined with tensor parallelism, FSDP2 (``sharded``) or MoE layers (their collectives
-    inside a stage), MoE with an auxiliary loss or a capacity (a split step changes the update). Raised
-    before the first training step, on every rank alike.
+    pp alone, with data-parallel replicas (``pipeline_split="trace"``) or with tensor parallelism (a
+    hollow stage replays its tp collectives) under a schedule whose backward is one piece. Not covered:
+    pipeline parallelism combined with FSDP2 (``sharded``) or MoE layers (their collectives inside a
+    stage), tp under the zero-bubble schedules (a backward split in two) or with ``loss_parallel``
+    (collectives in the loss); MoE with an auxiliary loss or a capacity (a split step changes the
+    update). Raised before the first training step, on every rank alike.
     """
     reasons = []
     if pp > 1:
-        inside = ([f"tensor_parallel_size={tp}"] if tp > 1 else []) + (["FSDP2 data parallelism"] if sharded else []) \
-            + ([f"{len(experts)} MoE layer(s)"] if experts else [])
+        inside = (["FSDP2 data parallelism"] if sharded else []) + ([f"{len(experts)} MoE layer(s)"] if experts else [])
         if inside:
             reasons.append(
                 f"pipeline_parallel_size={pp} with {' and '.join(inside)} (collectives inside a pipeline stage, which "
-                "a stage that ran out of memory skips; pp recovers alone or with data-parallel replicas, "
-                "pipeline_split='trace' with data_parallel_mode='ddp')")
+                "a stage that ran out of memory skips; pp recovers alone, with tensor parallelism, or with "
+                "data-parallel replicas, pipeline_split='trace' with data_parallel_mode='ddp')")
+        if tp > 1 and pipeline_schedule in ("zero_bubble", "zbv"):
+            reasons.append(
+                f"tensor_parallel_size={tp} with pipeline_schedule={pipeline_schedule!r} (its backward runs in two "
+                "halves, whose tp collectives a failed stage cannot replay apart; use '1f1b', 'gpipe' or "
+                "'interleaved_1f1b')")
+        if tp > 1 and loss_parallel:
+            reasons.append(
+                f"tensor_parallel_size={tp} with loss_parallel=True under pipeline_parallel_size={pp} (collectives in "
+                "the last stage's loss, which a stage that ran out of memory skips; use loss_parallel=False)")
     for layer in experts:
         if not layer.records_exchange:
             reasons.append(f"MoE layer '{layer.name}' exchanges tokens without recording the exchange for a replay "

@@ -44,11 +44,22 @@ from torch.utils._pytree import tree_flatten, tree_map
 # Ops in these namespaces communicate, except the ones that only wait for or wrap a result.
 _COLLECTIVE_NAMESPACES = ("c10d.", "_c10d_functional.", "_c10d_functional_autograd.", "c10d_functional.")
 _NOT_COMMUNICATING = ("wait_tensor", "_wrap_tensor_autograd")
+_communicating_ops: set[str] = set()  # the package's own custom ops that run a collective (register_communicating_op)
+
+
+def register_communicating_op(name: str) -> None:
+    """Declare a custom op (``"namespace::op"``) that runs one collective on the process group named by one of its
+    string arguments, with a result of its input's shape: a trace records it (its fake kernel communicates nothing)
+    and a replay calls it with zeros. Forward ops only: what an op's autograd formula communicates is dispatched
+    as c10d ops, recorded as such."""
+    _communicating_ops.add(name.replace("::", "."))
 
 
 def is_collective(func: Any) -> bool:
     """Whether dispatching ``func`` runs a collective on a process group (waits and wrappers do not)."""
     name = str(func)
+    if name.rsplit(".", 1)[0] in _communicating_ops:
+        return True
     return name.startswith(_COLLECTIVE_NAMESPACES) and not any(part in name for part in _NOT_COMMUNICATING)
 
 
@@ -127,18 +138,20 @@ class RecordCollectives(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def trace_collectives(run: Callable[[], None]) -> list[CollectiveCall | ProtocolCall]:
+def trace_collectives(run: Callable[[], object], fake_mode: Any = None) -> list[CollectiveCall | ProtocolCall]:
     """The collectives ``run`` dispatches, found by running it on fake tensors (no memory, no communication).
 
     Real tensors that ``run`` touches (parameters, the batch) are read as fake copies; gradients that its
     backward would accumulate land as fake tensors on the parameters, so the caller clears them.
+    ``fake_mode``: the ``FakeTensorMode`` to run under, where ``run`` reads fake tensors made earlier in it
+    (default: a new one).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     recorder = RecordCollectives()
     _recorders.append(recorder)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), recorder:
+        with fake_mode or FakeTensorMode(allow_non_fake_inputs=True), recorder:
             run()
     finally:
         _recorders.pop()

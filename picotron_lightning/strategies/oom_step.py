@@ -76,10 +76,13 @@ class OOMRecoveryStep:
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
             tp=strategy.layout.tp, sharded=fsdp_root is not None,
+            pipeline_schedule=strategy._options.pipeline.schedule,
+            loss_parallel=strategy._options.tensor_parallel.loss_parallel,
         )
         self.strategy, self.trainer, self.options = strategy, trainer, options
         # Pipeline parallelism: a stage that runs out of memory finishes its schedule hollow (its sends and
-        # receives still happen) and the runtime reports the failure after the step; nothing to replay.
+        # receives still happen, and under tp its tp collectives, replayed by the stage) and the runtime reports
+        # the failure after the step; nothing for the strategy to replay.
         self.pipeline = strategy._pipeline
         if self.pipeline is not None:
             self.pipeline.enable_oom_recovery()

@@ -114,6 +114,8 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
         "alerts": dict(alerts.counts) if alerts is not None else {}, "metrics": reported,
         "final_split": recovery.schedule.split if recovery is not None else None,
         "replayed": recovery.replayed if recovery is not None else [],
+        # collectives a failed pipeline stage issued with zeros (tp inside stages), over the run
+        "stage_replayed": pipeline.failure.replayed if (pipeline := strategy._pipeline) and pipeline.failure else 0,
     }
 
 

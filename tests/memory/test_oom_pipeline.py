@@ -102,6 +102,45 @@ def test_twenty_random_ooms_on_pipeline_replicas_leave_the_run_unchanged() -> No
         _close_to_reference(run["state"], final, 1e-3)
 
 
+# pp=2 x tp=2 on 4 ranks: ranks 0 and 1 are the tp pair of the first stage, 2 and 3 that of the last. The points of
+# chosen_points() moved onto both stages: one tp rank fails while its peer computes on, and both stages in one step.
+TP_POINTS = [
+    OOMAt(rank=1, step=0, phase="forward", op=40),
+    OOMAt(rank=2, step=1, phase="backward", op=25, attempts=2),
+    OOMAt(rank=0, step=2, phase="forward", op=3),
+    OOMAt(rank=3, step=2, phase="backward", op=60),
+    OOMAt(rank=3, step=4, phase="forward", op=150),
+]
+TP_POINT_EVENTS = [(0, [1], 1, 2), (1, [2], 1, 2), (1, [2], 2, 4), (2, [0, 3], 2, 4), (4, [3], 1, 2)]
+
+
+@pytest.mark.parametrize(("split", "schedule"), [
+    ("structural", "1f1b"), ("structural", "interleaved_1f1b"), ("trace", "gpipe")])
+def test_tensor_parallel_stages_replay_their_collectives_after_an_oom(split: str, schedule: str) -> None:
+    """A stage whose tp rank runs out of memory issues the tp collectives of the rest of its step (traced on fake
+    tensors) while it runs hollow; without that its tp peer waits in an all-reduce forever (measured: the run hung
+    past 10 minutes with the replay off, and past the deadline without the traced split's all-reduce op declared)."""
+    module = deep_module if schedule == "interleaved_1f1b" else make_module
+    steps = CHOSEN_STEPS
+    data = make_data(steps * MICRO)
+    runs = run_ranks(oom_fit, 4, data, MICRO, steps, TP_POINTS, tp=2, dp_mode="auto", module=module,
+                     memory={"oom_retry_larger_after": 1}, timeout=600,
+                     strategy_options={"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
+                                       "pipeline_split": split})
+
+    assert [len(r["fired"]) for r in runs] == [1, 1, 2, 2], [r["fired"] for r in runs]
+    for run in runs:
+        assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in run["events"]] == TP_POINT_EVENTS
+        assert run["stage_replayed"] > 0, run["stage_replayed"]  # every rank failed once at least, and replayed
+    reference = train_reference(module(), data, steps, MICRO)
+    assert all(r["losses"] == runs[0]["losses"] for r in runs)
+    assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL, (runs[0]["losses"], reference["losses"])
+    final = reference["module"].state_dict()
+    for first, second in (runs[0:2], runs[2:4]):  # a tp pair: the same stage, replicated parameters included
+        assert all(torch.equal(first["state"][k], second["state"][k]) for k in first["state"])
+        _close_to_reference(first["state"], final, 1e-3)
+
+
 def test_a_stage_that_fails_at_the_finest_split_stops_every_rank_with_the_message() -> None:
     """1F1B over 2 stages needs 2 samples per piece, so a batch of 8 splits at most into 4: a stage that runs out of
     memory in every attempt stops both ranks there (not at one sample per piece, which the schedule cannot run)."""
@@ -139,3 +178,23 @@ def test_pipeline_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
         assert "pipeline_parallel_size=2" in runs[name]["layout"], runs[name]
     assert runs["llama_oom"]["alerts"].get("oom_retry") == 1, runs["llama_oom"]
     assert "oom_retry" in result.stdout
+
+
+def test_tensor_parallel_stage_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
+    """``python train.py`` on 4 devices, pp=2 x tp=2 (Lightning's launcher starts the ranks): an OOM on one tp rank of
+    the last stage in step 1 ends with the losses of the same run without it."""
+    layout = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}
+    common = {"steps": 3, "micro_batch": 8, "samples": 48}
+    spec = {"devices": 4, "runs": [
+        {"name": "pp_tp", "strategy": layout, **common},
+        {"name": "pp_tp_oom", "strategy": {**layout, "memory": {"oom_recovery": True}},
+         "inject_oom": [{"rank": 2, "step": 1, "phase": "backward", "op": 30}], **common},
+    ]}
+    spec_path, out = tmp_path / "spec.json", tmp_path / "out.json"
+    spec_path.write_text(json.dumps(spec))
+    run_script(SCRIPTS / "train.py", spec_path, out, timeout=600)
+    runs = json.loads(out.read_text())
+    assert runs["pp_tp_oom"]["oom_events"] == [
+        {"step": 1, "attempt": 1, "ranks": [2], "split": 1, "new_split": 2}], runs["pp_tp_oom"]
+    assert max_relative_diff(runs["pp_tp_oom"]["losses"], runs["pp_tp"]["losses"]) <= RTOL
+    assert "tensor_parallel_size=2" in runs["pp_tp"]["layout"], runs["pp_tp"]

@@ -23,10 +23,19 @@ Each schedule's first step infers the stages' activation shapes by running a sta
 recoverable stage runs that inference on fake tensors (no memory, so it cannot fail half-way
 through the metadata exchange with its neighbours).
 
+Tensor parallelism inside a stage (``StepFailure(replays_collectives=True)``): a stage's forward and
+backward also run collectives over its ``tp`` group, which a hollow stage would skip, leaving its tp
+peers (which go on computing) waiting. So a failed stage issues them anyway, as the strategy does
+without pipeline parallelism (:mod:`picotron_lightning.memory.replay`): each compute of a hollow
+stage, and the rest of the one that failed, is run again on fake tensors to learn its collectives in
+order, and those not issued yet are issued with zeros. The sequence numbers of the groups before the
+compute and at the failure tell how many were issued.
+
 What this relies on, and what the strategy refuses where it does not hold
-(:func:`picotron_lightning.memory.oom.check_recovery_layout`): a stage's only communication inside
-the schedule is with its neighbours (no tensor parallelism, FSDP2 or expert exchange inside a stage,
-whose collectives a hollow stage would skip).
+(:func:`picotron_lightning.memory.oom.check_recovery_layout`): a stage communicates only with its
+neighbours and, under tensor parallelism, over its tp group in collectives whose shapes do not depend
+on values; a backward not split in two (the zero-bubble schedules' weight half would need its own
+trace); no FSDP2 or expert exchange inside a stage, and no loss parallelism (collectives in the loss).
 """
 
 from __future__ import annotations
@@ -39,7 +48,16 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.pipelining import PipelineStage
+from torch.utils._pytree import tree_flatten
 from typing_extensions import override
+
+from picotron_lightning.memory.replay import (
+    CollectiveCall,
+    ProtocolCall,
+    issued_collectives,
+    replay_remaining,
+    trace_collectives,
+)
 
 _step_running = False  # a training step of a recoverable pipeline runs on this process
 _computing = 0  # how deep this process is in a stage's compute (forward, loss, backward, input capture)
@@ -98,11 +116,17 @@ class StepFailure:
     Set by the stages and the runtime, read and cleared by the strategy once per attempt. Also holds the
     attempt's fake-tensor mode, so everything traced in one step (captured inputs, shape inference) is
     fake in the same mode.
+
+    Args:
+        replays_collectives: the stages run collectives inside their compute (tensor parallelism), which a
+            failed stage replays (module doc).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, replays_collectives: bool = False) -> None:
         self.message: str | None = None
         self.stages: list[RecoverableStage] = []  # every stage of this rank (all schedules), to free on a failure
+        self.replays_collectives = replays_collectives
+        self.replayed = 0  # collectives a failed stage of this rank issued with zeros, over the run (tests, logs)
         self._fake_mode: Any = None
 
     @property
@@ -155,6 +179,10 @@ class RecoverableStage(PipelineStage):
         super().__init__(submodule, stage_index, num_stages, device, group=group)
         self.failure = failure
         failure.stages.append(self)
+        # Under tensor parallelism: each chunk's call (what a trace of its compute runs again), and the
+        # collectives of a forward and of a backward, traced once (every chunk of a schedule has the same shapes).
+        self._chunk_calls: dict[int, tuple[tuple, dict]] = {}
+        self._traced: dict[str, list[CollectiveCall | ProtocolCall]] = {}
 
     # ------------------------------------------------------------------ shape inference, on fake tensors
     @override
@@ -169,10 +197,17 @@ class RecoverableStage(PipelineStage):
             return super()._compute_input_grads(outputs, all_fwd_inputs, grad_outputs)
 
     # ------------------------------------------------------------------ compute that may fail
-    def _compute(self, run: Callable[[], Any]) -> tuple[bool, Any]:
+    def _compute(self, run: Callable[[], Any], kind: str = "", chunk: int = 0) -> tuple[bool, Any]:
         """``(True, run())`` unless this rank's step already failed or ``run`` runs out of memory (then the failure
-        is recorded, the graphs held are dropped, and ``(False, None)``: the caller goes on hollow)."""
+        is recorded, the graphs held are dropped, and ``(False, None)``: the caller goes on hollow).
+
+        ``kind`` (``"forward"``/``"backward"``) and ``chunk`` name the compute, whose collectives a failed stage
+        replays when ``failure.replays_collectives`` (the ones not issued before the error, if it failed here).
+        """
+        replays = self.failure.replays_collectives and bool(kind)
+        issued: dict[str, int] = {}
         if not self.failure.failed:
+            before = issued_collectives() if replays else {}
             try:
                 with stage_compute():
                     return True, run()
@@ -180,14 +215,52 @@ class RecoverableStage(PipelineStage):
                 if not is_out_of_memory(error):
                     raise
                 self.failure.record(error)
+                if replays:
+                    issued = {g: n - before.get(g, 0) for g, n in issued_collectives().items() if n > before.get(g, 0)}
             self.failure.drop_graphs()
+        if replays:
+            self.failure.replayed += replay_remaining(self._collectives_of(kind, chunk), issued)
         return False, None
+
+    def _collectives_of(self, kind: str, chunk: int) -> list[CollectiveCall | ProtocolCall]:
+        """The collectives a forward (``kind="forward"``) or a backward of ``chunk`` runs, traced on fake tensors.
+
+        A backward is traced as the chunk's forward followed by the gradients of its outputs (ones for each: which
+        values flow back does not change which collectives run), and its collectives are those after the forward's
+        (a checkpointed block's recomputed forward included). The trace computes gradients without accumulating
+        them, so the parameters' ``.grad`` is left as it was.
+        """
+        if kind in self._traced:
+            return self._traced[kind]
+        args, kwargs = self._chunk_calls[chunk]
+        fake = self.failure.fake_mode()
+
+        def forward() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            inputs = args if self.is_first else tuple(
+                torch.empty(m.shape, dtype=m.dtype, device=self.device, requires_grad=m.requires_grad)
+                for m in self._stage_meta.inputs or ())
+            output = self.submod(*inputs, **kwargs)
+            outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+            return outputs, [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+
+        def forward_backward() -> None:
+            outputs, inputs = forward()
+            leaves = [p for p in self.submod.parameters() if p.requires_grad] + inputs
+            torch.autograd.grad(outputs, leaves, grad_outputs=[torch.ones_like(t) for t in outputs],
+                                allow_unused=True)
+
+        forward_calls = trace_collectives(forward, fake_mode=fake)
+        self._traced["forward"] = forward_calls
+        self._traced["backward"] = trace_collectives(forward_backward, fake_mode=fake)[len(forward_calls):]
+        return self._traced[kind]
 
     @override
     def forward_one_chunk(self, fwd_chunk_id: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
                           save_forward_output: bool = True) -> Any:
+        if self.failure.replays_collectives:
+            self._chunk_calls[fwd_chunk_id] = (args, kwargs or {})
         ran, output = self._compute(partial(PipelineStage.forward_one_chunk, self, fwd_chunk_id, args, kwargs,
-                                            save_forward_output))
+                                            save_forward_output), "forward", fwd_chunk_id)
         return output if ran else self._hollow_forward(fwd_chunk_id, save_forward_output)
 
     @override
@@ -196,7 +269,7 @@ class RecoverableStage(PipelineStage):
         if not self.has_backward:
             return
         ran, _ = self._compute(partial(PipelineStage.backward_one_chunk, self, bwd_chunk_id, loss, full_backward,
-                                       last_backward))
+                                       last_backward), "backward", bwd_chunk_id)
         if not ran:
             self._hollow_backward(bwd_chunk_id, full_backward)
 

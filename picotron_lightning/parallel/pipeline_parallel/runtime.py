@@ -245,7 +245,8 @@ class PipelineRuntime:
         runs out of memory finishes the step hollow and reports it through :meth:`take_failure`."""
         if any(key[0] for key in self._schedules):
             raise RuntimeError("enable_oom_recovery must be called before the first training step")
-        self.failure = StepFailure()
+        # Tensor parallelism communicates inside a stage's compute: a failed stage replays those collectives.
+        self.failure = StepFailure(replays_collectives=self.mesh["tp"].size() > 1)
 
     def take_failure(self) -> str | None:
         """Why this rank's latest attempt failed (its first out-of-memory error), or None; cleared for the next,
@@ -468,9 +469,12 @@ class PipelineRuntime:
         pending, self._pending_grads = self._pending_grads or [], None
         if self.failure is None:
             pending = self._reduce(pending)
-        elif weight is not None:
-            for _, grad in pending:
-                grad.mul_(weight)
+        else:
+            if self._tensor_twins is not None:  # local shards as the DTensor gradients they are (no communication)
+                pending = as_parameter_gradients(pending)
+            if weight is not None:
+                for _, grad in pending:
+                    grad.mul_(weight)
         for p, grad in pending:
             if p.grad is None:
                 p.grad = grad

@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from picotron_lightning.memory.replay import register_communicating_op
 from picotron_lightning.parallel.tensor_parallel.linears import local_range
 from picotron_lightning.parallel.tensor_parallel.plan_types import STYLES, TensorParallelPlan
 
@@ -83,6 +84,9 @@ def _reduce_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # n
 
 
 tp_reduce.register_autograd(_reduce_backward, setup_context=_remember_group)
+# OOM recovery replays a failed pipeline stage's collectives from a trace on fake tensors, where this op's fake
+# kernel communicates nothing: declared, so the trace records it (tp_copy's backward all-reduces through c10d).
+register_communicating_op("picotron::tp_reduce")
 
 
 class LocalShardLinear(nn.Module):
