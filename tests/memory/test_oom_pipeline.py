@@ -141,6 +141,24 @@ def test_tensor_parallel_stages_replay_their_collectives_after_an_oom(split: str
         _close_to_reference(first["state"], final, 1e-3)
 
 
+def test_twenty_random_ooms_on_tensor_parallel_stages_leave_the_run_unchanged() -> None:
+    """pp=2 x tp=2: OOMs at random ranks, phases and ops (up to all four ranks in one step, repeated failures)."""
+    steps = 10
+    plan, expected_splits = random_plan(4, steps, 20, MICRO // 2, retry_larger_after=1, seed=3, max_op=80)
+    data = make_data(steps * MICRO)
+    runs = run_ranks(oom_fit, 4, data, MICRO, steps, plan, tp=2, dp_mode="auto", monitor=False,
+                     memory={"oom_retry_larger_after": 1}, strategy_options={"pipeline_parallel_size": 2},
+                     timeout=900)
+
+    check_agreed_schedule(runs, 20, expected_splits)
+    reference = train_reference(make_module(), data, steps, MICRO)
+    assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL
+    final = reference["module"].state_dict()
+    for first, second in (runs[0:2], runs[2:4]):
+        assert all(torch.equal(first["state"][k], second["state"][k]) for k in first["state"])
+        _close_to_reference(first["state"], final, 1e-3)
+
+
 def test_a_stage_that_fails_at_the_finest_split_stops_every_rank_with_the_message() -> None:
     """1F1B over 2 stages needs 2 samples per piece, so a batch of 8 splits at most into 4: a stage that runs out of
     memory in every attempt stops both ranks there (not at one sample per piece, which the schedule cannot run)."""
