@@ -202,6 +202,12 @@ def issued_collectives() -> dict[str, int]:
             for group, name in _world.pg_names.items()}
 
 
+def issued_since(before: dict[str, int]) -> dict[str, int]:
+    """Per group, the collectives issued since :func:`issued_collectives` returned ``before`` (none: left out)."""
+    now = issued_collectives()
+    return {name: count - before.get(name, 0) for name, count in now.items() if count > before.get(name, 0)}
+
+
 def replay_remaining(calls: list[CollectiveCall | ProtocolCall], issued: dict[str, int]) -> int:
     """Issue, per group, the collectives of ``calls`` after the first ``issued[group]``, with zeros; return how many.
 

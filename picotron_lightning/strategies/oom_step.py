@@ -53,6 +53,7 @@ from picotron_lightning.memory.replay import (
     begin_attempt,
     end_recording,
     issued_collectives,
+    issued_since,
     replay_remaining,
     trace_collectives,
 )
@@ -177,7 +178,7 @@ class OOMRecoveryStep:
             message = earlier or (str(oom).splitlines()[0] if str(oom) else type(oom).__name__)
             self._snapshot()
             if issued_before:
-                issued = {g: n - issued_before.get(g, 0) for g, n in issued_collectives().items()}
+                issued = issued_since(issued_before)
         finally:
             self._set_piece(None, None)
             module._current_fx_name = fx_name
@@ -245,7 +246,7 @@ class OOMRecoveryStep:
             self._set_piece(None, None)
             _clear_gradients(module)
         self._reset_fsdp()
-        self.replayed.append(replay_remaining(calls, {g: n for g, n in issued.items() if n}))
+        self.replayed.append(replay_remaining(calls, issued))
 
     def _reset_fsdp(self) -> None:
         """FSDP2's recovery call after an aborted iteration: waits for issued collectives, reshards, clears trackers.

@@ -55,6 +55,7 @@ from picotron_lightning.memory.replay import (
     CollectiveCall,
     ProtocolCall,
     issued_collectives,
+    issued_since,
     replay_remaining,
     trace_collectives,
 )
@@ -216,7 +217,7 @@ class RecoverableStage(PipelineStage):
                     raise
                 self.failure.record(error)
                 if replays:
-                    issued = {g: n - before.get(g, 0) for g, n in issued_collectives().items() if n > before.get(g, 0)}
+                    issued = issued_since(before)
             self.failure.drop_graphs()
         if replays:
             self.failure.replayed += replay_remaining(self._collectives_of(kind, chunk), issued)

@@ -207,8 +207,10 @@ def apply_plan(root: nn.Module, mesh: DeviceMesh, plan: TensorParallelPlan, loss
         container = root.get_submodule(plan.block_stack)
         # A rank with several stages (interleaved schedules) holds blocks that do not follow each other:
         # one region across them would leave the sequence split at the end of its first stage.
-        regions = [[container.get_submodule(key) for key in keys] for keys in stage_blocks or [] if keys] \
-            if stage_blocks is not None else [list(container.children())]
+        if stage_blocks is None:
+            regions = [list(container.children())]
+        else:
+            regions = [[container.get_submodule(key) for key in keys] for keys in stage_blocks]
         for blocks in regions:
             if blocks:
                 _install_sequence_region(blocks[0], blocks[-1], mesh)
