@@ -163,7 +163,7 @@ class ExpertLayerFacts:
 def check_recovery_layout(
     *, pp: int, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
     automatic_optimization: bool = True, tp: int = 1, sharded: bool = False, pipeline_schedule: str = "1f1b",
-    loss_parallel: bool = False,
+    loss_parallel: bool = False, dp: int = 1,
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
     redoing the step in smaller micro-batches would not give the same update.
@@ -173,21 +173,24 @@ def check_recovery_layout(
     without an auxiliary loss, with or without expert parallelism (their token exchange is replayed by
     protocol), and pipeline parallelism whose stages communicate only with their neighbours (a failed
     stage finishes its schedule hollow, :mod:`picotron_lightning.parallel.pipeline_parallel.recovery`):
-    pp alone, with data-parallel replicas (``pipeline_split="trace"``) or with tensor parallelism (a
-    hollow stage replays its tp collectives) under a schedule whose backward is one piece. Not covered:
-    pipeline parallelism combined with FSDP2 (``sharded``) or MoE layers (their collectives inside a
-    stage), tp under the zero-bubble schedules (a backward split in two) or with ``loss_parallel``
-    (collectives in the loss); MoE with an auxiliary loss or a capacity (a split step changes the
-    update). Raised before the first training step, on every rank alike.
+    pp alone, with data-parallel replicas (``pipeline_split="trace"``), with tensor parallelism (a
+    hollow stage replays its tp collectives) under a schedule whose backward is one piece, and with MoE
+    layers at ``dp = 1`` (nothing of theirs communicates: routing statistics and token exchange run over
+    data-parallel ranks). Not covered: pipeline parallelism combined with FSDP2 (``sharded``) or with MoE
+    layers at ``dp > 1`` (their collectives inside a stage), tp under the zero-bubble schedules (a backward
+    split in two) or with ``loss_parallel`` (collectives in the loss); MoE with an auxiliary loss or a
+    capacity (a split step changes the update). Raised before the first training step, on every rank alike.
     """
     reasons = []
     if pp > 1:
-        inside = (["FSDP2 data parallelism"] if sharded else []) + ([f"{len(experts)} MoE layer(s)"] if experts else [])
+        inside = (["FSDP2 data parallelism"] if sharded else []) + (
+            [f"{len(experts)} MoE layer(s) at data_parallel_size={dp}"] if experts and dp > 1 else [])
         if inside:
             reasons.append(
                 f"pipeline_parallel_size={pp} with {' and '.join(inside)} (collectives inside a pipeline stage, which "
-                "a stage that ran out of memory skips; pp recovers alone, with tensor parallelism, or with "
-                "data-parallel replicas, pipeline_split='trace' with data_parallel_mode='ddp')")
+                "a stage that ran out of memory skips; pp recovers alone, with tensor parallelism, with MoE layers "
+                "at data_parallel_size=1, or with data-parallel replicas of a dense model, pipeline_split='trace' "
+                "with data_parallel_mode='ddp')")
         if tp > 1 and pipeline_schedule in ("zero_bubble", "zbv"):
             reasons.append(
                 f"tensor_parallel_size={tp} with pipeline_schedule={pipeline_schedule!r} (its backward runs in two "

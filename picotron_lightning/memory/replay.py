@@ -32,7 +32,8 @@ one of its protocols) it keeps per attempt, :func:`recorded_attempt` telling att
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -167,6 +168,27 @@ def tracing_collectives() -> bool:
     """Whether :func:`trace_collectives` is running (on fake tensors): OOM injectors of the tests stay quiet then,
     and layers with value-dependent collectives record :class:`ProtocolCall` objects instead of issuing them."""
     return bool(_recorders)
+
+
+_inferring_shapes = 0  # how deep this process is in a shape-only run (:func:`inferring_shapes`)
+
+
+@contextmanager
+def inferring_shapes() -> Iterator[None]:
+    """A forward on fake tensors that only its outputs' shapes are read from (a recoverable pipeline stage's shape
+    inference, ``parallel/pipeline_parallel/recovery.py``): layers whose forward needs values to run at all (MoE
+    routing's ``bincount`` and split sizes) return an output of the right shape instead (:func:`shapes_only`)."""
+    global _inferring_shapes
+    _inferring_shapes += 1
+    try:
+        yield
+    finally:
+        _inferring_shapes -= 1
+
+
+def shapes_only() -> bool:
+    """Whether :func:`inferring_shapes` runs: a layer may return any output of the shape its real forward has."""
+    return bool(_inferring_shapes)
 
 
 def record_protocol_call(call: ProtocolCall) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from picotron_lightning.memory.replay import tracing_collectives
+from picotron_lightning.memory.replay import shapes_only, tracing_collectives
 from picotron_lightning.moe.balancing import LoadBalancer
 from picotron_lightning.moe.communication import ExpertCommunication
 from picotron_lightning.moe.experts import ExpertLayer, SharedExperts
@@ -110,6 +110,10 @@ class MoELayer(nn.Module):
             return torch.empty_like(x)
         if tracing_collectives():
             return self._traced_forward(x)
+        if shapes_only():
+            # A recoverable pipeline stage infers its output shapes on fake tensors, where routing cannot run;
+            # still a function of x, so the stage's gradient shapes follow too.
+            return x * 0
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         route = self.router(tokens)

@@ -78,7 +78,7 @@ class OOMRecoveryStep:
             automatic_optimization=module.automatic_optimization,
             tp=strategy.layout.tp, sharded=fsdp_root is not None,
             pipeline_schedule=strategy._options.pipeline.schedule,
-            loss_parallel=strategy._options.tensor_parallel.loss_parallel,
+            loss_parallel=strategy._options.tensor_parallel.loss_parallel, dp=strategy.layout.dp,
         )
         self.strategy, self.trainer, self.options = strategy, trainer, options
         # Pipeline parallelism: a stage that runs out of memory finishes its schedule hollow (its sends and

@@ -21,7 +21,8 @@ With OOM recovery on, the runtime builds its stages as :class:`RecoverableStage`
 
 Each schedule's first step infers the stages' activation shapes by running a stage once. A
 recoverable stage runs that inference on fake tensors (no memory, so it cannot fail half-way
-through the metadata exchange with its neighbours).
+through the metadata exchange with its neighbours), under :func:`~picotron_lightning.memory.replay.inferring_shapes`:
+layers that need values to run (MoE routing) return an output of the right shape instead.
 
 Tensor parallelism inside a stage (``StepFailure(replays_collectives=True)``): a stage's forward and
 backward also run collectives over its ``tp`` group, which a hollow stage would skip, leaving its tp
@@ -35,7 +36,8 @@ What this relies on, and what the strategy refuses where it does not hold
 (:func:`picotron_lightning.memory.oom.check_recovery_layout`): a stage communicates only with its
 neighbours and, under tensor parallelism, over its tp group in collectives whose shapes do not depend
 on values; a backward not split in two (the zero-bubble schedules' weight half would need its own
-trace); no FSDP2 or expert exchange inside a stage, and no loss parallelism (collectives in the loss).
+trace); no FSDP2 inside a stage, MoE layers only at dp = 1 (where neither their routing statistics nor their
+token exchange communicates), and no loss parallelism (collectives in the loss).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from typing_extensions import override
 from picotron_lightning.memory.replay import (
     CollectiveCall,
     ProtocolCall,
+    inferring_shapes,
     issued_collectives,
     issued_since,
     replay_remaining,
@@ -188,13 +191,13 @@ class RecoverableStage(PipelineStage):
     # ------------------------------------------------------------------ shape inference, on fake tensors
     @override
     def _compute_outputs(self, *args: torch.Tensor, module: nn.Module, **kwargs: Any) -> Any:
-        with self.failure.fake_mode():
+        with self.failure.fake_mode(), inferring_shapes():
             return module(*args, **kwargs)
 
     @override
     def _compute_input_grads(self, outputs: list[torch.Tensor], all_fwd_inputs: list[torch.Tensor],
                              grad_outputs: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor | None, ...]:
-        with self.failure.fake_mode():
+        with self.failure.fake_mode(), inferring_shapes():
             return super()._compute_input_grads(outputs, all_fwd_inputs, grad_outputs)
 
     # ------------------------------------------------------------------ compute that may fail
