@@ -196,5 +196,7 @@ class StageModule(nn.Module):
             try:
                 out = self._model.inner(*args, **kwargs)
             except _StageExit as done:
-                return done.output
+                # A view (DTensor's to_local under tp) is copied: the zero-bubble schedules' input half detaches the
+                # stage's outputs in place, which torch refuses for a view.
+                return done.output.clone() if done.output._is_view() else done.output
         return self._state.pack_output(out, index)
