@@ -162,8 +162,7 @@ class ExpertLayerFacts:
 
 def check_recovery_layout(
     *, pp: int, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
-    automatic_optimization: bool = True, tp: int = 1, sharded: bool = False, pipeline_schedule: str = "1f1b",
-    loss_parallel: bool = False, dp: int = 1,
+    automatic_optimization: bool = True, tp: int = 1, sharded: bool = False, dp: int = 1,
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
     redoing the step in smaller micro-batches would not give the same update.
@@ -174,12 +173,11 @@ def check_recovery_layout(
     protocol), and pipeline parallelism whose stages communicate only with their neighbours (a failed
     stage finishes its schedule hollow, :mod:`picotron_lightning.parallel.pipeline_parallel.recovery`):
     pp alone, with data-parallel replicas (``pipeline_split="trace"``), with tensor parallelism (a
-    hollow stage replays its tp collectives) under a schedule whose backward is one piece, and with MoE
-    layers at ``dp = 1`` (nothing of theirs communicates: routing statistics and token exchange run over
-    data-parallel ranks). Not covered: pipeline parallelism combined with FSDP2 (``sharded``) or with MoE
-    layers at ``dp > 1`` (their collectives inside a stage), tp under the zero-bubble schedules (a backward
-    split in two) or with ``loss_parallel`` (collectives in the loss); MoE with an auxiliary loss or a
-    capacity (a split step changes the update). Raised before the first training step, on every rank alike.
+    hollow stage replays its tp collectives, per forward, loss, backward or zero-bubble backward half), and
+    with MoE layers at ``dp = 1`` (nothing of theirs communicates: routing statistics and token exchange run
+    over data-parallel ranks). Not covered: pipeline parallelism combined with FSDP2 (``sharded``) or with
+    MoE layers at ``dp > 1`` (their collectives inside a stage); MoE with an auxiliary loss or a capacity (a
+    split step changes the update). Raised before the first training step, on every rank alike.
     """
     reasons = []
     if pp > 1:
@@ -191,15 +189,6 @@ def check_recovery_layout(
                 "a stage that ran out of memory skips; pp recovers alone, with tensor parallelism, with MoE layers "
                 "at data_parallel_size=1, or with data-parallel replicas of a dense model, pipeline_split='trace' "
                 "with data_parallel_mode='ddp')")
-        if tp > 1 and pipeline_schedule in ("zero_bubble", "zbv"):
-            reasons.append(
-                f"tensor_parallel_size={tp} with pipeline_schedule={pipeline_schedule!r} (its backward runs in two "
-                "halves, whose tp collectives a failed stage cannot replay apart; use '1f1b', 'gpipe' or "
-                "'interleaved_1f1b')")
-        if tp > 1 and loss_parallel:
-            reasons.append(
-                f"tensor_parallel_size={tp} with loss_parallel=True under pipeline_parallel_size={pp} (collectives in "
-                "the last stage's loss, which a stage that ran out of memory skips; use loss_parallel=False)")
     for layer in experts:
         if not layer.records_exchange:
             reasons.append(f"MoE layer '{layer.name}' exchanges tokens without recording the exchange for a replay "

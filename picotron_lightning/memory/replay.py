@@ -129,6 +129,13 @@ class RecordCollectives(TorchDispatchMode):
         self.calls: list[CollectiveCall | ProtocolCall] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        if any(t is not torch.Tensor and not issubclass(t, FakeTensor) for t in types):
+            # A tensor subclass (DTensor) runs the op itself, and a mode is switched off while it runs its own
+            # dispatch: declined here, the subclass runs it with the mode still on, so the collectives it issues
+            # inside the op (loss parallelism's all-reduces in log_softmax and nll_loss) are recorded too.
+            return NotImplemented
         kwargs = kwargs or {}
         if is_collective(func):
             spec = tree_map(

@@ -120,19 +120,23 @@ TP_POINTS = [
 TP_POINT_EVENTS = [(0, [1], 1, 2), (1, [2], 1, 2), (1, [2], 2, 4), (2, [0, 3], 2, 4), (4, [3], 1, 2)]
 
 
-@pytest.mark.parametrize(("split", "schedule"), [
-    ("structural", "1f1b"), ("structural", "interleaved_1f1b"), ("trace", "gpipe")])
-def test_tensor_parallel_stages_replay_their_collectives_after_an_oom(split: str, schedule: str) -> None:
+@pytest.mark.parametrize(("split", "schedule", "loss_parallel"), [
+    ("structural", "1f1b", False), ("structural", "interleaved_1f1b", False), ("trace", "gpipe", False),
+    ("structural", "zero_bubble", False), ("structural", "zbv", True), ("structural", "1f1b", True)])
+def test_tensor_parallel_stages_replay_their_collectives_after_an_oom(split: str, schedule: str,
+                                                                      loss_parallel: bool) -> None:
     """A stage whose tp rank runs out of memory issues the tp collectives of the rest of its step (traced on fake
     tensors) while it runs hollow; without that its tp peer waits in an all-reduce forever (measured: the run hung
-    past 10 minutes with the replay off, and past the deadline without the traced split's all-reduce op declared)."""
-    module = deep_module if schedule == "interleaved_1f1b" else make_module
+    past 10 minutes with the replay off, and past the deadline without the traced split's all-reduce op declared).
+    The zero-bubble schedules' backward halves are replayed apart; with loss parallelism the last stage's loss
+    (all-reduces over tp) is a compute of its own, replayed too (before, a collective mismatch at the first OOM)."""
+    module = deep_module if schedule in ("interleaved_1f1b", "zero_bubble", "zbv") else make_module
     steps = CHOSEN_STEPS
     data = make_data(steps * MICRO)
     runs = run_ranks(oom_fit, 4, data, MICRO, steps, TP_POINTS, tp=2, dp_mode="auto", module=module,
                      memory={"oom_retry_larger_after": 1}, timeout=600,
                      strategy_options={"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
-                                       "pipeline_split": split})
+                                       "pipeline_split": split, "loss_parallel": loss_parallel})
 
     assert [len(r["fired"]) for r in runs] == [1, 1, 2, 2], [r["fired"] for r in runs]
     for run in runs:
@@ -162,7 +166,10 @@ def test_twenty_random_ooms_on_tensor_parallel_stages_leave_the_run_unchanged() 
     final = reference["module"].state_dict()
     for first, second in (runs[0:2], runs[2:4]):
         assert all(torch.equal(first["state"][k], second["state"][k]) for k in first["state"])
-        _close_to_reference(first["state"], final, 1e-3)
+        # The layout itself, without any OOM, ends these 10 steps 1.9e-2 from one process in the embedding (measured,
+        # torch 2.13 CPU: Adam's update of entries whose gradient is near zero takes the sign of the summation
+        # order's rounding) and 1.8e-3 elsewhere; with these OOMs 6.0e-3. The losses above are the parity check.
+        _close_to_reference(first["state"], final, 5e-2)
 
 
 @pytest.mark.parametrize(("split", "schedule", "tp"), [

@@ -70,6 +70,22 @@ def test_recovery_under_full_activation_checkpointing() -> None:
     assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL
 
 
+def test_recovery_with_loss_parallelism() -> None:
+    """``loss_parallel=True``: the loss on vocabulary-sharded logits all-reduces inside DTensor's own ops. Measured
+    before the trace recorded collectives run inside a subclass's op: the failed rank skipped those, and the run died
+    with a collective mismatch at the first OOM before the loss."""
+    plan = [OOMAt(rank=1, step=0, phase="forward", op=40), OOMAt(rank=0, step=1, phase="backward", op=25),
+            OOMAt(rank=1, step=2, phase="forward", op=3)]
+    data = make_data(3 * MICRO)
+    runs = run_ranks(oom_fit, 2, data, MICRO, 3, plan, tp=2, monitor=False, timeout=600,
+                     memory={"oom_retry_larger_after": 1}, strategy_options={"loss_parallel": True})
+    assert [len(r["fired"]) for r in runs] == [1, 2] and all(r["replayed"] for r in runs)
+    assert [(e["step"], e["ranks"]) for e in runs[0]["events"]] == [(0, [1]), (1, [0]), (2, [1])]
+    reference = train_reference(make_module(), data, 3, MICRO)
+    assert runs[0]["losses"] == runs[1]["losses"]
+    assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL
+
+
 def test_a_step_whose_collectives_cannot_be_traced_stops_the_run_with_the_reason() -> None:
     """A ``training_step`` that reads a value (``loss.item()``) cannot run on fake tensors: the failed rank says so
     and stops, and its peer fails as soon as that rank's connection closes instead of hanging."""

@@ -67,3 +67,34 @@ def test_a_rank_that_stopped_after_one_collective_lets_its_peer_finish() -> None
     assert failed["replayed"] == 2 and not failed["trace_sent"]  # the trace itself sent nothing
     # The peer finished: the all-reduce was real (1 + 2), the gathered half from the failed rank is its zeros.
     assert peer["out"] == [3.0, 3.0, 3.0, 0.0, 0.0, 0.0]
+
+
+def _loss_parallel_collectives(rank: int, world: int) -> dict:
+    """Cross-entropy on vocabulary-sharded logits (torch's loss_parallel): the all-reduces run inside the DTensor
+    ops, one level below the op the trace's mode sees first."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from picotron_lightning.memory.replay import issued_collectives, issued_since, trace_collectives
+
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    logits = distribute_tensor(torch.randn(6, 8), mesh, [Shard(1)])
+    target = torch.randint(0, 8, (6,))
+    with loss_parallel():
+        traced = trace_collectives(lambda: F.cross_entropy(logits, target))
+        before = issued_collectives()
+        F.cross_entropy(logits, target)
+        issued = issued_since(before)
+    return {"traced": [(str(c.op), c.group) for c in traced], "issued": issued}
+
+
+def test_a_trace_records_the_collectives_a_tensor_subclass_runs_inside_an_op() -> None:
+    """Measured before the recorder declined subclass ops: loss parallelism's all-reduces were not in the trace, and a
+    tp=2 rank that ran out of memory before its loss left its peer in the loss's all-reduce (a collective mismatch)."""
+    for run in run_ranks(_loss_parallel_collectives, 2, timeout=120):
+        traced_groups = [group for _, group in run["traced"]]
+        assert run["traced"] and all("all_reduce" in op for op, _ in run["traced"]), run
+        assert {g: traced_groups.count(g) for g in set(traced_groups)} == run["issued"], run

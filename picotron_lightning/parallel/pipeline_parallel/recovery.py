@@ -25,19 +25,21 @@ through the metadata exchange with its neighbours), under :func:`~picotron_light
 layers that need values to run (MoE routing) return an output of the right shape instead.
 
 Tensor parallelism inside a stage (``StepFailure(replays_collectives=True)``): a stage's forward and
-backward also run collectives over its ``tp`` group, which a hollow stage would skip, leaving its tp
-peers (which go on computing) waiting. So a failed stage issues them anyway, as the strategy does
-without pipeline parallelism (:mod:`picotron_lightning.memory.replay`): each compute of a hollow
-stage, and the rest of the one that failed, is run again on fake tensors to learn its collectives in
-order, and those not issued yet are issued with zeros. The sequence numbers of the groups before the
-compute and at the failure tell how many were issued.
+backward (and, with loss parallelism, the last stage's loss) also run collectives over its ``tp``
+group, which a hollow stage would skip, leaving its tp peers (which go on computing) waiting. So a
+failed stage issues them anyway, as the strategy does without pipeline parallelism
+(:mod:`picotron_lightning.memory.replay`): each compute of a hollow stage, and the rest of the one that
+failed, is run again on fake tensors to learn its collectives in order, and those not issued yet are
+issued with zeros. The sequence numbers of the groups before the compute and at the failure tell how
+many were issued. The computes are a chunk's forward, the last stage's loss of it (the runtime calls
+:meth:`RecoverableStage.compute_loss`), its backward, or a zero-bubble schedule's two backward halves.
 
 What this relies on, and what the strategy refuses where it does not hold
 (:func:`picotron_lightning.memory.oom.check_recovery_layout`): a stage communicates only with its
 neighbours and, under tensor parallelism, over its tp group in collectives whose shapes do not depend
-on values; a backward not split in two (the zero-bubble schedules' weight half would need its own
-trace); no FSDP2 inside a stage, MoE layers only at dp = 1 (where neither their routing statistics nor their
-token exchange communicates), and no loss parallelism (collectives in the loss).
+on values (a zero-bubble schedule's backward halves are traced apart: the input half is the gradients
+of the stage's inputs, the weight half the rest of the whole backward); no FSDP2 inside a stage, and
+MoE layers only at dp = 1 (where neither their routing statistics nor their token exchange communicates).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from picotron_lightning.memory.replay import (
     replay_remaining,
     trace_collectives,
 )
+from picotron_lightning.parallel.pipeline_parallel.step_state import microbatch_index
 
 _step_running = False  # a training step of a recoverable pipeline runs on this process
 _computing = 0  # how deep this process is in a stage's compute (forward, loss, backward, input capture)
@@ -187,6 +190,9 @@ class RecoverableStage(PipelineStage):
         # collectives of a forward and of a backward, traced once (every chunk of a schedule has the same shapes).
         self._chunk_calls: dict[int, tuple[tuple, dict]] = {}
         self._traced: dict[str, list[CollectiveCall | ProtocolCall]] = {}
+        # The last stage under loss parallelism: the schedule's loss of one microbatch (output, target), whose
+        # collectives a failed stage replays too; set by the runtime.
+        self.loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
 
     # ------------------------------------------------------------------ shape inference, on fake tensors
     @override
@@ -205,7 +211,7 @@ class RecoverableStage(PipelineStage):
         """``(True, run())`` unless this rank's step already failed or ``run`` runs out of memory (then the failure
         is recorded, the graphs held are dropped, and ``(False, None)``: the caller goes on hollow).
 
-        ``kind`` (``"forward"``/``"backward"``) and ``chunk`` name the compute, whose collectives a failed stage
+        ``kind`` (see :meth:`_collectives_of`) and ``chunk`` name the compute, whose collectives a failed stage
         replays when ``failure.replays_collectives`` (the ones not issued before the error, if it failed here).
         """
         replays = self.failure.replays_collectives and bool(kind)
@@ -227,36 +233,72 @@ class RecoverableStage(PipelineStage):
         return False, None
 
     def _collectives_of(self, kind: str, chunk: int) -> list[CollectiveCall | ProtocolCall]:
-        """The collectives a forward (``kind="forward"``) or a backward of ``chunk`` runs, traced on fake tensors.
+        """The collectives of one compute of ``chunk``, traced on fake tensors: ``kind`` is ``"forward"``, ``"loss"``
+        (the last stage's loss of the chunk's output), ``"backward"`` (a whole backward), or the zero-bubble
+        schedules' halves ``"backward_input"`` and ``"backward_weight"``.
 
-        A backward is traced as the chunk's forward followed by the gradients of its outputs (ones for each: which
-        values flow back does not change which collectives run), and its collectives are those after the forward's
-        (a checkpointed block's recomputed forward included). The trace computes gradients without accumulating
-        them, so the parameters' ``.grad`` is left as it was.
+        A backward is traced as the chunk's forward (and, on the last stage, its loss) followed by gradients of its
+        outputs (ones for each: which values flow back does not change which collectives run), and its collectives
+        are those after the forward's (a checkpointed block's recomputed forward included). The input half is the
+        gradients of the stage's inputs alone (none on the first stage, whose torch stage runs the whole backward in
+        the weight half); the weight half is the whole backward's collectives less the input half's, in order. The
+        traces compute gradients without accumulating them, so the parameters' ``.grad`` is left as it was.
         """
         if kind in self._traced:
             return self._traced[kind]
         args, kwargs = self._chunk_calls[chunk]
         fake = self.failure.fake_mode()
+        loss_fn = self.loss_fn if self.is_last else None
 
-        def forward() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        def forward(with_loss: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+            """The stage's differentiable outputs (its loss, when asked and known) and inputs."""
             inputs = args if self.is_first else tuple(
                 torch.empty(m.shape, dtype=m.dtype, device=self.device, requires_grad=m.requires_grad)
                 for m in self._stage_meta.inputs or ())
             output = self.submod(*inputs, **kwargs)
+            if with_loss and loss_fn is not None:
+                output = loss_fn(output, kwargs["mb_index"])  # the schedule's target is the microbatch's index
             outputs = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
             return outputs, [t for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
 
-        def forward_backward() -> None:
-            outputs, inputs = forward()
-            leaves = [p for p in self.submod.parameters() if p.requires_grad] + inputs
-            torch.autograd.grad(outputs, leaves, grad_outputs=[torch.ones_like(t) for t in outputs],
-                                allow_unused=True)
+        def backward_of(leaves_of: Callable[[list[torch.Tensor]], list[torch.Tensor]]) -> Callable[[], None]:
+            def run() -> None:
+                outputs, inputs = forward(with_loss=True)
+                leaves = leaves_of(inputs)
+                if leaves:
+                    torch.autograd.grad(outputs, leaves, grad_outputs=[torch.ones_like(t) for t in outputs],
+                                        allow_unused=True)
+            return run
 
-        forward_calls = trace_collectives(forward, fake_mode=fake)
-        self._traced["forward"] = forward_calls
-        self._traced["backward"] = trace_collectives(forward_backward, fake_mode=fake)[len(forward_calls):]
+        if "forward" not in self._traced:
+            self._traced["forward"] = trace_collectives(partial(forward, with_loss=False), fake_mode=fake)
+        if kind != "forward" and "loss" not in self._traced:
+            forward_and_loss = [] if loss_fn is None else trace_collectives(partial(forward, with_loss=True),
+                                                                             fake_mode=fake)
+            self._traced["loss"] = forward_and_loss[len(self._traced["forward"]):]
+        after = len(self._traced["forward"]) + len(self._traced.get("loss", ()))
+        if kind in ("forward", "loss"):
+            pass
+        elif kind == "backward":
+            every = backward_of(lambda inputs: [p for p in self.submod.parameters() if p.requires_grad] + inputs)
+            self._traced[kind] = trace_collectives(every, fake_mode=fake)[after:]
+        elif kind == "backward_input":
+            self._traced[kind] = [] if self.is_first else \
+                trace_collectives(backward_of(lambda inputs: inputs), fake_mode=fake)[after:]
+        elif kind == "backward_weight":
+            whole = self._collectives_of("backward", chunk)
+            self._traced[kind] = whole if self.is_first else \
+                _without(whole, self._collectives_of("backward_input", chunk))
+        else:
+            raise ValueError(f"unknown stage compute {kind!r}")
         return self._traced[kind]
+
+    def compute_loss(self, compute: Callable[[], torch.Tensor], target: torch.Tensor) -> torch.Tensor | None:
+        """The last stage's loss of the microbatch ``target`` names, or None where this rank's step failed (before or
+        in it: the caller returns a hollow loss), after issuing the loss's collectives the failure skipped."""
+        chunk = microbatch_index(target) if self.failure.replays_collectives else 0
+        ran, loss = self._compute(compute, "loss", chunk)
+        return loss if ran else None
 
     @override
     def forward_one_chunk(self, fwd_chunk_id: int, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None,
@@ -273,7 +315,7 @@ class RecoverableStage(PipelineStage):
         if not self.has_backward:
             return
         ran, _ = self._compute(partial(PipelineStage.backward_one_chunk, self, bwd_chunk_id, loss, full_backward,
-                                       last_backward), "backward", bwd_chunk_id)
+                                       last_backward), "backward" if full_backward else "backward_input", bwd_chunk_id)
         if not ran:
             self._hollow_backward(bwd_chunk_id, full_backward)
 
@@ -281,7 +323,8 @@ class RecoverableStage(PipelineStage):
     def backward_weight_one_chunk(self, bwd_chunk_id: int, last_backward: bool = False) -> None:
         if not self.has_backward:
             return
-        ran, _ = self._compute(partial(PipelineStage.backward_weight_one_chunk, self, bwd_chunk_id, last_backward))
+        ran, _ = self._compute(partial(PipelineStage.backward_weight_one_chunk, self, bwd_chunk_id, last_backward),
+                               "backward_weight", bwd_chunk_id)
         if not ran:
             self.dw_runner.pop(bwd_chunk_id, None)
             self.backward_state.pop(bwd_chunk_id, None)
@@ -316,3 +359,21 @@ class RecoverableStage(PipelineStage):
                     tensor.detach_()
             self.fwd_cache[chunk] = (outputs, [])
         self.backward_state.clear()  # zero-bubble: what the weight half of each chunk would have used
+
+
+def _without(calls: list[CollectiveCall | ProtocolCall], part: list[CollectiveCall | ProtocolCall]
+             ) -> list[CollectiveCall | ProtocolCall]:
+    """``calls`` less ``part``, a subsequence of it (matched in order, first fit): the zero-bubble weight half's
+    collectives are the whole backward's less the input half's."""
+    rest: list[CollectiveCall | ProtocolCall] = []
+    waiting = iter(part)
+    wanted = next(waiting, None)
+    for call in calls:
+        if wanted is not None and call == wanted:
+            wanted = next(waiting, None)
+        else:
+            rest.append(call)
+    if wanted is not None:
+        raise RuntimeError("`memory.oom_recovery`: the input half of a stage's backward issues collectives its whole "
+                           "backward does not; the weight half's collectives cannot be told apart")
+    return rest

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -138,6 +139,7 @@ class PipelineRuntime:
         self._sharded: TracedFullyShard | None = None  # the traced split under FSDP2 (traced_sharding.py)
         # memory.oom_recovery: this rank's failure in the current attempt of a step (recovery.py), else None.
         self.failure: StepFailure | None = None
+        self._loss_communicates = False  # (enable_oom_recovery)
 
     # ------------------------------------------------------------------ stage forward support
     @property
@@ -240,13 +242,18 @@ class PipelineRuntime:
         return self.root, mode if layout.dp > 1 else "none"
 
     # ------------------------------------------------------------------ OOM recovery (recovery.py)
-    def enable_oom_recovery(self) -> None:
+    def enable_oom_recovery(self, loss_communicates: bool = False) -> None:
         """Build training schedules from :class:`RecoverableStage` (before the first one is built): a rank that
-        runs out of memory finishes the step hollow and reports it through :meth:`take_failure`."""
+        runs out of memory finishes the step hollow and reports it through :meth:`take_failure`.
+
+        ``loss_communicates``: the user's loss runs collectives (loss parallelism), which a failed last stage
+        replays; only then is the user's step traced on fake tensors (it may read values otherwise).
+        """
         if any(key[0] for key in self._schedules):
             raise RuntimeError("enable_oom_recovery must be called before the first training step")
         # Tensor parallelism communicates inside a stage's compute: a failed stage replays those collectives.
         self.failure = StepFailure(replays_collectives=self.mesh["tp"].size() > 1)
+        self._loss_communicates = loss_communicates
 
     def take_failure(self) -> str | None:
         """Why this rank's latest attempt failed (its first out-of-memory error), or None; cleared for the next,
@@ -309,31 +316,27 @@ class PipelineRuntime:
         ]
         for stage in stages:
             self.meter.instrument(stage)
+        last = next((s for s in stages if s.is_last and isinstance(s, RecoverableStage)), None)
+        if last is not None and self._loss_communicates:
+            last.loss_fn = self._user_loss
         cls = schedule_class(self.options.schedule, training)
-        loss_fn = self.meter.timed(self._loss_fn)
+        loss_fn = self.meter.timed(partial(self._loss_fn, last))
         target = stages if self.options.is_multi else stages[0]
         schedule = cls(target, microbatches, loss_fn=loss_fn, scale_grads=False)
         self._schedules[key] = schedule
         return schedule, True
 
-    def _loss_fn(self, output: Any, target: torch.Tensor) -> torch.Tensor:
-        failure = self.failure if self._ctx is not None and self._ctx.kind == "training_step" else None
-        if failure is None:
+    def _loss_fn(self, last_stage: RecoverableStage | None, output: Any, target: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss of one microbatch; under OOM recovery (``last_stage``: this schedule's last stage, a
+        recoverable one) a loss that runs out of memory, or follows a failure, is a hollow zero."""
+        if last_stage is None or self._ctx is None or self._ctx.kind != "training_step":
             return self._user_loss(output, target)
         fake = fake_mode_of(output)
         if fake is not None:  # a recoverable stage's shape inference: the user's step on fake tensors
             with fake:
                 return self._user_loss(output, target)
-        if not failure.failed:
-            try:
-                with stage_compute():
-                    return self._user_loss(output, target)
-            except RuntimeError as error:
-                if not is_out_of_memory(error):
-                    raise
-                failure.record(error)
-            failure.drop_graphs()
-        return torch.zeros((), device=self.device)  # a hollow step's loss: its backward is hollow too
+        loss = last_stage.compute_loss(partial(self._user_loss, output, target), target)
+        return torch.zeros((), device=self.device) if loss is None else loss  # a hollow loss: its backward is too
 
     def _user_loss(self, output: Any, target: torch.Tensor) -> torch.Tensor:
         ctx = self._ctx
