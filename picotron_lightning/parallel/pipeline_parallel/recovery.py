@@ -248,7 +248,7 @@ class RecoverableStage(PipelineStage):
             return self._traced[kind]
         args, kwargs = self._chunk_calls[chunk]
         fake = self.failure.fake_mode()
-        loss_fn = self.loss_fn if self.is_last else None
+        loss_fn = self.loss_fn  # (the runtime sets it on the last stage only)
 
         def forward(with_loss: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
             """The stage's differentiable outputs (its loss, when asked and known) and inputs."""
