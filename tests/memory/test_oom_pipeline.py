@@ -197,10 +197,12 @@ def test_stages_with_moe_layers_recover_from_ooms(split: str, schedule: str, tp:
     assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL, (runs[0]["losses"], reference["losses"])
     final = reference["module"].state_dict()
     assert any("expert_bias" in k for k in final), list(final)[:8]  # the balancing buffers are compared too
-    # (tp=2: the layout without any OOM ends 1.1e-3 from one process in the embedding, Adam's first steps dividing
-    # by tiny second moments; 1.08e-3 with these OOMs.)
+    # The layout itself, without any OOM, ends this far from one process (Adam's first steps divide by tiny second
+    # moments, so the summation order's rounding shows): on one machine 1.1e-3 at tp=2; on another 1.04e-3 at tp=1 and
+    # 2.52e-3 at tp=2, with these OOMs 1.07e-3 and 2.52e-3 (6e-5 and 1e-5 from the run without them). The losses above
+    # are the parity check; this bound catches a lost or doubled micro-batch's update.
     for run in runs:
-        _close_to_reference(run["state"], final, 1e-3 if tp == 1 else 2e-3)
+        _close_to_reference(run["state"], final, 5e-3)
     for first, second in zip(runs[0::2], runs[1::2], strict=True) if tp > 1 else ():  # a tp pair: bitwise equal
         assert all(torch.equal(first["state"][k], second["state"][k]) for k in first["state"])
 
