@@ -54,19 +54,18 @@ def _launcher_env(launcher: str, rank: int, world_size: int) -> dict[str, str]:
     raise ValueError(f"`launcher={launcher!r}` must be 'torchrun' or 'slurm'.")
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, results: Any,
-            launcher: str, environ: dict[str, str]) -> None:
-    # A forked worker starts with the fork server's environment, from when that server started; a rank sees the
-    # parent's environment as it is now, as a spawned one would.
+def _rank_environment(launcher: str, rank: int, world_size: int, port: int) -> dict[str, str]:
+    """What one rank's process sees: this process's environment now, plus what the launcher would set."""
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+            "PL_DISABLE_FORK": "1", **_launcher_env(launcher, rank, world_size)}
+
+
+def _worker(rank: int, world_size: int, fn: Callable, args: tuple, kwargs: dict, results: Any,
+            environ: dict[str, str]) -> None:
+    # A forked worker starts with the fork server's environment, from when that server started; set the whole of it,
+    # as a spawned process would have inherited it.
     os.environ.clear()
     os.environ.update(environ)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        OMP_NUM_THREADS="1",
-        PL_DISABLE_FORK="1",
-        **_launcher_env(launcher, rank, world_size),
-    )
     import torch
 
     torch.set_num_threads(1)
@@ -108,10 +107,9 @@ def run_ranks(
     ctx = _rank_context()
     results = ctx.Queue()
     port = free_port()
-    environ = dict(os.environ)
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, results, launcher, environ),
-                    daemon=True)
+        ctx.Process(target=_worker, daemon=True,
+                    args=(r, world_size, fn, args, kwargs, results, _rank_environment(launcher, r, world_size, port)))
         for r in range(world_size)
     ]
     for p in procs:
