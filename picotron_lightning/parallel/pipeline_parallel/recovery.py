@@ -21,8 +21,9 @@ With OOM recovery on, the runtime builds its stages as :class:`RecoverableStage`
 
 Each schedule's first step infers the stages' activation shapes by running a stage once. A
 recoverable stage runs that inference on fake tensors (no memory, so it cannot fail half-way
-through the metadata exchange with its neighbours), under :func:`~picotron_lightning.memory.replay.inferring_shapes`:
-layers that need values to run (MoE routing) return an output of the right shape instead.
+through the metadata exchange with its neighbours), shape-only as every stage of the runtime does
+(:class:`~picotron_lightning.parallel.pipeline_parallel.inferring_stage.ShapeInferringStage`): layers that
+need values to run (MoE routing) return an output of the right shape instead.
 
 Tensor parallelism inside a stage (``StepFailure(replays_collectives=True)``): a stage's forward and
 backward (and, with loss parallelism, the last stage's loss) also run collectives over its ``tp``
@@ -58,12 +59,12 @@ from typing_extensions import override
 from picotron_lightning.memory.replay import (
     CollectiveCall,
     ProtocolCall,
-    inferring_shapes,
     issued_collectives,
     issued_since,
     replay_remaining,
     trace_collectives,
 )
+from picotron_lightning.parallel.pipeline_parallel.inferring_stage import ShapeInferringStage
 from picotron_lightning.parallel.pipeline_parallel.step_state import microbatch_index
 
 _step_running = False  # a training step of a recoverable pipeline runs on this process
@@ -178,7 +179,7 @@ def fake_mode_of(value: Any) -> Any:
     return None
 
 
-class RecoverableStage(PipelineStage):
+class RecoverableStage(ShapeInferringStage):
     """A ``PipelineStage`` whose compute may run out of memory without stopping its schedule (see module doc)."""
 
     def __init__(self, submodule: nn.Module, stage_index: int, num_stages: int, device: torch.device, *,
@@ -197,13 +198,13 @@ class RecoverableStage(PipelineStage):
     # ------------------------------------------------------------------ shape inference, on fake tensors
     @override
     def _compute_outputs(self, *args: torch.Tensor, module: nn.Module, **kwargs: Any) -> Any:
-        with self.failure.fake_mode(), inferring_shapes():
-            return module(*args, **kwargs)
+        with self.failure.fake_mode():
+            return super()._compute_outputs(*args, module=module, **kwargs)
 
     @override
     def _compute_input_grads(self, outputs: list[torch.Tensor], all_fwd_inputs: list[torch.Tensor],
                              grad_outputs: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor | None, ...]:
-        with self.failure.fake_mode(), inferring_shapes():
+        with self.failure.fake_mode():
             return super()._compute_input_grads(outputs, all_fwd_inputs, grad_outputs)
 
     # ------------------------------------------------------------------ compute that may fail

@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from picotron_lightning.parallel.data import DataParallelOptions, fully_shard_units
 from picotron_lightning.parallel.expert import set_aux_loss_scale
 from picotron_lightning.parallel.pipeline_parallel import user_step
+from picotron_lightning.parallel.pipeline_parallel.inferring_stage import ShapeInferringStage
 from picotron_lightning.parallel.pipeline_parallel.options import PipelineOptions
 from picotron_lightning.parallel.pipeline_parallel.recovery import (
     RecoverableStage,
@@ -300,8 +301,6 @@ class PipelineRuntime:
     # ------------------------------------------------------------------ schedules
     def _schedule(self, training: bool, microbatches: int, signature: tuple) -> tuple[Any, bool]:
         """A schedule for this input shape (built on first use: stages fix their buffer shapes)."""
-        from torch.distributed.pipelining import PipelineStage
-
         key = (training, microbatches, signature)
         if key in self._schedules:
             return self._schedules[key], False
@@ -311,7 +310,8 @@ class PipelineRuntime:
         failure = self.failure if training else None
         stages = [
             RecoverableStage(m, sm.index, self.num_stages, self.device, group=self.pp_group, failure=failure)
-            if failure is not None else PipelineStage(m, sm.index, self.num_stages, self.device, group=self.pp_group)
+            if failure is not None else ShapeInferringStage(m, sm.index, self.num_stages, self.device,
+                                                            group=self.pp_group)
             for m, sm in zip(modules, self.stage_modules, strict=True)
         ]
         for stage in stages:
