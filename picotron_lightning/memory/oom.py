@@ -162,7 +162,7 @@ class ExpertLayerFacts:
 
 def check_recovery_layout(
     *, pp: int, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
-    automatic_optimization: bool = True, tp: int = 1, sharded: bool = False, dp: int = 1,
+    automatic_optimization: bool = True, tp: int = 1, sharded: bool = False, dp: int = 1, ep: int = 1,
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
     redoing the step in smaller micro-batches would not give the same update.
@@ -174,21 +174,22 @@ def check_recovery_layout(
     stage finishes its schedule hollow, :mod:`picotron_lightning.parallel.pipeline_parallel.recovery`):
     pp alone, with data-parallel replicas (``pipeline_split="trace"``), with tensor parallelism (a
     hollow stage replays its tp collectives, per forward, loss, backward or zero-bubble backward half), and
-    with MoE layers at ``dp = 1`` (nothing of theirs communicates: routing statistics and token exchange run
-    over data-parallel ranks). Not covered: pipeline parallelism combined with FSDP2 (``sharded``) or with
-    MoE layers at ``dp > 1`` (their collectives inside a stage); MoE with an auxiliary loss or a capacity (a
-    split step changes the update). Raised before the first training step, on every rank alike.
+    with MoE layers at ``ep = 1`` (at ``dp > 1`` their routing statistics' all-reduce has a fixed shape, so a
+    hollow stage replays it like a tp collective). Not covered: pipeline parallelism combined with FSDP2
+    (``sharded``) or with expert parallelism (``ep > 1``: a stage's token exchange spans its forward and backward,
+    and its sizes come from values); MoE with an auxiliary loss or a capacity (a split step changes the update).
+    Raised before the first training step, on every rank alike.
     """
     reasons = []
     if pp > 1:
         inside = (["FSDP2 data parallelism"] if sharded else []) + (
-            [f"{len(experts)} MoE layer(s) at data_parallel_size={dp}"] if experts and dp > 1 else [])
+            [f"{len(experts)} MoE layer(s) at expert_parallel_size={ep}"] if experts and ep > 1 else [])
         if inside:
             reasons.append(
-                f"pipeline_parallel_size={pp} with {' and '.join(inside)} (collectives inside a pipeline stage, which "
-                "a stage that ran out of memory skips; pp recovers alone, with tensor parallelism, with MoE layers "
-                "at data_parallel_size=1, or with data-parallel replicas of a dense model, pipeline_split='trace' "
-                "with data_parallel_mode='ddp')")
+                f"pipeline_parallel_size={pp} with {' and '.join(inside)} (collectives inside a pipeline stage that "
+                "a stage that ran out of memory cannot issue without the values; pp recovers alone, with tensor "
+                "parallelism, with MoE layers at expert_parallel_size=1, or with data-parallel replicas, "
+                "pipeline_split='trace' with data_parallel_mode='ddp')")
     for layer in experts:
         if not layer.records_exchange:
             reasons.append(f"MoE layer '{layer.name}' exchanges tokens without recording the exchange for a replay "

@@ -77,7 +77,7 @@ class OOMRecoveryStep:
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
             tp=strategy.layout.tp, sharded=fsdp_root is not None,
-            dp=strategy.layout.dp,
+            dp=strategy.layout.dp, ep=strategy.layout.ep,
         )
         self.strategy, self.trainer, self.options = strategy, trainer, options
         # Pipeline parallelism: a stage that runs out of memory finishes its schedule hollow (its sends and
@@ -86,7 +86,9 @@ class OOMRecoveryStep:
         self.pipeline = strategy._pipeline
         if self.pipeline is not None:
             self.pipeline.enable_oom_recovery(
-                loss_communicates=strategy._options.tensor_parallel.loss_parallel and strategy.layout.tp > 1)
+                loss_communicates=strategy._options.tensor_parallel.loss_parallel and strategy.layout.tp > 1,
+                # MoE layers all-reduce their routing statistics over the data-parallel replicas of their stage
+                experts_communicate=bool(experts) and strategy.layout.dp > 1)
         self.schedule = SplitSchedule(options.oom_retry_larger_after)
         self.retries = 0
         self.events: list[dict[str, Any]] = []

@@ -97,7 +97,7 @@ MOE_OK = ExpertLayerFacts("model.layers.1.mlp", records_exchange=True)
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"pp": 2, "sharded": True}, "pipeline_parallel_size=2 with FSDP2 data parallelism"),
-    ({"pp": 4, "dp": 2, "experts": [MOE_OK]}, "MoE layer.s. at data_parallel_size=2 .collectives inside"),
+    ({"pp": 4, "dp": 2, "ep": 2, "experts": [MOE_OK]}, "MoE layer.s. at expert_parallel_size=2 .collectives inside"),
     ({"experts": [ExpertLayerFacts("model.layers.0.mlp.experts", records_exchange=False)]},
      "'model.layers.0.mlp.experts' exchanges tokens without recording"),
     ({"experts": [ExpertLayerFacts("moe", records_exchange=True, aux_loss_coeff=0.01)]}, "aux_loss_coeff=0.01"),
@@ -118,6 +118,7 @@ def test_layouts_with_a_sound_agreement_are_accepted() -> None:
     check_recovery_layout(pp=2)  # stages alone, or as data-parallel replicas (the traced split)
     check_recovery_layout(pp=2, tp=2)  # tp inside stages: any schedule, loss parallelism too
     check_recovery_layout(pp=2, tp=2, experts=[MOE_OK])  # MoE layers in the stages at dp=1: nothing of theirs talks
+    check_recovery_layout(pp=2, dp=2, experts=[MOE_OK])  # ... and at ep=1: their statistics' all-reduce is replayed
 
 
 def test_a_long_list_of_reasons_is_shortened() -> None:

@@ -11,6 +11,7 @@ inside the stages' real forward, loss and backward.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -172,29 +173,43 @@ def test_twenty_random_ooms_on_tensor_parallel_stages_leave_the_run_unchanged() 
         _close_to_reference(first["state"], final, 5e-2)
 
 
-@pytest.mark.parametrize(("split", "schedule", "tp"), [
-    ("structural", "1f1b", 1), ("structural", "interleaved_1f1b", 1), ("trace", "gpipe", 1), ("structural", "1f1b", 2)])
-def test_stages_with_moe_layers_recover_from_ooms(split: str, schedule: str, tp: int) -> None:
-    """MoE layers inside the stages (data_parallel_size=1: their routing statistics and token exchange run over
-    data-parallel ranks, so nothing of theirs communicates). A recoverable stage infers its shapes on fake tensors,
-    where routing cannot run (``bincount``: measured, the first step failed there before the layers' shape-only
-    forward); the traced split's MoE op recomputes the layer in its backward, shape inference included. With tp=2
-    the hollow stage replays its tp collectives around the layers. The bias-balancing counts of a failed attempt
-    are dropped: the final weights and expert biases are one process's."""
-    points, events = (chosen_points(), CHOSEN_POINT_EVENTS) if tp == 1 else (TP_POINTS, TP_POINT_EVENTS)
-    steps, world = CHOSEN_STEPS, 2 * tp
-    data = make_data(steps * MICRO)
-    runs = run_ranks(oom_fit, world, data, MICRO, steps, points, tp=tp, dp_mode="auto", module=deep_moe_module,
-                     memory={"oom_retry_larger_after": 1}, monitor=False, timeout=600,
+# pp=2 x dp=2 on 4 ranks: ranks 0 and 1 are the first stage's replicas, 2 and 3 the last stage's. chosen_points() with
+# rank 0's points moved to rank 2: a replica fails while its peer waits in the routing statistics' all-reduce, and
+# both stages fail in one step.
+DP_POINTS = [replace(point, rank=2 if point.rank == 0 else point.rank) for point in chosen_points()]
+DP_POINT_EVENTS = [(step, sorted(2 if r == 0 else r for r in ranks), split, new_split)
+                   for step, ranks, split, new_split in CHOSEN_POINT_EVENTS]
+
+
+@pytest.mark.parametrize(("split", "schedule", "tp", "dp"), [
+    ("structural", "1f1b", 1, 1), ("structural", "interleaved_1f1b", 1, 1), ("trace", "gpipe", 1, 1),
+    ("structural", "1f1b", 2, 1), ("trace", "1f1b", 1, 2)])
+def test_stages_with_moe_layers_recover_from_ooms(split: str, schedule: str, tp: int, dp: int) -> None:
+    """MoE layers inside the stages. A recoverable stage infers its shapes on fake tensors, where routing cannot run
+    (``bincount``: measured, the first step failed there before the layers' shape-only forward); the traced split's
+    MoE op recomputes the layer in its backward, shape inference included. With tp=2 the hollow stage replays its tp
+    collectives around the layers; at dp=2 (expert_parallel_size=1) the layers all-reduce their routing statistics
+    over the stage's replicas in every forward (the traced split: in the backward's recompute), which a hollow stage
+    replays. The bias-balancing counts of a failed attempt are dropped: the final weights and expert biases are one
+    process's."""
+    points, events = {(1, 1): (chosen_points(), CHOSEN_POINT_EVENTS), (2, 1): (TP_POINTS, TP_POINT_EVENTS),
+                      (1, 2): (DP_POINTS, DP_POINT_EVENTS)}[tp, dp]
+    steps, world = CHOSEN_STEPS, 2 * tp * dp
+    data = make_data(steps * MICRO * dp)
+    runs = run_ranks(oom_fit, world, data, MICRO, steps, points, tp=tp, dp_mode="auto" if dp == 1 else "ddp",
+                     module=deep_moe_module, memory={"oom_retry_larger_after": 1}, monitor=False, timeout=600,
                      strategy_options={"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
                                        "pipeline_split": split})
 
-    for run in runs:
+    failed_ranks = {point.rank for point in points}
+    for rank, run in enumerate(runs):
         assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in run["events"]] == events
-        assert (run["stage_replayed"] > 0) == (tp > 1), run["stage_replayed"]
-    reference = train_reference(deep_moe_module(), data, steps, MICRO)
-    assert all(r["losses"] == runs[0]["losses"] for r in runs)
-    assert max_relative_diff(runs[0]["losses"], reference["losses"]) <= RTOL, (runs[0]["losses"], reference["losses"])
+        # A stage replays collectives where its layers communicate (tp, or MoE statistics at dp > 1), on the ranks
+        # that failed; at tp = dp = 1 there is nothing to replay.
+        assert (run["stage_replayed"] > 0) == (max(tp, dp) > 1 and rank in failed_ranks), (rank, run["stage_replayed"])
+    reference = train_reference(deep_moe_module(), data, steps, MICRO * dp)
+    losses = mean_over_ranks([r["losses"] for r in runs])  # (each replica's ranks report its loss)
+    assert max_relative_diff(losses, reference["losses"]) <= RTOL, (losses, reference["losses"])
     final = reference["module"].state_dict()
     assert any("expert_bias" in k for k in final), list(final)[:8]  # the balancing buffers are compared too
     # The layout itself, without any OOM, ends this far from one process (Adam's first steps divide by tiny second
@@ -203,8 +218,13 @@ def test_stages_with_moe_layers_recover_from_ooms(split: str, schedule: str, tp:
     # are the parity check; this bound catches a lost or doubled micro-batch's update.
     for run in runs:
         _close_to_reference(run["state"], final, 5e-3)
-    for first, second in zip(runs[0::2], runs[1::2], strict=True) if tp > 1 else ():  # a tp pair: bitwise equal
-        assert all(torch.equal(first["state"][k], second["state"][k]) for k in first["state"])
+    # Ranks holding the same part of the model (a tp pair, or a stage's two replicas) end bitwise equal.
+    by_part: dict[tuple[str, ...], list[dict[str, torch.Tensor]]] = {}
+    for run in runs:
+        by_part.setdefault(tuple(sorted(run["state"])), []).append(run["state"])
+    assert sorted(len(copies) for copies in by_part.values()) == [max(tp, dp)] * 2, [list(k)[:2] for k in by_part]
+    for first, *others in by_part.values():
+        assert all(torch.equal(first[k], other[k]) for other in others for k in first)
 
 
 def test_a_stage_that_fails_at_the_finest_split_stops_every_rank_with_the_message() -> None:
@@ -250,21 +270,31 @@ def test_pipeline_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
     assert "oom_retry" in result.stdout
 
 
-def test_tensor_parallel_stage_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
-    """``python train.py`` on 4 devices, pp=2 x tp=2 (Lightning's launcher starts the ranks): an OOM on one tp rank of
-    the last stage in step 1 ends with the losses of the same run without it."""
-    layout = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}
+def test_four_rank_stage_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
+    """``python train.py`` on 4 devices (Lightning's launcher starts the ranks): pp=2 x tp=2 with an OOM on one tp rank
+    of the last stage, and the MoE Llama at pp=2 x dp=2 (traced split, replicas) with an OOM on one replica of the
+    first stage, whose peer waits in the layers' statistics all-reduce. Each ends with the losses of the same run
+    without the OOM."""
+    tp_layout = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}
+    dp_layout = {"pipeline_parallel_size": 2, "pipeline_split": "trace", "data_parallel_mode": "ddp"}
+    oom = {"memory": {"oom_recovery": True}}
     common = {"steps": 3, "micro_batch": 8, "samples": 48}
+    moe = {"model": {"kind": "moe", "config": MOE_CONFIG}}
     spec = {"devices": 4, "runs": [
-        {"name": "pp_tp", "strategy": layout, **common},
-        {"name": "pp_tp_oom", "strategy": {**layout, "memory": {"oom_recovery": True}},
+        {"name": "pp_tp", "strategy": tp_layout, **common},
+        {"name": "pp_tp_oom", "strategy": {**tp_layout, **oom},
          "inject_oom": [{"rank": 2, "step": 1, "phase": "backward", "op": 30}], **common},
+        {"name": "pp_dp_moe", "strategy": dp_layout, **moe, **common},
+        {"name": "pp_dp_moe_oom", "strategy": {**dp_layout, **oom},
+         "inject_oom": [{"rank": 1, "step": 1, "phase": "backward", "op": 30}], **moe, **common},
     ]}
     spec_path, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
     run_script(SCRIPTS / "train.py", spec_path, out, timeout=600)
     runs = json.loads(out.read_text())
-    assert runs["pp_tp_oom"]["oom_events"] == [
-        {"step": 1, "attempt": 1, "ranks": [2], "split": 1, "new_split": 2}], runs["pp_tp_oom"]
-    assert max_relative_diff(runs["pp_tp_oom"]["losses"], runs["pp_tp"]["losses"]) <= RTOL
+    for name, failed in (("pp_tp", 2), ("pp_dp_moe", 1)):
+        assert runs[f"{name}_oom"]["oom_events"] == [
+            {"step": 1, "attempt": 1, "ranks": [failed], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
+        assert max_relative_diff(runs[f"{name}_oom"]["losses"], runs[name]["losses"]) <= RTOL, name
     assert "tensor_parallel_size=2" in runs["pp_tp"]["layout"], runs["pp_tp"]
+    assert "data_parallel_size=2" in runs["pp_dp_moe"]["layout"], runs["pp_dp_moe"]

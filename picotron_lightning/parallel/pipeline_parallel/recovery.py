@@ -40,7 +40,10 @@ What this relies on, and what the strategy refuses where it does not hold
 neighbours and, under tensor parallelism, over its tp group in collectives whose shapes do not depend
 on values (a zero-bubble schedule's backward halves are traced apart: the input half is the gradients
 of the stage's inputs, the weight half the rest of the whole backward); no FSDP2 inside a stage, and
-MoE layers only at dp = 1 (where neither their routing statistics nor their token exchange communicates).
+MoE layers only at ep = 1. There their one collective is the routing statistics' all-reduce over the
+stage's data-parallel replicas (dp > 1), of a fixed shape, in each forward (the traced split: in the
+backward's recompute), which a hollow stage replays like a tp collective; at ep > 1 their token exchange
+spans a chunk's forward and backward with sizes taken from values.
 """
 
 from __future__ import annotations
@@ -126,8 +129,8 @@ class StepFailure:
     fake in the same mode.
 
     Args:
-        replays_collectives: the stages run collectives inside their compute (tensor parallelism), which a
-            failed stage replays (module doc).
+        replays_collectives: the stages run collectives inside their compute (tensor parallelism, MoE layers'
+            statistics at dp > 1), which a failed stage replays (module doc).
     """
 
     def __init__(self, replays_collectives: bool = False) -> None:
