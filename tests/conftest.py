@@ -1,7 +1,7 @@
 import os
 
 # Tests import their helpers as a package (``from tests.parity import ...``): pytest puts the repository
-# root on sys.path (pyproject's ``pythonpath``), and spawned worker processes inherit that sys.path.
+# root on sys.path (pyproject's ``pythonpath``), and the ranks run_ranks starts (forked from a fork server) inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
