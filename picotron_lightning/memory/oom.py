@@ -162,7 +162,7 @@ class ExpertLayerFacts:
 
 def check_recovery_layout(
     *, pp: int, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
-    automatic_optimization: bool = True, tp: int = 1, sharded: bool = False, dp: int = 1, ep: int = 1,
+    automatic_optimization: bool = True, tp: int = 1, dp: int = 1, ep: int = 1,
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
     redoing the step in smaller micro-batches would not give the same update.
@@ -172,24 +172,23 @@ def check_recovery_layout(
     without an auxiliary loss, with or without expert parallelism (their token exchange is replayed by
     protocol), and pipeline parallelism whose stages communicate only with their neighbours (a failed
     stage finishes its schedule hollow, :mod:`picotron_lightning.parallel.pipeline_parallel.recovery`):
-    pp alone, with data-parallel replicas (``pipeline_split="trace"``), with tensor parallelism (a
-    hollow stage replays its tp collectives, per forward, loss, backward or zero-bubble backward half), and
-    with MoE layers at ``ep = 1`` (at ``dp > 1`` their routing statistics' all-reduce has a fixed shape, so a
-    hollow stage replays it like a tp collective). Not covered: pipeline parallelism combined with FSDP2
-    (``sharded``) or with expert parallelism (``ep > 1``: a stage's token exchange spans its forward and backward,
-    and its sizes come from values); MoE with an auxiliary loss or a capacity (a split step changes the update).
+    pp alone, with data-parallel replicas (DDP-style under ``pipeline_split="trace"``, or FSDP2/HSDP under either
+    split: the stage's units are gathered before the schedule and a hollow stage reduce-scatters zeros,
+    :mod:`picotron_lightning.parallel.pipeline_parallel.sharded_recovery`), with tensor parallelism (a hollow stage
+    replays its tp collectives, per forward, loss, backward or zero-bubble backward half), and with MoE layers at
+    ``ep = 1`` (at ``dp > 1`` their routing statistics' all-reduce has a fixed shape, so a hollow stage replays it
+    like a tp collective). Not covered: pipeline parallelism combined with expert parallelism (``ep > 1``: a
+    stage's token exchange spans its forward and backward, and its sizes come from values); MoE with an auxiliary
+    loss or a capacity (a split step changes the update).
     Raised before the first training step, on every rank alike.
     """
     reasons = []
-    if pp > 1:
-        inside = (["FSDP2 data parallelism"] if sharded else []) + (
-            [f"{len(experts)} MoE layer(s) at expert_parallel_size={ep}"] if experts and ep > 1 else [])
-        if inside:
-            reasons.append(
-                f"pipeline_parallel_size={pp} with {' and '.join(inside)} (collectives inside a pipeline stage that "
-                "a stage that ran out of memory cannot issue without the values; pp recovers alone, with tensor "
-                "parallelism, with MoE layers at expert_parallel_size=1, or with data-parallel replicas, "
-                "pipeline_split='trace' with data_parallel_mode='ddp')")
+    if pp > 1 and experts and ep > 1:
+        reasons.append(
+            f"pipeline_parallel_size={pp} with {len(experts)} MoE layer(s) at expert_parallel_size={ep} (a token "
+            "exchange inside a pipeline stage that a stage that ran out of memory cannot issue without the values; "
+            "pp recovers alone, with tensor parallelism, with data-parallel replicas (FSDP2, HSDP or DDP), and with "
+            "MoE layers at expert_parallel_size=1)")
     for layer in experts:
         if not layer.records_exchange:
             reasons.append(f"MoE layer '{layer.name}' exchanges tokens without recording the exchange for a replay "

@@ -76,8 +76,7 @@ class OOMRecoveryStep:
             pp=strategy.layout.pp, experts=experts,
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
-            tp=strategy.layout.tp, sharded=fsdp_root is not None,
-            dp=strategy.layout.dp, ep=strategy.layout.ep,
+            tp=strategy.layout.tp, dp=strategy.layout.dp, ep=strategy.layout.ep,
         )
         self.strategy, self.trainer, self.options = strategy, trainer, options
         # Pipeline parallelism: a stage that runs out of memory finishes its schedule hollow (its sends and

@@ -96,8 +96,7 @@ MOE_OK = ExpertLayerFacts("model.layers.1.mlp", records_exchange=True)
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"pp": 2, "sharded": True}, "pipeline_parallel_size=2 with FSDP2 data parallelism"),
-    ({"pp": 4, "dp": 2, "ep": 2, "experts": [MOE_OK]}, "MoE layer.s. at expert_parallel_size=2 .collectives inside"),
+    ({"pp": 4, "dp": 2, "ep": 2, "experts": [MOE_OK]}, "MoE layer.s. at expert_parallel_size=2 .a token exchange"),
     ({"experts": [ExpertLayerFacts("model.layers.0.mlp.experts", records_exchange=False)]},
      "'model.layers.0.mlp.experts' exchanges tokens without recording"),
     ({"experts": [ExpertLayerFacts("moe", records_exchange=True, aux_loss_coeff=0.01)]}, "aux_loss_coeff=0.01"),
@@ -115,7 +114,7 @@ def test_layouts_without_a_sound_agreement_are_refused(kwargs: dict, needle: str
 def test_layouts_with_a_sound_agreement_are_accepted() -> None:
     check_recovery_layout(pp=1)  # DDP, FSDP2/HSDP, tensor parallelism
     check_recovery_layout(pp=1, experts=[MOE_OK, MOE_OK])  # dropless MoE without an auxiliary loss, any ep and tp
-    check_recovery_layout(pp=2)  # stages alone, or as data-parallel replicas (the traced split)
+    check_recovery_layout(pp=2)  # stages alone, or with data-parallel replicas (FSDP2, HSDP or DDP-style)
     check_recovery_layout(pp=2, tp=2)  # tp inside stages: any schedule, loss parallelism too
     check_recovery_layout(pp=2, tp=2, experts=[MOE_OK])  # MoE layers in the stages at dp=1: nothing of theirs talks
     check_recovery_layout(pp=2, dp=2, experts=[MOE_OK])  # ... and at ep=1: their statistics' all-reduce is replayed

@@ -39,8 +39,10 @@ What this relies on, and what the strategy refuses where it does not hold
 (:func:`picotron_lightning.memory.oom.check_recovery_layout`): a stage communicates only with its
 neighbours and, under tensor parallelism, over its tp group in collectives whose shapes do not depend
 on values (a zero-bubble schedule's backward halves are traced apart: the input half is the gradients
-of the stage's inputs, the weight half the rest of the whole backward); no FSDP2 inside a stage, and
-MoE layers only at ep = 1. There their one collective is the routing statistics' all-reduce over the
+of the stage's inputs, the weight half the rest of the whole backward); FSDP2 inside a stage only as
+:mod:`~picotron_lightning.parallel.pipeline_parallel.sharded_recovery` runs it (units gathered before the schedule,
+so nothing of FSDP2 communicates inside a compute; a hollow stage reduce-scatters zeros), and MoE layers only at
+ep = 1. There their one collective is the routing statistics' all-reduce over the
 stage's data-parallel replicas (dp > 1), of a fixed shape, in each forward (the traced split: in the
 backward's recompute), which a hollow stage replays like a tp collective; at ep > 1 their token exchange
 spans a chunk's forward and backward with sizes taken from values.
@@ -49,13 +51,15 @@ spans a chunk's forward and backward with sizes taken from values.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_flatten
 from typing_extensions import override
 
@@ -68,6 +72,7 @@ from picotron_lightning.memory.replay import (
     trace_collectives,
 )
 from picotron_lightning.parallel.pipeline_parallel.inferring_stage import ShapeInferringStage
+from picotron_lightning.parallel.pipeline_parallel.sharded_recovery import fsdp_hooks_set_aside, zero_missing_gradients
 from picotron_lightning.parallel.pipeline_parallel.step_state import microbatch_index
 
 _step_running = False  # a training step of a recoverable pipeline runs on this process
@@ -138,6 +143,9 @@ class StepFailure:
         self.stages: list[RecoverableStage] = []  # every stage of this rank (all schedules), to free on a failure
         self.replays_collectives = replays_collectives
         self.replayed = 0  # collectives a failed stage of this rank issued with zeros, over the run (tests, logs)
+        # FSDP2 stages: each stage module's unsharded parameters (by id) while the step keeps its units gathered
+        # (sharded_recovery.py), else None
+        self.unsharded: dict[int, list[nn.Parameter]] | None = None
         self._fake_mode: Any = None
 
     @property
@@ -194,6 +202,9 @@ class RecoverableStage(ShapeInferringStage):
         # collectives of a forward and of a backward, traced once (every chunk of a schedule has the same shapes).
         self._chunk_calls: dict[int, tuple[tuple, dict]] = {}
         self._traced: dict[str, list[CollectiveCall | ProtocolCall]] = {}
+        # Under tp: each parameter's gradient placements, by id, as the backward's trace computed them (a gradient of a
+        # replicated parameter is partial where the parameter is used on sharded activations).
+        self._gradient_placements: dict[int, tuple] = {}
         # The last stage under loss parallelism: the schedule's loss of one microbatch (output, target), whose
         # collectives a failed stage replays too; set by the runtime.
         self.loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None
@@ -209,6 +220,34 @@ class RecoverableStage(ShapeInferringStage):
                              grad_outputs: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor | None, ...]:
         with self.failure.fake_mode():
             return super()._compute_input_grads(outputs, all_fwd_inputs, grad_outputs)
+
+    @override
+    def _post_metadata_inference_cleanup(self) -> None:
+        super()._post_metadata_inference_cleanup()  # (reshards every FSDP2 unit of the stage)
+        if self.failure.unsharded is not None:  # the step keeps them gathered: again, before any compute
+            for unit in self._fsdp_units():
+                unit.unshard()
+
+    # ------------------------------------------------------------------ FSDP2 stages (sharded_recovery.py)
+    def _fsdp_units(self) -> list[Any]:
+        """The stage's FSDP2 modules (``nn.Module`` and ``FSDPModule``), the root first."""
+        return [m for m in self.submod.modules() if isinstance(m, FSDPModule)]
+
+    def _fsdp_hooks_set_aside(self) -> AbstractContextManager[None]:
+        """FSDP2's hooks off for a compute on fake tensors while the step keeps the units gathered: they would
+        only reshard (after a backward) or move FSDP2's state; off a recoverable FSDP2 step, nothing changes."""
+        return fsdp_hooks_set_aside(self._fsdp_units()) if self.failure.unsharded is not None else nullcontext()
+
+    @override
+    def perform_reduce_grad(self, grad_scale_factor: int) -> None:
+        unsharded = self.failure.unsharded
+        if self.failure.failed and unsharded is not None and isinstance(self.submod, FSDPModule):
+            # A hollow stage lacks gradients its replicas computed: zeros, so that its reduce-scatter pairs with theirs
+            # (and, under tp, FSDP2's redistribution of a partial gradient with its tp peer's: the same placements)
+            if self.failure.replays_collectives and self._chunk_calls:
+                self._collectives_of("backward", min(self._chunk_calls))  # (traced once per stage; records placements)
+            zero_missing_gradients(unsharded[id(self.submod)], self._gradient_placements)
+        super().perform_reduce_grad(grad_scale_factor)
 
     # ------------------------------------------------------------------ compute that may fail
     def _compute(self, run: Callable[[], Any], kind: str = "", chunk: int = 0) -> tuple[bool, Any]:
@@ -270,25 +309,32 @@ class RecoverableStage(ShapeInferringStage):
                 outputs, inputs = forward(with_loss=True)
                 leaves = leaves_of(inputs)
                 if leaves:
-                    torch.autograd.grad(outputs, leaves, grad_outputs=[torch.ones_like(t) for t in outputs],
-                                        allow_unused=True)
+                    grads = torch.autograd.grad(outputs, leaves, grad_outputs=[torch.ones_like(t) for t in outputs],
+                                                allow_unused=True)
+                    # (a hollow FSDP2 stage's zero gradients take these placements: perform_reduce_grad)
+                    self._gradient_placements.update({
+                        id(leaf): grad.placements for leaf, grad in zip(leaves, grads, strict=True)
+                        if isinstance(grad, DTensor)})
             return run
 
+        def trace_collectives_of(run: Callable[[], Any]) -> list[CollectiveCall | ProtocolCall]:
+            with self._fsdp_hooks_set_aside():
+                return trace_collectives(run, fake_mode=fake)
+
         if "forward" not in self._traced:
-            self._traced["forward"] = trace_collectives(partial(forward, with_loss=False), fake_mode=fake)
+            self._traced["forward"] = trace_collectives_of(partial(forward, with_loss=False))
         if kind != "forward" and "loss" not in self._traced:
-            forward_and_loss = [] if loss_fn is None else trace_collectives(partial(forward, with_loss=True),
-                                                                             fake_mode=fake)
+            forward_and_loss = [] if loss_fn is None else trace_collectives_of(partial(forward, with_loss=True))
             self._traced["loss"] = forward_and_loss[len(self._traced["forward"]):]
         after = len(self._traced["forward"]) + len(self._traced.get("loss", ()))
         if kind in ("forward", "loss"):
             pass
         elif kind == "backward":
             every = backward_of(lambda inputs: [p for p in self.submod.parameters() if p.requires_grad] + inputs)
-            self._traced[kind] = trace_collectives(every, fake_mode=fake)[after:]
+            self._traced[kind] = trace_collectives_of(every)[after:]
         elif kind == "backward_input":
             self._traced[kind] = [] if self.is_first else \
-                trace_collectives(backward_of(lambda inputs: inputs), fake_mode=fake)[after:]
+                trace_collectives_of(backward_of(lambda inputs: inputs))[after:]
         elif kind == "backward_weight":
             whole = self._collectives_of("backward", chunk)
             self._traced[kind] = whole if self.is_first else \

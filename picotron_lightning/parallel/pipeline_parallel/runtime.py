@@ -48,6 +48,7 @@ from picotron_lightning.parallel.pipeline_parallel.schedule import (
     stage_ids,
     valid_microbatches,
 )
+from picotron_lightning.parallel.pipeline_parallel.sharded_recovery import ShardedStageUnits
 from picotron_lightning.parallel.pipeline_parallel.split import (
     PIPELINE_STAGES_HOOK,
     AbsentStub,
@@ -138,6 +139,7 @@ class PipelineRuntime:
         self._replicas: ReplicatedGradients | None = None  # the traced split's data parallelism (trace.py)
         self._tensor_twins: TracedTensorParallel | None = None  # the traced split's tensor parallelism (trace.py)
         self._sharded: TracedFullyShard | None = None  # the traced split under FSDP2 (traced_sharding.py)
+        self._sharded_units: ShardedStageUnits | None = None  # FSDP2 stages, either split (for OOM recovery)
         # memory.oom_recovery: this rank's failure in the current attempt of a step (recovery.py), else None.
         self.failure: StepFailure | None = None
         self._loss_communicates = False  # (enable_oom_recovery)
@@ -235,6 +237,8 @@ class PipelineRuntime:
                 units = [*sm.blocks.values(), *sm.first.values(), *sm.last.values()]
                 fully_shard_units(sm, units, dp_mesh, config)
                 all_units += units
+            # (fully_shard_units shards each stage module as the root, without resharding after forward)
+            self._sharded_units = ShardedStageUnits(all_units, list(self.stage_modules), config.reshard_after_forward)
             if traced:  # the traced graphs run inside the stage modules, over the gathered units
                 self._sharded = TracedFullyShard(all_units)
                 if self._tensor_twins is not None:
@@ -422,9 +426,20 @@ class PipelineRuntime:
         try:
             if training:
                 held = self._hold_gradients()
+                # OOM recovery under FSDP2: the stages' units gathered before the schedule, not inside a compute
+                # that may fail (sharded_recovery.py); after the holding above, which reads the sharded parameters.
+                gathered = self._sharded_units.gathered_for_step() \
+                    if self.failure is not None and self._sharded_units is not None else nullcontext()
                 # The first step of a schedule also infers shapes (an extra pass); not a bubble sample.
-                self.meter.run(lambda: schedule.step(index, mb_index=index, target=index, return_outputs=False),
-                               record=not fresh)
+                with gathered as unsharded:
+                    if self.failure is not None:
+                        self.failure.unsharded = unsharded
+                    try:
+                        self.meter.run(lambda: schedule.step(index, mb_index=index, target=index,
+                                                             return_outputs=False), record=not fresh)
+                    finally:
+                        if self.failure is not None:
+                            self.failure.unsharded = None
                 self._pending_grads = self._release_gradients(held)
             else:
                 schedule.eval(index, mb_index=index, target=index, return_outputs=False)

@@ -26,7 +26,6 @@ Only public FSDP2 calls are made here (``unshard``, ``reshard``); the gradient r
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from picotron_lightning.parallel.pipeline_parallel.sharded_recovery import fsdp_hooks_set_aside
 from picotron_lightning.parallel.pipeline_parallel.split import PipelineSplitError
 
 if TYPE_CHECKING:
@@ -61,13 +61,6 @@ def check_traced_sharding(layout: ParallelLayout, data_parallel_mode: str, sched
             'pipeline_split="structural".'
         )
 
-_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_state_dict_pre_hooks")
-"""``nn.Module`` hook dictionaries FSDP2 registers in (forward: gather/reshard; state dict: reshard)."""
-
-
-def _is_fsdp_hook(hook: object) -> bool:
-    return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp")
-
 
 class TracedFullyShard:
     """The FSDP2 units of this rank's traced stages: gathered for the trace and for each step, resharded after."""
@@ -89,18 +82,8 @@ class TracedFullyShard:
     def for_trace(self) -> Iterator[None]:
         """The units gathered and FSDP2's hooks set aside: a trace inside references the unsharded parameters."""
         self.gather()
-        silenced: list[tuple[nn.Module, str, OrderedDict]] = []
         try:
-            for unit in self.units:
-                for module in unit.modules():  # the state-dict hooks sit on the modules owning the parameters
-                    for name in _HOOK_DICTS:
-                        hooks = getattr(module, name, None)
-                        if hooks and any(_is_fsdp_hook(h) for h in hooks.values()):
-                            kept = OrderedDict((k, h) for k, h in hooks.items() if not _is_fsdp_hook(h))
-                            silenced.append((module, name, hooks))
-                            setattr(module, name, kept)
-            yield
+            with fsdp_hooks_set_aside(self.units):
+                yield
         finally:
-            for module, name, hooks in reversed(silenced):
-                setattr(module, name, hooks)
             self.reshard()
