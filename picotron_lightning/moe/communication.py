@@ -22,7 +22,9 @@ dispatch keeps its counts (:meth:`ExpertCommunication.dispatch`); under a trace,
 (forward and backward) as protocol calls. Replayed, the failed rank sends no rows: it exchanges zero
 counts, learns from the counts it receives how many rows each peer sends it, and returns that many
 rows of zeros. Where the failure came half-way through a dispatch, the counts the real exchange kept
-give the sizes of the rest.
+give the sizes of the rest. A pipeline stage traces each chunk's computes apart, so it links a backward's
+exchanges to its chunk's forward (:func:`traced_exchanges`, :meth:`_ReplayedExchange.sizes_from`;
+``parallel/pipeline_parallel/exchange_replay.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.distributed as dist
 
 from picotron_lightning.memory.replay import ProtocolCall, record_protocol_call, recorded_attempt
 
-__all__ = ["ExpertCommunication", "all_to_all_rows"]
+__all__ = ["ExpertCommunication", "all_to_all_rows", "traced_exchanges"]
 
 
 class _AllToAllRows(torch.autograd.Function):
@@ -151,6 +153,10 @@ class ExpertCommunication:
                 "has more dispatches than the real one issued counts for (a model whose MoE calls depend on values?)")
         return self._kept[index]
 
+    def kept_dispatches(self) -> int:
+        """How many dispatches of the attempt being recorded this layer has kept so far (the index of its next)."""
+        return len(self._kept) if self._kept_attempt == recorded_attempt() else 0
+
     def traced_exchange(self, rows: torch.Tensor) -> torch.Tensor:
         """Under a collective trace: record dispatch and combine (and their backward) as protocol calls.
 
@@ -190,6 +196,31 @@ class _ReplayedExchange:
 
     def record(self, step: str) -> None:
         record_protocol_call(_ExchangeStep(self, step))
+
+    @property
+    def recomputes(self) -> bool:
+        """Whether this is activation checkpointing's recomputation of a forward's dispatch (inside a backward)."""
+        return self.origin is not None
+
+    def sizes_from(self, forward: _ReplayedExchange) -> None:
+        """Take the sizes a replayed ``forward`` exchange learned (a later trace's copy of the same dispatch)."""
+        self.sent_counts, self.splits = forward.sent_counts, forward.splits
+
+    def sizes_from_dispatch(self, index: int) -> None:
+        """Take the sizes of this layer's real dispatch ``index`` of the attempt (kept by the layer)."""
+        sent, received = self.comm.kept_counts(self.attempt, index)
+        self.index, self.sent_counts = index, sent
+        self.splits = (sent.sum(1).tolist(), received.sum(1).tolist())
+
+
+def traced_exchanges(calls: list) -> list[_ReplayedExchange]:
+    """The token exchanges a trace recorded (:meth:`ExpertCommunication.traced_exchange`), in the order of their
+    first collective: what a pipeline stage that replays a chunk's compute links to the chunk's dispatches."""
+    seen: dict[int, _ReplayedExchange] = {}
+    for call in calls:
+        if isinstance(call, _ExchangeStep):
+            seen.setdefault(id(call.exchange), call.exchange)
+    return list(seen.values())
 
 
 class _ExchangeStep(ProtocolCall):

@@ -77,6 +77,7 @@ class OOMRecoveryStep:
             accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
             tp=strategy.layout.tp, dp=strategy.layout.dp, ep=strategy.layout.ep,
+            pipeline_split=strategy._options.pipeline.split, pipeline_schedule=strategy._options.pipeline.schedule,
         )
         self.strategy, self.trainer, self.options = strategy, trainer, options
         # Pipeline parallelism: a stage that runs out of memory finishes its schedule hollow (its sends and
@@ -87,7 +88,9 @@ class OOMRecoveryStep:
             self.pipeline.enable_oom_recovery(
                 loss_communicates=strategy._options.tensor_parallel.loss_parallel and strategy.layout.tp > 1,
                 # MoE layers all-reduce their routing statistics over the data-parallel replicas of their stage
-                experts_communicate=bool(experts) and strategy.layout.dp > 1)
+                experts_communicate=bool(experts) and strategy.layout.dp > 1,
+                # ... and exchange tokens over ep inside each chunk's forward and backward (ep > 1)
+                experts_exchange=bool(experts) and strategy.layout.ep > 1)
         self.schedule = SplitSchedule(options.oom_retry_larger_after)
         self.retries = 0
         self.events: list[dict[str, Any]] = []
@@ -106,6 +109,7 @@ class OOMRecoveryStep:
         # replayed by protocol (moe/communication.py), and the split step scales their injected gradients.
         self.has_experts = bool(experts)
         self._aux_loss_scale = 1.0  # what the MoE layers' injected gradients are scaled by now (1: accumulation is off)
+        self._stages_exchange_tokens = self.pipeline is not None and bool(experts) and strategy.layout.ep > 1
         self.replays_collectives = self.pipeline is None and (
             strategy.layout.tp > 1 or self.fsdp_root is not None or self.has_experts)
         self.replayed: list[int] = []  # collectives each replay issued (for tests and the log)
@@ -158,8 +162,8 @@ class OOMRecoveryStep:
         self.deferred = []
         guard = contextlib.nullcontext() if self._guarded else CollectiveGuard()  # until one attempt succeeded
         issued_before = issued_collectives() if self.replays_collectives else {}
-        if self.replays_collectives:
-            begin_attempt()
+        if self.replays_collectives or self._stages_exchange_tokens:
+            begin_attempt()  # (MoE layers keep each dispatch's counts: a failed rank replays the rest with them)
         issued: dict[str, int] = {}
         message: str | None = None
         pieces = None if split == 1 and first else split_batch(self.batch, split)  # (views: nothing to run out of)

@@ -96,7 +96,9 @@ MOE_OK = ExpertLayerFacts("model.layers.1.mlp", records_exchange=True)
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"pp": 4, "dp": 2, "ep": 2, "experts": [MOE_OK]}, "MoE layer.s. at expert_parallel_size=2 .a token exchange"),
+    ({"pp": 4, "dp": 2, "ep": 2, "experts": [MOE_OK], "pipeline_schedule": "zbv"},
+     "MoE layer.s. at expert_parallel_size=2 under pipeline_split='structural' and pipeline_schedule='zbv'"),
+    ({"pp": 2, "dp": 2, "ep": 2, "experts": [MOE_OK], "pipeline_split": "trace"}, "pipeline_split='trace'"),
     ({"experts": [ExpertLayerFacts("model.layers.0.mlp.experts", records_exchange=False)]},
      "'model.layers.0.mlp.experts' exchanges tokens without recording"),
     ({"experts": [ExpertLayerFacts("moe", records_exchange=True, aux_loss_coeff=0.01)]}, "aux_loss_coeff=0.01"),
@@ -118,6 +120,8 @@ def test_layouts_with_a_sound_agreement_are_accepted() -> None:
     check_recovery_layout(pp=2, tp=2)  # tp inside stages: any schedule, loss parallelism too
     check_recovery_layout(pp=2, tp=2, experts=[MOE_OK])  # MoE layers in the stages at dp=1: nothing of theirs talks
     check_recovery_layout(pp=2, dp=2, experts=[MOE_OK])  # ... and at ep=1: their statistics' all-reduce is replayed
+    check_recovery_layout(pp=2, dp=2, ep=2, experts=[MOE_OK])  # ... and ep=2: each chunk's exchange, by protocol
+    check_recovery_layout(pp=2, dp=2, ep=2, experts=[MOE_OK], pipeline_schedule="interleaved_1f1b")
 
 
 def test_a_long_list_of_reasons_is_shortened() -> None:

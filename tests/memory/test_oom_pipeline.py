@@ -230,6 +230,42 @@ def test_stages_with_moe_layers_recover_from_ooms(split: str, schedule: str, tp:
     _assert_copies_of_each_stage_equal(runs, max(tp, dp))
 
 
+@pytest.mark.parametrize(("schedule", "checkpointing"), [
+    ("1f1b", "none"), ("interleaved_1f1b", "none"), ("1f1b", "full")])
+def test_stages_with_expert_parallel_moe_layers_recover_from_ooms(schedule: str, checkpointing: str) -> None:
+    """pp=2 x dp=2 with the MoE layers at expert_parallel_size=2 (FSDP2 stages): each chunk's token exchange over ep
+    has sizes that follow its routing, in its forward and again in its backward. A hollow replica replays each chunk's
+    exchanges by protocol (it sends no tokens, and learns from the counts it receives how many rows to answer), its
+    backward with the sizes its forward learned, or the real dispatch's where the chunk's forward ran before the
+    failure; under full checkpointing the backward's recomputed dispatch too. Before, this layout was refused."""
+    steps = CHOSEN_STEPS
+    data = make_data(steps * MICRO * 2)
+    runs = run_ranks(oom_fit, 4, data, MICRO, steps, DP_POINTS, dp_mode="auto", module=deep_moe_module,
+                     memory={"oom_retry_larger_after": 1, "activation_checkpointing": checkpointing}, monitor=False,
+                     timeout=600, strategy_options={"pipeline_parallel_size": 2, "pipeline_schedule": schedule,
+                                                    "expert_parallel_size": 2})
+
+    failed_ranks = {point.rank for point in DP_POINTS}
+    for rank, run in enumerate(runs):
+        assert [(e["step"], e["ranks"], e["split"], e["new_split"]) for e in run["events"]] == DP_POINT_EVENTS
+        assert (run["stage_replayed"] > 0) == (rank in failed_ranks), (rank, run["stage_replayed"])
+    reference = train_reference(deep_moe_module(), data, steps, 2 * MICRO)
+    losses = mean_over_ranks([r["losses"] for r in runs])
+    assert max_relative_diff(losses, reference["losses"]) <= RTOL, (losses, reference["losses"])
+    final = reference["module"].state_dict()
+    for rank, run in enumerate(runs):  # ranks 0, 1 hold the first stage, 2, 3 the last; ep rank = rank % 2
+        held = {k: v for k, v in run["state"].items() if k in final}
+        assert held, rank
+        for name, got in held.items():
+            expected = final[name]
+            if got.shape != expected.shape:  # an expert weight: this rank holds experts [e L, (e + 1) L)
+                local = got.shape[0]
+                expected = expected[(rank % 2) * local:(rank % 2 + 1) * local]
+            assert (got - expected).abs().max().item() < 1e-3, (rank, name)
+        peer = runs[rank ^ 1]["state"]  # the stage's other ep rank: the same dense weights and expert biases
+        assert all(torch.equal(got, peer[k]) for k, got in held.items() if got.shape == final[k].shape), rank
+
+
 @pytest.mark.parametrize(("split", "schedule", "moe"), [
     ("structural", "1f1b", False), ("structural", "interleaved_1f1b", False), ("structural", "zbv", False),
     ("trace", "gpipe", False), ("structural", "1f1b", True)])
@@ -346,11 +382,13 @@ def test_pipeline_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
 def test_four_rank_stage_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
     """``python train.py`` on 4 devices (Lightning's launcher starts the ranks): pp=2 x tp=2 with an OOM on one tp rank
     of the last stage; the MoE Llama at pp=2 x dp=2 (traced split, replicas) with an OOM on one replica of the
-    first stage, whose peer waits in the layers' statistics all-reduce; and pp=2 x dp=2 as the defaults make it (FSDP2
-    stages) with an OOM on a replica of the last stage. Each ends with the losses of the same run without the OOM."""
+    first stage, whose peer waits in the layers' statistics all-reduce; pp=2 x dp=2 as the defaults make it (FSDP2
+    stages) with an OOM on a replica of the last stage; and the MoE Llama at pp=2 x dp=2 x ep=2, an OOM on an ep rank
+    of the first stage. Each ends with the losses of the same run without the OOM."""
     tp_layout = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}
     dp_layout = {"pipeline_parallel_size": 2, "pipeline_split": "trace", "data_parallel_mode": "ddp"}
     fsdp_layout = {"pipeline_parallel_size": 2}
+    ep_layout = {"pipeline_parallel_size": 2, "expert_parallel_size": 2}
     oom = {"memory": {"oom_recovery": True}}
     common = {"steps": 3, "micro_batch": 8, "samples": 48}
     moe = {"model": {"kind": "moe", "config": MOE_CONFIG}}
@@ -364,12 +402,15 @@ def test_four_rank_stage_ooms_are_recovered_on_the_users_path(tmp_path: Path) ->
         {"name": "pp_fsdp", "strategy": fsdp_layout, **common},
         {"name": "pp_fsdp_oom", "strategy": {**fsdp_layout, **oom},
          "inject_oom": [{"rank": 3, "step": 1, "phase": "forward", "op": 30}], **common},
+        {"name": "pp_ep_moe", "strategy": ep_layout, **moe, **common},
+        {"name": "pp_ep_moe_oom", "strategy": {**ep_layout, **oom},
+         "inject_oom": [{"rank": 1, "step": 1, "phase": "backward", "op": 30}], **moe, **common},
     ]}
     spec_path, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
     run_script(SCRIPTS / "train.py", spec_path, out, timeout=600)
     runs = json.loads(out.read_text())
-    for name, failed in (("pp_tp", 2), ("pp_dp_moe", 1), ("pp_fsdp", 3)):
+    for name, failed in (("pp_tp", 2), ("pp_dp_moe", 1), ("pp_fsdp", 3), ("pp_ep_moe", 1)):
         assert runs[f"{name}_oom"]["oom_events"] == [
             {"step": 1, "attempt": 1, "ranks": [failed], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
         assert max_relative_diff(runs[f"{name}_oom"]["losses"], runs[name]["losses"]) <= RTOL, name
@@ -377,3 +418,4 @@ def test_four_rank_stage_ooms_are_recovered_on_the_users_path(tmp_path: Path) ->
     assert "data_parallel_size=2" in runs["pp_dp_moe"]["layout"], runs["pp_dp_moe"]
     assert "data_parallel_size=2" in runs["pp_fsdp"]["layout"], runs["pp_fsdp"]
     assert runs["pp_fsdp_oom"]["data_parallel_mode"] == "fsdp", runs["pp_fsdp_oom"]
+    assert "expert_parallel_size=2" in runs["pp_ep_moe"]["layout"], runs["pp_ep_moe"]

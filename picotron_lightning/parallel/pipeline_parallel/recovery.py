@@ -41,11 +41,13 @@ neighbours and, under tensor parallelism, over its tp group in collectives whose
 on values (a zero-bubble schedule's backward halves are traced apart: the input half is the gradients
 of the stage's inputs, the weight half the rest of the whole backward); FSDP2 inside a stage only as
 :mod:`~picotron_lightning.parallel.pipeline_parallel.sharded_recovery` runs it (units gathered before the schedule,
-so nothing of FSDP2 communicates inside a compute; a hollow stage reduce-scatters zeros), and MoE layers only at
-ep = 1. There their one collective is the routing statistics' all-reduce over the
-stage's data-parallel replicas (dp > 1), of a fixed shape, in each forward (the traced split: in the
-backward's recompute), which a hollow stage replays like a tp collective; at ep > 1 their token exchange
-spans a chunk's forward and backward with sizes taken from values.
+so nothing of FSDP2 communicates inside a compute; a hollow stage reduce-scatters zeros). MoE layers at ep = 1
+run one collective, the routing statistics' all-reduce over the stage's data-parallel replicas (dp > 1), of a
+fixed shape, in each forward (the traced split: in the backward's recompute), which a hollow stage replays like a
+tp collective. At ep > 1 (structural split, a schedule whose backward is whole) their token exchange spans a
+chunk's forward and backward with sizes taken from values: the stage's traces are then made per chunk and
+linked to what the chunk exchanged
+(:mod:`~picotron_lightning.parallel.pipeline_parallel.exchange_replay`, ``StepFailure(exchanges_tokens=True)``).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from picotron_lightning.memory.replay import (
     replay_remaining,
     trace_collectives,
 )
+from picotron_lightning.parallel.pipeline_parallel.exchange_replay import ChunkExchanges
 from picotron_lightning.parallel.pipeline_parallel.inferring_stage import ShapeInferringStage
 from picotron_lightning.parallel.pipeline_parallel.sharded_recovery import fsdp_hooks_set_aside, zero_missing_gradients
 from picotron_lightning.parallel.pipeline_parallel.step_state import microbatch_index
@@ -136,10 +139,13 @@ class StepFailure:
     Args:
         replays_collectives: the stages run collectives inside their compute (tensor parallelism, MoE layers'
             statistics at dp > 1), which a failed stage replays (module doc).
+        exchanges_tokens: the stages' MoE layers exchange tokens over ``ep`` (ep > 1), whose sizes follow each chunk's
+            routing: a failed stage replays them per chunk (:class:`ChunkExchanges`); implies ``replays_collectives``.
     """
 
-    def __init__(self, replays_collectives: bool = False) -> None:
+    def __init__(self, replays_collectives: bool = False, exchanges_tokens: bool = False) -> None:
         self.message: str | None = None
+        self.exchanges_tokens = exchanges_tokens
         self.stages: list[RecoverableStage] = []  # every stage of this rank (all schedules), to free on a failure
         self.replays_collectives = replays_collectives
         self.replayed = 0  # collectives a failed stage of this rank issued with zeros, over the run (tests, logs)
@@ -172,6 +178,8 @@ class StepFailure:
 
     def end_step(self) -> None:
         self._fake_mode = None
+        for stage in self.stages:
+            stage.end_schedule()
 
     def drop_graphs(self) -> None:
         """Free what this rank's stages hold for the chunks forwarded before the failure (see
@@ -202,6 +210,8 @@ class RecoverableStage(ShapeInferringStage):
         # collectives of a forward and of a backward, traced once (every chunk of a schedule has the same shapes).
         self._chunk_calls: dict[int, tuple[tuple, dict]] = {}
         self._traced: dict[str, list[CollectiveCall | ProtocolCall]] = {}
+        # MoE layers at ep > 1: which dispatches each chunk's computes made, to replay the rest of their exchanges
+        self._exchanges = ChunkExchanges(submodule)
         # Under tp: each parameter's gradient placements, by id, as the backward's trace computed them (a gradient of a
         # replicated parameter is partial where the parameter is used on sharded activations).
         self._gradient_placements: dict[int, tuple] = {}
@@ -259,6 +269,8 @@ class RecoverableStage(ShapeInferringStage):
         """
         replays = self.failure.replays_collectives and bool(kind)
         issued: dict[str, int] = {}
+        if self.failure.exchanges_tokens and kind in ("forward", "backward"):
+            self._exchanges.compute_starts(kind, chunk)
         if not self.failure.failed:
             before = issued_collectives() if replays else {}
             try:
@@ -289,6 +301,9 @@ class RecoverableStage(ShapeInferringStage):
         """
         if kind in self._traced:
             return self._traced[kind]
+        # MoE token exchanges (ep > 1) are per chunk: their sizes follow the chunk's routing, so nothing is cached
+        exchanging = self.failure.exchanges_tokens
+        traced: dict[str, list[CollectiveCall | ProtocolCall]] = {} if exchanging else self._traced
         args, kwargs = self._chunk_calls[chunk]
         fake = self.failure.fake_mode()
         loss_fn = self.loss_fn  # (the runtime sets it on the last stage only)
@@ -321,27 +336,32 @@ class RecoverableStage(ShapeInferringStage):
             with self._fsdp_hooks_set_aside():
                 return trace_collectives(run, fake_mode=fake)
 
-        if "forward" not in self._traced:
-            self._traced["forward"] = trace_collectives_of(partial(forward, with_loss=False))
-        if kind != "forward" and "loss" not in self._traced:
+        if "forward" not in traced:
+            traced["forward"] = trace_collectives_of(partial(forward, with_loss=False))
+            if exchanging and kind == "forward":
+                self._exchanges.link_forward(chunk, traced["forward"])
+        if kind != "forward" and "loss" not in traced:
             forward_and_loss = [] if loss_fn is None else trace_collectives_of(partial(forward, with_loss=True))
-            self._traced["loss"] = forward_and_loss[len(self._traced["forward"]):]
-        after = len(self._traced["forward"]) + len(self._traced.get("loss", ()))
+            traced["loss"] = forward_and_loss[len(traced["forward"]):]
+        after = len(traced["forward"]) + len(traced.get("loss", ()))
         if kind in ("forward", "loss"):
             pass
         elif kind == "backward":
             every = backward_of(lambda inputs: [p for p in self.submod.parameters() if p.requires_grad] + inputs)
-            self._traced[kind] = trace_collectives_of(every)[after:]
+            whole_trace = trace_collectives_of(every)
+            traced[kind] = whole_trace[after:]
+            if exchanging:
+                self._exchanges.link_backward(chunk, whole_trace[:after], traced[kind])
         elif kind == "backward_input":
-            self._traced[kind] = [] if self.is_first else \
+            traced[kind] = [] if self.is_first else \
                 trace_collectives_of(backward_of(lambda inputs: inputs))[after:]
         elif kind == "backward_weight":
             whole = self._collectives_of("backward", chunk)
-            self._traced[kind] = whole if self.is_first else \
+            traced[kind] = whole if self.is_first else \
                 _without(whole, self._collectives_of("backward_input", chunk))
         else:
             raise ValueError(f"unknown stage compute {kind!r}")
-        return self._traced[kind]
+        return traced[kind]
 
     def compute_loss(self, compute: Callable[[], torch.Tensor], target: torch.Tensor) -> torch.Tensor | None:
         """The last stage's loss of the microbatch ``target`` names, or None where this rank's step failed (before or
@@ -378,6 +398,10 @@ class RecoverableStage(ShapeInferringStage):
         if not ran:
             self.dw_runner.pop(bwd_chunk_id, None)
             self.backward_state.pop(bwd_chunk_id, None)
+
+    def end_schedule(self) -> None:
+        """Forget what this schedule's chunks exchanged (the next schedule numbers its chunks from 0 again)."""
+        self._exchanges.clear()
 
     # ------------------------------------------------------------------ the hollow step
     def _hollow_forward(self, fwd_chunk_id: int, save_forward_output: bool) -> Any:

@@ -247,18 +247,21 @@ class PipelineRuntime:
         return self.root, mode if layout.dp > 1 else "none"
 
     # ------------------------------------------------------------------ OOM recovery (recovery.py)
-    def enable_oom_recovery(self, loss_communicates: bool = False, experts_communicate: bool = False) -> None:
+    def enable_oom_recovery(self, loss_communicates: bool = False, experts_communicate: bool = False,
+                            experts_exchange: bool = False) -> None:
         """Build training schedules from :class:`RecoverableStage` (before the first one is built): a rank that
         runs out of memory finishes the step hollow and reports it through :meth:`take_failure`.
 
         ``loss_communicates``: the user's loss runs collectives (loss parallelism), which a failed last stage
         replays; only then is the user's step traced on fake tensors (it may read values otherwise).
         ``experts_communicate``: the stages' MoE layers all-reduce routing statistics over data-parallel replicas.
+        ``experts_exchange``: they exchange tokens over ``ep`` (ep > 1), replayed per chunk (exchange_replay.py).
         """
         if any(key[0] for key in self._schedules):
             raise RuntimeError("enable_oom_recovery must be called before the first training step")
         # Tensor parallelism and MoE statistics communicate inside a stage's compute: a failed stage replays them.
-        self.failure = StepFailure(replays_collectives=self.mesh["tp"].size() > 1 or experts_communicate)
+        self.failure = StepFailure(replays_collectives=self.mesh["tp"].size() > 1 or experts_communicate
+                                   or experts_exchange, exchanges_tokens=experts_exchange)
         self._loss_communicates = loss_communicates
 
     def take_failure(self) -> str | None:
