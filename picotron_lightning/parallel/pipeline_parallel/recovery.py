@@ -253,10 +253,12 @@ class RecoverableStage(ShapeInferringStage):
         unsharded = self.failure.unsharded
         if self.failure.failed and unsharded is not None and isinstance(self.submod, FSDPModule):
             # A hollow stage lacks gradients its replicas computed: zeros, so that its reduce-scatter pairs with theirs
-            # (and, under tp, FSDP2's redistribution of a partial gradient with its tp peer's: the same placements)
-            if self.failure.replays_collectives and self._chunk_calls:
-                self._collectives_of("backward", min(self._chunk_calls))  # (traced once per stage; records placements)
-            zero_missing_gradients(unsharded[id(self.submod)], self._gradient_placements)
+            # (and, under tp, FSDP2's redistribution of a partial gradient with its tp peer's: the same placements,
+            # which a backward's trace records; the tp parameters are the DTensors among the unsharded ones)
+            parameters = unsharded[id(self.submod)]
+            if not self._gradient_placements and any(isinstance(p, DTensor) for p in parameters) and self._chunk_calls:
+                self._collectives_of("backward", min(self._chunk_calls))
+            zero_missing_gradients(parameters, self._gradient_placements)
         super().perform_reduce_grad(grad_scale_factor)
 
     # ------------------------------------------------------------------ compute that may fail
