@@ -84,13 +84,14 @@ class OOMRecoveryStep:
         # receives still happen, and under tp its tp collectives, replayed by the stage) and the runtime reports
         # the failure after the step; nothing for the strategy to replay.
         self.pipeline = strategy._pipeline
+        # MoE layers inside stages exchange tokens over ep (ep > 1) within each chunk's forward and backward
+        self._stages_exchange_tokens = self.pipeline is not None and bool(experts) and strategy.layout.ep > 1
         if self.pipeline is not None:
             self.pipeline.enable_oom_recovery(
                 loss_communicates=strategy._options.tensor_parallel.loss_parallel and strategy.layout.tp > 1,
                 # MoE layers all-reduce their routing statistics over the data-parallel replicas of their stage
                 experts_communicate=bool(experts) and strategy.layout.dp > 1,
-                # ... and exchange tokens over ep inside each chunk's forward and backward (ep > 1)
-                experts_exchange=bool(experts) and strategy.layout.ep > 1)
+                experts_exchange=self._stages_exchange_tokens)
         self.schedule = SplitSchedule(options.oom_retry_larger_after)
         self.retries = 0
         self.events: list[dict[str, Any]] = []
@@ -109,7 +110,6 @@ class OOMRecoveryStep:
         # replayed by protocol (moe/communication.py), and the split step scales their injected gradients.
         self.has_experts = bool(experts)
         self._aux_loss_scale = 1.0  # what the MoE layers' injected gradients are scaled by now (1: accumulation is off)
-        self._stages_exchange_tokens = self.pipeline is not None and bool(experts) and strategy.layout.ep > 1
         self.replays_collectives = self.pipeline is None and (
             strategy.layout.tp > 1 or self.fsdp_root is not None or self.has_experts)
         self.replayed: list[int] = []  # collectives each replay issued (for tests and the log)

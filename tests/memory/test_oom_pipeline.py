@@ -385,32 +385,28 @@ def test_four_rank_stage_ooms_are_recovered_on_the_users_path(tmp_path: Path) ->
     first stage, whose peer waits in the layers' statistics all-reduce; pp=2 x dp=2 as the defaults make it (FSDP2
     stages) with an OOM on a replica of the last stage; and the MoE Llama at pp=2 x dp=2 x ep=2, an OOM on an ep rank
     of the first stage. Each ends with the losses of the same run without the OOM."""
-    tp_layout = {"pipeline_parallel_size": 2, "tensor_parallel_size": 2}
-    dp_layout = {"pipeline_parallel_size": 2, "pipeline_split": "trace", "data_parallel_mode": "ddp"}
-    fsdp_layout = {"pipeline_parallel_size": 2}
-    ep_layout = {"pipeline_parallel_size": 2, "expert_parallel_size": 2}
+    moe = {"model": {"kind": "moe", "config": MOE_CONFIG}}
+    # name: (layout, model, the rank that runs out of memory in step 1, where)
+    pairs = {
+        "pp_tp": ({"pipeline_parallel_size": 2, "tensor_parallel_size": 2}, {}, 2, "backward"),
+        "pp_dp_moe": ({"pipeline_parallel_size": 2, "pipeline_split": "trace", "data_parallel_mode": "ddp"}, moe, 1,
+                      "backward"),
+        "pp_fsdp": ({"pipeline_parallel_size": 2}, {}, 3, "forward"),
+        "pp_ep_moe": ({"pipeline_parallel_size": 2, "expert_parallel_size": 2}, moe, 1, "backward"),
+    }
     oom = {"memory": {"oom_recovery": True}}
     common = {"steps": 3, "micro_batch": 8, "samples": 48}
-    moe = {"model": {"kind": "moe", "config": MOE_CONFIG}}
-    spec = {"devices": 4, "runs": [
-        {"name": "pp_tp", "strategy": tp_layout, **common},
-        {"name": "pp_tp_oom", "strategy": {**tp_layout, **oom},
-         "inject_oom": [{"rank": 2, "step": 1, "phase": "backward", "op": 30}], **common},
-        {"name": "pp_dp_moe", "strategy": dp_layout, **moe, **common},
-        {"name": "pp_dp_moe_oom", "strategy": {**dp_layout, **oom},
-         "inject_oom": [{"rank": 1, "step": 1, "phase": "backward", "op": 30}], **moe, **common},
-        {"name": "pp_fsdp", "strategy": fsdp_layout, **common},
-        {"name": "pp_fsdp_oom", "strategy": {**fsdp_layout, **oom},
-         "inject_oom": [{"rank": 3, "step": 1, "phase": "forward", "op": 30}], **common},
-        {"name": "pp_ep_moe", "strategy": ep_layout, **moe, **common},
-        {"name": "pp_ep_moe_oom", "strategy": {**ep_layout, **oom},
-         "inject_oom": [{"rank": 1, "step": 1, "phase": "backward", "op": 30}], **moe, **common},
-    ]}
+    spec: dict[str, Any] = {"devices": 4, "runs": []}
+    for name, (layout, model, failed, phase) in pairs.items():
+        spec["runs"] += [
+            {"name": name, "strategy": layout, **model, **common},
+            {"name": f"{name}_oom", "strategy": {**layout, **oom}, **model, **common,
+             "inject_oom": [{"rank": failed, "step": 1, "phase": phase, "op": 30}]}]
     spec_path, out = tmp_path / "spec.json", tmp_path / "out.json"
     spec_path.write_text(json.dumps(spec))
     run_script(SCRIPTS / "train.py", spec_path, out, timeout=600)
     runs = json.loads(out.read_text())
-    for name, failed in (("pp_tp", 2), ("pp_dp_moe", 1), ("pp_fsdp", 3), ("pp_ep_moe", 1)):
+    for name, (_, _, failed, _) in pairs.items():
         assert runs[f"{name}_oom"]["oom_events"] == [
             {"step": 1, "attempt": 1, "ranks": [failed], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
         assert max_relative_diff(runs[f"{name}_oom"]["losses"], runs[name]["losses"]) <= RTOL, name

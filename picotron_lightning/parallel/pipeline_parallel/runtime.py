@@ -428,21 +428,11 @@ class PipelineRuntime:
         index = torch.arange(m, device=self.device)
         try:
             if training:
-                held = self._hold_gradients()
-                # OOM recovery under FSDP2: the stages' units gathered before the schedule, not inside a compute
-                # that may fail (sharded_recovery.py); after the holding above, which reads the sharded parameters.
-                gathered = self._sharded_units.gathered_for_step() \
-                    if self.failure is not None and self._sharded_units is not None else nullcontext()
+                held = self._hold_gradients()  # (before any gathering: it reads the sharded parameters)
                 # The first step of a schedule also infers shapes (an extra pass); not a bubble sample.
-                with gathered as unsharded:
-                    if self.failure is not None:
-                        self.failure.unsharded = unsharded
-                    try:
-                        self.meter.run(lambda: schedule.step(index, mb_index=index, target=index,
-                                                             return_outputs=False), record=not fresh)
-                    finally:
-                        if self.failure is not None:
-                            self.failure.unsharded = None
+                with self._units_gathered_for_recovery():
+                    self.meter.run(lambda: schedule.step(index, mb_index=index, target=index, return_outputs=False),
+                                   record=not fresh)
                 self._pending_grads = self._release_gradients(held)
             else:
                 schedule.eval(index, mb_index=index, target=index, return_outputs=False)
@@ -462,6 +452,20 @@ class PipelineRuntime:
             if self.failure is not None:
                 self.failure.end_step()
         return out, logs
+
+    @contextmanager
+    def _units_gathered_for_recovery(self) -> Iterator[None]:
+        """OOM recovery with FSDP2 stages: their units gathered before the schedule, not inside a compute that may
+        fail, and the stages told their unsharded parameters (sharded_recovery.py); otherwise nothing."""
+        if self.failure is None or self._sharded_units is None:
+            yield
+            return
+        with self._sharded_units.gathered_for_step() as unsharded:
+            self.failure.unsharded = unsharded
+            try:
+                yield
+            finally:
+                self.failure.unsharded = None
 
     # Lightning zeroes gradients between a step's forward (``training_step``) and its ``backward``. The
     # schedule computes both inside ``training_step``, so the step's gradients are set aside there and
