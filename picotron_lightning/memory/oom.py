@@ -161,9 +161,8 @@ class ExpertLayerFacts:
 
 
 def check_recovery_layout(
-    *, pp: int, experts: Sequence[ExpertLayerFacts] = (), accumulate_grad_batches: int = 1,
-    automatic_optimization: bool = True, tp: int = 1, dp: int = 1, ep: int = 1,
-    pipeline_split: str = "structural", pipeline_schedule: str = "1f1b",
+    *, pp: int, experts: Sequence[ExpertLayerFacts] = (), automatic_optimization: bool = True, tp: int = 1,
+    dp: int = 1, ep: int = 1, pipeline_split: str = "structural", pipeline_schedule: str = "1f1b",
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
     redoing the step in smaller micro-batches would not give the same update.
@@ -210,12 +209,6 @@ def check_recovery_layout(
             "`memory.oom_recovery=True` needs steps whose collectives a rank that runs out of memory can issue "
             "without the values, and that give the same update when redone in smaller micro-batches; this run "
             "has " + "; ".join(shown) + ". Change those, or turn oom_recovery off."
-        )
-    if accumulate_grad_batches != 1:
-        raise ValueError(
-            f"`memory.oom_recovery=True` splits each batch itself; `accumulate_grad_batches={accumulate_grad_batches}` "
-            "would need the earlier micro-batches' gradients kept aside to redo a later one. Use "
-            "accumulate_grad_batches=1 (a larger DataLoader batch is split on OOM), or turn oom_recovery off."
         )
     if not automatic_optimization:
         raise ValueError(

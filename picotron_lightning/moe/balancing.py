@@ -210,6 +210,19 @@ class LoadBalancer(nn.Module):
         self._pending_counts = None
         _PENDING.discard(self)
 
+    def pending_counts(self) -> torch.Tensor | None:
+        """The counts recorded since the last optimizer step (never changed in place: a later record adds a new one)."""
+        return self._pending_counts
+
+    def restore_pending(self, counts: torch.Tensor | None) -> None:
+        """Go back to ``counts`` (from :meth:`pending_counts`): an accumulated batch that is redone (OOM recovery)
+        drops its own counts and keeps the earlier batches' of the same optimizer step."""
+        if counts is None:
+            self.discard_pending()
+            return
+        self._pending_counts = counts
+        _PENDING.add(self)
+
     @torch.no_grad()
     def update_bias(self) -> None:
         """Apply the pending bias update now (normally called by the optimizer-step hook)."""

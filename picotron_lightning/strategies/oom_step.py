@@ -23,11 +23,20 @@ backward) inside ``optimizer.step``. With ``memory.oom_recovery`` the strategy r
    failure: every rank clears its gradients, reports the retry (AlertManager alert, MetricsCollector
    metric) and redoes step 1 from the step's random state with the same global batch in twice as many
    micro-batches, each loss weighted by its share of the samples.
+
+Gradient accumulation (``Trainer(accumulate_grad_batches=M)``): Lightning runs the closure of each of the M
+batches of an optimizer step, the last one inside ``optimizer.step``. Every closure the loop makes is run as
+above (:meth:`OOMRecoveryStep.install` wraps the loop's closure factory), one batch at a time: the earlier
+batches' gradients are set aside while a batch is attempted (a failed attempt's partial gradients cannot be
+told apart from them otherwise) and added back when it succeeds; the gradient reductions of step 3 wait for
+the last batch, whose agreement reduces the sum. Under FSDP2 each batch reduce-scatters its own gradients
+(Lightning's ``no_sync`` for the earlier batches would mix them into one unsharded accumulator).
 """
 
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from typing import Any
 
 import torch
@@ -74,7 +83,6 @@ class OOMRecoveryStep:
         fsdp_root = _fsdp_root(strategy.model)
         check_recovery_layout(
             pp=strategy.layout.pp, experts=experts,
-            accumulate_grad_batches=trainer.accumulate_grad_batches,
             automatic_optimization=module.automatic_optimization,
             tp=strategy.layout.tp, dp=strategy.layout.dp, ep=strategy.layout.ep,
             pipeline_split=strategy._options.pipeline.split, pipeline_schedule=strategy._options.pipeline.schedule,
@@ -109,7 +117,15 @@ class OOMRecoveryStep:
         # MoE layers exchange tokens (ep > 1) and all-reduce routing statistics inside forward; their exchange is
         # replayed by protocol (moe/communication.py), and the split step scales their injected gradients.
         self.has_experts = bool(experts)
-        self._aux_loss_scale = 1.0  # what the MoE layers' injected gradients are scaled by now (1: accumulation is off)
+        # Lightning divides each batch's loss by the accumulation factor, and setup scaled the MoE layers' injected
+        # gradients alike; a piece of a split batch scales them by its share of the samples on top.
+        self._accumulate = max(1, int(trainer.accumulate_grad_batches))
+        self._aux_loss_base = 1.0 / self._accumulate
+        self._aux_loss_scale = self._aux_loss_base  # what the MoE layers' injected gradients are scaled by now
+        # True while Lightning runs a batch whose gradients wait for later batches of the same optimizer step
+        # (the strategy's block_backward_sync sets it): its agreement reduces no gradient.
+        self.step_continues = False
+        self._loop: Any = None  # the loop whose closure factory install() wrapped
         self.replays_collectives = self.pipeline is None and (
             strategy.layout.tp > 1 or self.fsdp_root is not None or self.has_experts)
         self.replayed: list[int] = []  # collectives each replay issued (for tests and the log)
@@ -122,29 +138,77 @@ class OOMRecoveryStep:
         history = memory_history_kwargs(strategy.root_device, options.oom_memory_history)
         if history is not None:
             torch.cuda.memory._record_memory_history(**history)
+        self.install()
 
     # ------------------------------------------------------------------ the step
-    def run(self, closure: Closure) -> torch.Tensor | None:
-        """Lightning's closure, as attempts agreed across ranks; returns the step's loss as the closure does."""
+    def install(self) -> None:
+        """Run every closure the Trainer's automatic-optimization loop makes through :meth:`run`.
+
+        Lightning calls the closure of an accumulated batch itself and that of an optimizer step's last batch
+        inside ``optimizer.step``; wrapping the loop's closure factory covers both, and the precision plugin and
+        optimizer see Lightning's own ``Closure``. :meth:`uninstall` puts the factory back.
+        """
+        loop = self.trainer.fit_loop.epoch_loop.automatic_optimization
+        make_closure = getattr(loop, "_make_closure", None)
+        if make_closure is None:
+            raise RuntimeError(
+                "`memory.oom_recovery=True` runs Lightning's training closure through its agreement, and finds it "
+                "through the loop's `_make_closure` (Lightning 2.5 and 2.6); this Lightning has none. Install "
+                "lightning>=2.5,<2.7 or turn oom_recovery off.")
+
+        def make_recoverable_closure(kwargs: Any, optimizer: Any, batch_idx: int) -> Closure:
+            closure = make_closure(kwargs, optimizer, batch_idx)
+            # (Closure.__call__ calls self.closure: the instance attribute runs instead of the class's method)
+            closure.closure = partial(self.run, closure, batch_idx)  # type: ignore[method-assign]
+            return closure
+
+        loop._make_closure = make_recoverable_closure
+        self._loop = loop
+
+    def uninstall(self) -> None:
+        """Give the loop its own closure factory back (end of the fit)."""
+        if self._loop is not None:
+            vars(self._loop).pop("_make_closure", None)
+            self._loop = None
+
+    @contextlib.contextmanager
+    def continuing_step(self) -> Any:
+        """Lightning runs a batch whose gradients are kept for later batches of the same optimizer step."""
+        self.step_continues = True
+        try:
+            yield
+        finally:
+            self.step_continues = False
+
+    @torch.enable_grad()
+    def run(self, closure: Closure, batch_idx: int = 0) -> ClosureResult:
+        """Lightning's closure for one batch, as attempts agreed across ranks; returns what the closure returns."""
         step, attempt = self.trainer.global_step, 0
         split = self.schedule.split
         rng = _rng_state(self.strategy.root_device)
+        last_of_step = not self.step_continues
+        module = self.strategy.lightning_module
+        # Later batches of an optimizer step: the earlier batches' gradients and routing counts stay out of reach
+        # of the attempts (the first batch's closure zeroes the gradients, as Lightning's does).
+        kept = _set_gradients_aside(module) if batch_idx % self._accumulate else {}
+        counts = _bias_counts(module)
         while True:
             if attempt:
                 _set_rng_state(self.strategy.root_device, rng)  # a retry draws what the step would have drawn
+                _restore_bias_counts(counts)  # the failed attempt's routing counts are not the step's
             result, error = self._attempt(closure, split, first=attempt == 0)
-            failed_ranks, has_grad = self._agree(error is not None)
+            failed_ranks, has_grad = self._agree(error is not None, kept)
             if not failed_ranks:
                 assert result is not None
                 end_recording()
-                self._finish(has_grad)
+                _add_gradients_back(kept)
+                self._finish(has_grad, reduce_gradients=last_of_step)
                 self._guarded = True
                 self.schedule.on_success()
-                closure._result = result
-                return result.loss
+                return result
             attempt += 1
             new_split = self.schedule.on_oom(self._splittable(batch_size_of(self.batch)))
-            self._report(step, attempt, failed_ranks, split, new_split, error)
+            self._report(step, batch_idx, attempt, failed_ranks, split, new_split, error)
             if new_split is None:
                 raise OOMRecoveryExhausted(exhausted_message(
                     step=step, batch_size=batch_size_of(self.batch), ranks=failed_ranks, pieces=split,
@@ -158,7 +222,6 @@ class OOMRecoveryStep:
         fx_name = module._current_fx_name
         if not first:
             _clear_gradients(module)
-            _discard_bias_counts(module)  # the failed attempt's routing counts are not the step's
         self.deferred = []
         guard = contextlib.nullcontext() if self._guarded else CollectiveGuard()  # until one attempt succeeded
         issued_before = issued_collectives() if self.replays_collectives else {}
@@ -170,7 +233,7 @@ class OOMRecoveryStep:
         try:
             with guard, self._local_gradients(), covered_attempt():
                 if pieces is None:
-                    result = closure.closure()  # Lightning's own order, hooks and all
+                    result = Closure.closure(closure)  # Lightning's own order, hooks and all
                 else:
                     result = self._split_attempt(closure, pieces, first)
             message = self.pipeline.take_failure() if self.pipeline is not None else None
@@ -267,7 +330,7 @@ class OOMRecoveryStep:
         MoE layers inject their z-loss gradient themselves; it is scaled like the user's loss.
         """
         self.micro_batch, self.loss_weight = piece, weight
-        scale = 1.0 if weight is None else weight
+        scale = self._aux_loss_base * (1.0 if weight is None else weight)
         if self.has_experts and scale != self._aux_loss_scale:  # (a clean step sets nothing: no walk over the model)
             set_aux_loss_scale(self.strategy.lightning_module, scale)
             self._aux_loss_scale = scale
@@ -296,8 +359,9 @@ class OOMRecoveryStep:
         return ClosureResult(total, extra=extra)
 
     # ------------------------------------------------------------------ the fixed point
-    def _agree(self, failed: bool) -> tuple[list[int], list[bool]]:
-        """One all-reduce (MAX): failed ranks, recorded reductions (count and its negative), gradients present.
+    def _agree(self, failed: bool, kept: dict[nn.Parameter, torch.Tensor]) -> tuple[list[int], list[bool]]:
+        """One all-reduce (MAX): failed ranks, recorded reductions (count and its negative), gradients present
+        (this batch's, or those ``kept`` aside from earlier batches of the optimizer step).
 
         Under pipeline parallelism each rank holds other parameters (its stages'), so the gradient flags are
         left out: each rank keeps its own, and :meth:`_finish` reduces them with the pipeline's own reductions.
@@ -310,7 +374,7 @@ class OOMRecoveryStep:
         vector = torch.zeros(world + 2 + len(params), device=strategy.root_device)
         vector[rank] = float(failed)
         vector[world], vector[world + 1] = count, -count
-        vector[world + 2:] = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+        vector[world + 2:] = torch.tensor([p.grad is not None or p in kept for p in params], dtype=torch.float32)
         dist.all_reduce(vector, op=dist.ReduceOp.MAX)
         flags = vector.tolist()
         failed_ranks = [r for r in range(world) if flags[r] > 0]
@@ -321,16 +385,36 @@ class OOMRecoveryStep:
                 "with sync_dist=True in each step."
             )
         if self.pipeline is not None:
-            return failed_ranks, [p.grad is not None for p in local]
+            return failed_ranks, [p.grad is not None or p in kept for p in local]
         return failed_ranks, [flag > 0 for flag in flags[world + 2:]]
 
-    def _finish(self, has_grad: list[bool]) -> None:
-        """The collectives the attempt left out, in the same order on every rank."""
+    def _finish(self, has_grad: list[bool], reduce_gradients: bool) -> None:
+        """The collectives the attempt left out, in the same order on every rank (the gradients' only after the
+        last batch of an optimizer step: they are reduced as their sum over its batches)."""
+        if reduce_gradients:
+            self._reduce_gradients(has_grad)
+        for tensor, group, op in self.deferred or []:
+            reduced = self.strategy._reduce_now(tensor, group, op)
+            if reduced is not tensor:
+                tensor.copy_(reduced)
+        self.deferred = None
+        if self._reduces_over_replicas():
+            dp_group = self.strategy.device_mesh["dp"].get_group()
+            for buffer in self._buffers:  # what DDP's forward would have broadcast from dp rank 0
+                dist.broadcast(buffer, src=dist.get_global_rank(dp_group, 0), group=dp_group)
+
+    def _reduces_over_replicas(self) -> bool:
+        """DDP: the gradients' all-reduce and the buffers' broadcast over the replicas are the agreement's to do
+        (FSDP2 reduce-scatters in each backward; a pipeline reduces its own gradients)."""
+        dp = dist.get_world_size(self.strategy.device_mesh["dp"].get_group())
+        return dp > 1 and self.fsdp_root is None and self.pipeline is None
+
+    def _reduce_gradients(self, has_grad: list[bool]) -> None:
+        """A gradient wherever any rank has one, then DDP's all-reduce, the pipeline's and the experts' reductions."""
         strategy = self.strategy
         dp_group = strategy.device_mesh["dp"].get_group()
         dp = dist.get_world_size(dp_group)
-        # (FSDP2 reduce-scattered in each backward; a pipeline reduces its own gradients below)
-        ddp = dp > 1 and self.fsdp_root is None and self.pipeline is None
+        ddp = self._reduces_over_replicas()
         handles = []
         synced = []
         for p, any_rank in zip(_trainable(strategy.lightning_module), has_grad, strict=True):
@@ -349,22 +433,16 @@ class OOMRecoveryStep:
             self.pipeline.reduce_gradients()
         if self.has_experts:
             strategy._reduce_expert_gradients(strategy.lightning_module)  # what post_backward left to this point
-        for tensor, group, op in self.deferred or []:
-            reduced = strategy._reduce_now(tensor, group, op)
-            if reduced is not tensor:
-                tensor.copy_(reduced)
-        self.deferred = None
-        for buffer in self._buffers if ddp else ():  # what DDP's forward would have broadcast from dp rank 0
-            dist.broadcast(buffer, src=dist.get_global_rank(dp_group, 0), group=dp_group)
 
     # ------------------------------------------------------------------ reporting
-    def _report(self, step: int, attempt: int, ranks: list[int], split: int, new_split: int | None,
+    def _report(self, step: int, batch_idx: int, attempt: int, ranks: list[int], split: int, new_split: int | None,
                 error: str | None) -> None:
         from picotron_lightning.monitoring.alerts import find_alert_manager
         from picotron_lightning.monitoring.collector import MetricsCollector
 
         self.retries += 1
-        self.events.append({"step": step, "attempt": attempt, "ranks": ranks, "split": split, "new_split": new_split})
+        self.events.append({"step": step, "batch_idx": batch_idx, "attempt": attempt, "ranks": ranks, "split": split,
+                            "new_split": new_split})
         callbacks = self.trainer.callbacks
         alerts = find_alert_manager(callbacks)
         if alerts is not None:
@@ -374,7 +452,7 @@ class OOMRecoveryStep:
             else:
                 alerts.alert("oom_retry", f"out of memory on rank(s) {ranks} with {split} micro-batch(es); redoing "
                              f"the step with {new_split}" + (f" ({error})" if error else ""), severity="warning",
-                             step=step, key=f"oom_retry@{step}.{attempt}", ranks=ranks, split=new_split)
+                             step=step, key=f"oom_retry@{step}.{batch_idx}.{attempt}", ranks=ranks, split=new_split)
         for callback in callbacks:
             if isinstance(callback, MetricsCollector):
                 callback.record_metric("memory/oom_retries", float(self.retries))
@@ -454,7 +532,27 @@ def _expert_layer_facts(module: nn.Module) -> list[ExpertLayerFacts]:
     return facts
 
 
-def _discard_bias_counts(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, LoadBalancer):
-            m.discard_pending()
+def _set_gradients_aside(module: nn.Module) -> dict[nn.Parameter, torch.Tensor]:
+    """Take the gradients of the optimizer step's earlier batches off the parameters (an attempt starts from none)."""
+    kept = {}
+    for p in module.parameters():
+        if p.grad is not None:
+            kept[p], p.grad = p.grad, None
+    return kept
+
+
+def _add_gradients_back(kept: dict[nn.Parameter, torch.Tensor]) -> None:
+    """The earlier batches' gradients plus the successful attempt's, in the earlier buffers."""
+    for p, grad in kept.items():
+        if p.grad is not None:
+            grad.add_(p.grad)
+        p.grad = grad
+
+
+def _bias_counts(module: nn.Module) -> dict[LoadBalancer, torch.Tensor | None]:
+    return {m: m.pending_counts() for m in module.modules() if isinstance(m, LoadBalancer)}
+
+
+def _restore_bias_counts(counts: dict[LoadBalancer, torch.Tensor | None]) -> None:
+    for balancer, pending in counts.items():
+        balancer.restore_pending(pending)

@@ -8,7 +8,6 @@ import warnings
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -22,7 +21,6 @@ from lightning.fabric.utilities.distributed import (
 from lightning.fabric.utilities.init import _materialize_distributed_module
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.fabric.utilities.types import ReduceOp
-from lightning.pytorch.loops.optimization.automatic import Closure
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher, _SubprocessScriptLauncher
 from lightning.pytorch.strategies.parallel import ParallelStrategy
@@ -299,12 +297,6 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             self.oom_recovery.batch = batch  # the global batch a recovered step splits
         return batch
 
-    def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
-        recovery = self.oom_recovery
-        if recovery is not None and isinstance(closure, Closure):
-            closure = partial(recovery.run, closure)
-        return super().optimizer_step(optimizer, closure, model, **kwargs)
-
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.oom_recovery is not None and self.oom_recovery.micro_batch is not None:
             args = (self.oom_recovery.micro_batch, *args[1:])  # one piece of an OOM-split step
@@ -331,8 +323,17 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
 
     @contextmanager
     def block_backward_sync(self) -> Generator[None, None, None]:
-        """Skip gradient reduction on non-final accumulation steps (FSDP2 and DDP alike)."""
+        """Skip gradient reduction on non-final accumulation steps (FSDP2 and DDP alike).
+
+        Under ``memory.oom_recovery`` the recovery reduces the gradients itself (DDP's and the pipeline's after
+        the optimizer step's last batch, FSDP2's in each batch's backward); it is told that the batch continues
+        the step.
+        """
         assert self.model is not None
+        if self.oom_recovery is not None:
+            with self.oom_recovery.continuing_step():
+                yield
+            return
         with self._no_gradient_sync(self.model):
             yield
 
@@ -404,6 +405,8 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         trainer = getattr(self.lightning_module, "_trainer", None)
         interrupted = trainer is not None and trainer.state.status == TrainerStatus.INTERRUPTED
         self._fault_tolerance.stop(succeeded=not interrupted)
+        if self.oom_recovery is not None:
+            self.oom_recovery.uninstall()  # the loop's closure factory, as Lightning made it
         try:
             super().teardown()
         except RuntimeError as error:

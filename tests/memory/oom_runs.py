@@ -77,9 +77,11 @@ def chosen_points(last_phase: Phase = "forward") -> list[OOMAt]:
 
 def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list[OOMAt], budget: int | None = None,
             memory: dict | None = None, monitor: bool = True, tp: int = 1, dp_mode: str = "ddp",
-            strategy_options: dict | None = None, module: Any = None) -> dict[str, Any]:
+            strategy_options: dict | None = None, module: Any = None, trainer_options: dict | None = None,
+            ) -> dict[str, Any]:
     """``Trainer.fit`` with picotron3d (``dp_mode`` data parallelism, ``tp`` tensor parallelism; oom_recovery) and
-    :class:`InjectOOM`; what the test compares (the state as whole tensors, gathered from sharded ones)."""
+    :class:`InjectOOM`; what the test compares (the state as whole tensors, gathered from sharded ones).
+    ``trainer_options``: more ``Trainer`` arguments (``accumulate_grad_batches``)."""
     from picotron_lightning import AlertManager, MetricsCollector, Picotron3DStrategy
     from picotron_lightning.testing import COLLECTIVE_TIMEOUT, TokenDataset
     from picotron_lightning.testing_memory import InjectOOM
@@ -99,7 +101,8 @@ def oom_fit(rank: int, world: int, data: Any, micro: int, steps: int, plan: list
         callbacks += [alerts, collector]
     module = module() if module is not None else make_module()
     loader = DataLoader(TokenDataset(data), batch_size=micro, shuffle=False)
-    fitted = fit_and_record(module, loader, callbacks=callbacks, strategy=strategy, devices=world, max_steps=steps)
+    fitted = fit_and_record(module, loader, callbacks=callbacks, strategy=strategy, devices=world, max_steps=steps,
+                            **(trainer_options or {}))
     state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in module.state_dict().items()}
     recovery = strategy.oom_recovery
     reported = {}

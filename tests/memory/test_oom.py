@@ -103,7 +103,6 @@ MOE_OK = ExpertLayerFacts("model.layers.1.mlp", records_exchange=True)
      "'model.layers.0.mlp.experts' exchanges tokens without recording"),
     ({"experts": [ExpertLayerFacts("moe", records_exchange=True, aux_loss_coeff=0.01)]}, "aux_loss_coeff=0.01"),
     ({"experts": [ExpertLayerFacts("moe", records_exchange=True, capacity_factor=1.25)]}, "capacity_factor=1.25"),
-    ({"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
     ({"automatic_optimization": False}, "automatic_optimization"),
 ])
 def test_layouts_without_a_sound_agreement_are_refused(kwargs: dict, needle: str) -> None:

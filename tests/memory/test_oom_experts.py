@@ -127,7 +127,7 @@ def test_expert_parallel_ooms_are_recovered_on_the_users_path(tmp_path: Path) ->
     result = run_script(SCRIPTS / "train.py", spec_path, out, timeout=600)
     runs = json.loads(out.read_text())
     assert runs["ep_oom"]["oom_events"] == [
-        {"step": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs["ep_oom"]
+        {"step": 1, "batch_idx": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs["ep_oom"]
     assert max_relative_diff(runs["ep_oom"]["losses"], runs["ep"]["losses"]) <= RTOL
     assert "expert_parallel_size=2" in runs["ep"]["layout"], runs["ep"]
     assert "oom_retry" in result.stdout

@@ -372,7 +372,7 @@ def test_pipeline_ooms_are_recovered_on_the_users_path(tmp_path: Path) -> None:
     runs = json.loads(out.read_text())
     for name in ("llama", "gpt", "moe"):
         assert runs[f"{name}_oom"]["oom_events"] == [
-            {"step": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
+            {"step": 1, "batch_idx": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
         assert max_relative_diff(runs[f"{name}_oom"]["losses"], runs[name]["losses"]) <= RTOL, name
         assert "pipeline_parallel_size=2" in runs[name]["layout"], runs[name]
     assert runs["llama_oom"]["alerts"].get("oom_retry") == 1, runs["llama_oom"]
@@ -408,7 +408,8 @@ def test_four_rank_stage_ooms_are_recovered_on_the_users_path(tmp_path: Path) ->
     runs = json.loads(out.read_text())
     for name, (_, _, failed, _) in pairs.items():
         assert runs[f"{name}_oom"]["oom_events"] == [
-            {"step": 1, "attempt": 1, "ranks": [failed], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
+            {"step": 1, "batch_idx": 1, "attempt": 1, "ranks": [failed], "split": 1, "new_split": 2},
+        ], runs[f"{name}_oom"]
         assert max_relative_diff(runs[f"{name}_oom"]["losses"], runs[name]["losses"]) <= RTOL, name
     assert "tensor_parallel_size=2" in runs["pp_tp"]["layout"], runs["pp_tp"]
     assert "data_parallel_size=2" in runs["pp_dp_moe"]["layout"], runs["pp_dp_moe"]

@@ -77,9 +77,9 @@ def test_an_injected_oom_is_recovered_on_the_users_path(tmp_path: Path) -> None:
     oom = json.loads(out.read_text())["oom"]
     plain = json.loads(out.read_text())["plain"]
     assert oom["oom_events"] == [
-        {"step": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2},
-        {"step": 2, "attempt": 1, "ranks": [0], "split": 2, "new_split": 4},
-        {"step": 2, "attempt": 2, "ranks": [0], "split": 4, "new_split": 8},
+        {"step": 1, "batch_idx": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2},
+        {"step": 2, "batch_idx": 2, "attempt": 1, "ranks": [0], "split": 2, "new_split": 4},
+        {"step": 2, "batch_idx": 2, "attempt": 2, "ranks": [0], "split": 4, "new_split": 8},
     ], oom
     assert oom["alerts"].get("oom_retry") == 3 and 3.0 in oom["oom_metrics"], oom
     assert max_relative_diff(oom["losses"], plain["losses"]) <= RTOL

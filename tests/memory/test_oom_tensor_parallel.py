@@ -136,7 +136,7 @@ def test_tensor_parallel_and_fsdp_ooms_are_recovered_on_the_users_path(tmp_path:
     runs = json.loads(out.read_text())
     for name in ("tp", "fsdp"):
         assert runs[f"{name}_oom"]["oom_events"] == [
-            {"step": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
+            {"step": 1, "batch_idx": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], runs[f"{name}_oom"]
         assert max_relative_diff(runs[f"{name}_oom"]["losses"], runs[name]["losses"]) <= RTOL, name
     assert runs["fsdp"]["data_parallel_mode"] == "fsdp" and "tensor_parallel_size=2" in runs["tp"]["layout"], runs["tp"]
     assert runs["tp_oom"]["alerts"].get("oom_retry") == 1, runs["tp_oom"]

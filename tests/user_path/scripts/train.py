@@ -7,7 +7,8 @@ the per-step global-batch losses (``strategy.reduce(loss, "mean")``, the data-pa
     {"name": ..., "strategy": {Picotron3DStrategy arguments}, "model": {"kind": "llama" | "moe" | "gpt" | "gpt2"},
      "steps": 6, "micro_batch": 2, "samples": 48, "precision": {AdaptivePrecision arguments} (optional),
      "monitoring": true (optional), "checkpoint_every": n (optional), "resume": "<run name>@<step>" (optional),
-     "inject_oom": [{OOMAt arguments}, ...] (optional: test tooling that raises torch.OutOfMemoryError there)}
+     "inject_oom": [{OOMAt arguments}, ...] (optional: test tooling that raises torch.OutOfMemoryError there),
+     "accumulate": M (optional: Trainer(accumulate_grad_batches=M))}
 
 Nothing here sets up processes or environment variables: it is the script a user would write.
 Several runs share one launch, as several ``Trainer.fit`` calls in one script do under Lightning's ``ddp``.
@@ -100,7 +101,8 @@ def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
         resume = str(out_dir / "checkpoints" / name / f"step={step}.ckpt")
     trainer = L.Trainer(
         accelerator="cpu", devices=spec["devices"], num_nodes=spec.get("num_nodes", 1), strategy=strategy,
-        plugins=plugins, max_steps=run["steps"], logger=logger, log_every_n_steps=1, callbacks=callbacks,
+        plugins=plugins, max_steps=run["steps"], accumulate_grad_batches=run.get("accumulate", 1),
+        logger=logger, log_every_n_steps=1, callbacks=callbacks,
         enable_checkpointing=bool(run.get("checkpoint_every")), enable_progress_bar=False,
         enable_model_summary=False,
     )
