@@ -163,6 +163,7 @@ class ExpertLayerFacts:
 def check_recovery_layout(
     *, pp: int, experts: Sequence[ExpertLayerFacts] = (), automatic_optimization: bool = True, tp: int = 1,
     dp: int = 1, ep: int = 1, pipeline_split: str = "structural", pipeline_schedule: str = "1f1b",
+    activation_checkpointing: str = "none",
 ) -> None:
     """Refuse ``oom_recovery`` where a failed rank cannot account for the collectives of its step, or where
     redoing the step in smaller micro-batches would not give the same update.
@@ -177,21 +178,27 @@ def check_recovery_layout(
     :mod:`picotron_lightning.parallel.pipeline_parallel.sharded_recovery`), with tensor parallelism (a hollow stage
     replays its tp collectives, per forward, loss, backward or zero-bubble backward half), and with MoE layers at
     ``ep = 1`` (at ``dp > 1`` their routing statistics' all-reduce has a fixed shape, so a hollow stage replays it
-    like a tp collective) and at ``ep > 1`` under the structural split with a schedule whose backward is whole
-    (a hollow stage replays each chunk's token exchange by protocol, its backward with the sizes its forward
-    learned: :mod:`picotron_lightning.parallel.pipeline_parallel.exchange_replay`). Not covered: ep > 1 with the
-    traced split or a zero-bubble schedule; MoE with an auxiliary loss or a capacity (a split step changes the
-    update).
+    like a tp collective) and at ``ep > 1`` under the structural split (a hollow stage replays each chunk's token
+    exchange by protocol, its backward, or a zero-bubble backward's input half, with the sizes its forward learned:
+    :mod:`picotron_lightning.parallel.pipeline_parallel.exchange_replay`). Not covered: ep > 1 with the traced split,
+    or with a zero-bubble schedule and activation checkpointing; MoE with an auxiliary loss or a capacity (a split
+    step changes the update).
     Raised before the first training step, on every rank alike.
     """
     reasons = []
     split_backward = pipeline_schedule in ("zero_bubble", "zbv")
-    if pp > 1 and experts and ep > 1 and (pipeline_split != "structural" or split_backward):
+    exchanging = pp > 1 and bool(experts) and ep > 1
+    if exchanging and pipeline_split != "structural":
         reasons.append(
             f"pipeline_parallel_size={pp} with {len(experts)} MoE layer(s) at expert_parallel_size={ep} under "
-            f"pipeline_split={pipeline_split!r} and pipeline_schedule={pipeline_schedule!r} (a stage that ran out of "
-            "memory replays each chunk's token exchange per forward and whole backward; with ep > 1 recovery covers "
-            "pipeline_split='structural' with pipeline_schedule='1f1b', 'gpipe' or 'interleaved_1f1b')")
+            f"pipeline_split={pipeline_split!r} (a stage that ran out of memory replays each chunk's token exchange "
+            "by protocol, which the MoE layers of the structural split record; use pipeline_split='structural')")
+    elif exchanging and split_backward and activation_checkpointing != "none":
+        reasons.append(
+            f"pipeline_parallel_size={pp} with {len(experts)} MoE layer(s) at expert_parallel_size={ep} under "
+            f"pipeline_schedule={pipeline_schedule!r} with activation_checkpointing={activation_checkpointing!r} (the "
+            "recomputed blocks' token exchanges of a zero-bubble backward are not replayed by a stage that ran out of "
+            "memory; use activation_checkpointing='none', or pipeline_schedule='1f1b', 'gpipe' or 'interleaved_1f1b')")
     for layer in experts:
         if not layer.records_exchange:
             reasons.append(f"MoE layer '{layer.name}' exchanges tokens without recording the exchange for a replay "

@@ -74,9 +74,9 @@ class MemoryOptions:
     expert and pipeline parallelism): every rank agrees at one fixed point of the step, frees what the step held
     and redoes the same global batch in twice as many micro-batches (accumulated inside the step), so the update
     is the one without the OOM; under ``accumulate_grad_batches > 1`` each batch of a step alike, the earlier
-    batches' gradients kept aside while a later one is attempted. Stops on every rank, with the estimate command and what to turn on, at the
-    finest split (one sample per micro-batch, or the fewest a pipeline schedule runs). See docs/memory.md
-    ("OOM recovery") for the layouts it covers, those it refuses, and why."""
+    batches' gradients kept aside while a later one is attempted. Stops on every rank, with the estimate command
+    and what to turn on, at the finest split (one sample per micro-batch, or the fewest a pipeline schedule
+    runs). See docs/memory.md ("OOM recovery") for the layouts it covers, those it refuses, and why."""
 
     oom_retry_larger_after: int = field(default=50, metadata={"flat": None})
     """With ``oom_recovery``: clean steps (batches, under gradient accumulation) after which a split step tries

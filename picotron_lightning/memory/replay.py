@@ -120,6 +120,10 @@ class ProtocolCall:
         """Take part in the collective as the failed rank; ``issued``: it already ran for real (keep its sizes)."""
         raise NotImplementedError
 
+    def same_as(self, other: CollectiveCall | ProtocolCall) -> bool:
+        """Whether ``other``, from another trace of the same compute, is this collective (this object, by default)."""
+        return other is self
+
 
 class RecordCollectives(TorchDispatchMode):
     """Writes down every collective dispatched under it, in order (the op still runs below the mode)."""

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from picotron_lightning.memory.replay import ProtocolCall, record_protocol_call, recorded_attempt
+from picotron_lightning.memory.replay import CollectiveCall, ProtocolCall, record_protocol_call, recorded_attempt
 
 __all__ = ["ExpertCommunication", "all_to_all_rows", "traced_exchanges"]
 
@@ -239,6 +239,11 @@ class _ExchangeStep(ProtocolCall):
     def __init__(self, exchange: _ReplayedExchange, step: str) -> None:
         self.exchange, self.step = exchange, step
         self.group = exchange.comm.group.group_name
+
+    def same_as(self, other: CollectiveCall | ProtocolCall) -> bool:
+        """The same step of the same layer's exchange (traces of one compute list a layer's exchanges in order)."""
+        return (isinstance(other, _ExchangeStep) and other.exchange.comm is self.exchange.comm
+                and other.step == self.step)
 
     def replay(self, issued: bool) -> None:
         ex, comm = self.exchange, self.exchange.comm

@@ -86,6 +86,7 @@ class OOMRecoveryStep:
             automatic_optimization=module.automatic_optimization,
             tp=strategy.layout.tp, dp=strategy.layout.dp, ep=strategy.layout.ep,
             pipeline_split=strategy._options.pipeline.split, pipeline_schedule=strategy._options.pipeline.schedule,
+            activation_checkpointing=options.activation_checkpointing,  # (as memory_budget chose it)
         )
         self.strategy, self.trainer, self.options = strategy, trainer, options
         # Pipeline parallelism: a stage that runs out of memory finishes its schedule hollow (its sends and

@@ -96,8 +96,8 @@ MOE_OK = ExpertLayerFacts("model.layers.1.mlp", records_exchange=True)
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    ({"pp": 4, "dp": 2, "ep": 2, "experts": [MOE_OK], "pipeline_schedule": "zbv"},
-     "MoE layer.s. at expert_parallel_size=2 under pipeline_split='structural' and pipeline_schedule='zbv'"),
+    ({"pp": 4, "dp": 2, "ep": 2, "experts": [MOE_OK], "pipeline_schedule": "zbv", "activation_checkpointing": "full"},
+     "MoE layer.s. at expert_parallel_size=2 under pipeline_schedule='zbv' with activation_checkpointing='full'"),
     ({"pp": 2, "dp": 2, "ep": 2, "experts": [MOE_OK], "pipeline_split": "trace"}, "pipeline_split='trace'"),
     ({"experts": [ExpertLayerFacts("model.layers.0.mlp.experts", records_exchange=False)]},
      "'model.layers.0.mlp.experts' exchanges tokens without recording"),
@@ -121,6 +121,7 @@ def test_layouts_with_a_sound_agreement_are_accepted() -> None:
     check_recovery_layout(pp=2, dp=2, experts=[MOE_OK])  # ... and at ep=1: their statistics' all-reduce is replayed
     check_recovery_layout(pp=2, dp=2, ep=2, experts=[MOE_OK])  # ... and ep=2: each chunk's exchange, by protocol
     check_recovery_layout(pp=2, dp=2, ep=2, experts=[MOE_OK], pipeline_schedule="interleaved_1f1b")
+    check_recovery_layout(pp=2, dp=2, ep=2, experts=[MOE_OK], pipeline_schedule="zbv")  # ... in its input half
 
 
 def test_a_long_list_of_reasons_is_shortened() -> None:

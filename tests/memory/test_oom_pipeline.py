@@ -231,13 +231,15 @@ def test_stages_with_moe_layers_recover_from_ooms(split: str, schedule: str, tp:
 
 
 @pytest.mark.parametrize(("schedule", "checkpointing"), [
-    ("1f1b", "none"), ("interleaved_1f1b", "none"), ("1f1b", "full")])
+    ("1f1b", "none"), ("interleaved_1f1b", "none"), ("1f1b", "full"), ("zero_bubble", "none"), ("zbv", "none")])
 def test_stages_with_expert_parallel_moe_layers_recover_from_ooms(schedule: str, checkpointing: str) -> None:
     """pp=2 x dp=2 with the MoE layers at expert_parallel_size=2 (FSDP2 stages): each chunk's token exchange over ep
     has sizes that follow its routing, in its forward and again in its backward. A hollow replica replays each chunk's
     exchanges by protocol (it sends no tokens, and learns from the counts it receives how many rows to answer), its
     backward with the sizes its forward learned, or the real dispatch's where the chunk's forward ran before the
-    failure; under full checkpointing the backward's recomputed dispatch too. Before, this layout was refused."""
+    failure; under full checkpointing the backward's recomputed dispatch too. Under the zero-bubble schedules the
+    exchanges of a backward run in its input half, which a hollow replica links the same way (without: "a dispatch's
+    counts are replayed before its rows" on the failed rank). Before, these layouts were refused."""
     steps = CHOSEN_STEPS
     data = make_data(steps * MICRO * 2)
     runs = run_ranks(oom_fit, 4, data, MICRO, steps, DP_POINTS, dp_mode="auto", module=deep_moe_module,
@@ -264,6 +266,19 @@ def test_stages_with_expert_parallel_moe_layers_recover_from_ooms(schedule: str,
             assert (got - expected).abs().max().item() < 1e-3, (rank, name)
         peer = runs[rank ^ 1]["state"]  # the stage's other ep rank: the same dense weights and expert biases
         assert all(torch.equal(got, peer[k]) for k, got in held.items() if got.shape == final[k].shape), rank
+
+
+def test_expert_parallel_stages_under_a_zero_bubble_schedule_with_checkpointing_are_refused_on_every_rank() -> None:
+    """pp=2 x dp=2 x ep=2 under ZBV with full checkpointing: the recomputed blocks' exchanges of a zero-bubble backward
+    are not replayed (measured with the refusal lifted: the chosen points hang past 600 s); every rank stops before
+    the first step with the message naming the setting and what works."""
+    runs = run_ranks(oom_fit_expect_error, 4, make_data(2 * MICRO), MICRO, 1, [], dp_mode="auto",
+                     module=deep_moe_module, memory={"activation_checkpointing": "full"}, monitor=False, timeout=300,
+                     strategy_options={"pipeline_parallel_size": 2, "pipeline_schedule": "zbv",
+                                       "expert_parallel_size": 2})
+    for run in runs:
+        assert "pipeline_schedule='zbv' with activation_checkpointing='full'" in run["error"], run
+        assert "use activation_checkpointing='none'" in run["error"], run
 
 
 @pytest.mark.parametrize(("split", "schedule", "moe"), [

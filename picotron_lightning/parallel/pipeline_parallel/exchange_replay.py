@@ -15,7 +15,8 @@ forward again. :class:`ChunkExchanges` links those traces to what the chunk real
   the attempt (so the k-th exchange of that compute is the layer's dispatch ``start + k``: where the
   failure came half-way through it, the replay reads the sizes the real exchange used);
 * the exchanges of a chunk's replayed forward, whose sizes the replay learned, for its backward;
-* a backward's trace takes, for each exchange of its forward part, the sizes of that chunk's forward:
+* a backward's trace (or a zero-bubble backward's input half, where its exchanges run) takes, for each
+  exchange of its forward part, the sizes of that chunk's forward:
   the replayed one's, or the real dispatch's kept counts. Activation checkpointing recomputes a block's
   forward inside its backward; the recomputed dispatch sends what the forward sent (its origin), and is
   the layer's dispatch ``start + k`` of the backward.

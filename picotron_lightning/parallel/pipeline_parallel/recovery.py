@@ -44,9 +44,11 @@ of the stage's inputs, the weight half the rest of the whole backward); FSDP2 in
 so nothing of FSDP2 communicates inside a compute; a hollow stage reduce-scatters zeros). MoE layers at ep = 1
 run one collective, the routing statistics' all-reduce over the stage's data-parallel replicas (dp > 1), of a
 fixed shape, in each forward (the traced split: in the backward's recompute), which a hollow stage replays like a
-tp collective. At ep > 1 (structural split, a schedule whose backward is whole) their token exchange spans a
-chunk's forward and backward with sizes taken from values: the stage's traces are then made per chunk and
-linked to what the chunk exchanged
+tp collective. At ep > 1 (structural split) their token exchange spans a chunk's forward and backward (under a
+zero-bubble schedule its input half: the weight half's gradients start from what the input half left at the
+experts, past the exchange) with sizes taken from values: the stage's traces are then made per chunk and
+linked to what the chunk exchanged, each exchange of the weight half matched to the input half's by layer and step
+(the weight half is the whole backward less the input half)
 (:mod:`~picotron_lightning.parallel.pipeline_parallel.exchange_replay`, ``StepFailure(exchanges_tokens=True)``).
 """
 
@@ -271,8 +273,9 @@ class RecoverableStage(ShapeInferringStage):
         """
         replays = self.failure.replays_collectives and bool(kind)
         issued: dict[str, int] = {}
-        if self.failure.exchanges_tokens and kind in ("forward", "backward"):
-            self._exchanges.compute_starts(kind, chunk)
+        if self.failure.exchanges_tokens and kind in ("forward", "backward", "backward_input"):
+            # (the input half of a zero-bubble backward is where its exchanges run, recomputed dispatches included)
+            self._exchanges.compute_starts("forward" if kind == "forward" else "backward", chunk)
         if not self.failure.failed:
             before = issued_collectives() if replays else {}
             try:
@@ -355,8 +358,12 @@ class RecoverableStage(ShapeInferringStage):
             if exchanging:
                 self._exchanges.link_backward(chunk, whole_trace[:after], traced[kind])
         elif kind == "backward_input":
-            traced[kind] = [] if self.is_first else \
-                trace_collectives_of(backward_of(lambda inputs: inputs))[after:]
+            traced[kind] = []
+            if not self.is_first:  # (the first stage's torch stage runs its whole backward in the weight half)
+                input_trace = trace_collectives_of(backward_of(lambda inputs: inputs))
+                traced[kind] = input_trace[after:]
+                if exchanging:
+                    self._exchanges.link_backward(chunk, input_trace[:after], traced[kind])
         elif kind == "backward_weight":
             whole = self._collectives_of("backward", chunk)
             traced[kind] = whole if self.is_first else \
@@ -437,6 +444,10 @@ class RecoverableStage(ShapeInferringStage):
         self.backward_state.clear()  # zero-bubble: what the weight half of each chunk would have used
 
 
+def _same_call(call: CollectiveCall | ProtocolCall, other: CollectiveCall | ProtocolCall) -> bool:
+    return call.same_as(other) if isinstance(call, ProtocolCall) else call == other
+
+
 def _without(calls: list[CollectiveCall | ProtocolCall], part: list[CollectiveCall | ProtocolCall]
              ) -> list[CollectiveCall | ProtocolCall]:
     """``calls`` less ``part``, a subsequence of it (matched in order, first fit): the zero-bubble weight half's
@@ -445,7 +456,7 @@ def _without(calls: list[CollectiveCall | ProtocolCall], part: list[CollectiveCa
     waiting = iter(part)
     wanted = next(waiting, None)
     for call in calls:
-        if wanted is not None and call == wanted:
+        if wanted is not None and _same_call(call, wanted):
             wanted = next(waiting, None)
         else:
             rest.append(call)
