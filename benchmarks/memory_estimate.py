@@ -4,7 +4,7 @@
 
 The prediction (``estimate_memory``) is made in this process before any rank starts; the
 measurement is ``Trainer.fit`` on real gloo ranks with ``PeakProbe`` (live tensor bytes of the
-third step). Prints one Markdown table row per (layout, mode, rank).
+smallest of the third to fifth steps). Prints one Markdown table row per (layout, mode, rank).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def _measure(rank: int, world: int, strategy_kwargs: dict) -> dict:
     out = {}
     data = torch.randint(0, 256, (64, SEQ + 1), generator=torch.Generator().manual_seed(0))
     for mode in MODES:
-        probe = PeakProbe(step=2)
+        probe = PeakProbe(steps=(2, 3, 4))
         trainer = L.Trainer(strategy=Picotron3DStrategy(memory={"activation_checkpointing": mode}, **strategy_kwargs),
-                            accelerator="cpu", devices=world, max_steps=3, logger=False, enable_checkpointing=False,
+                            accelerator="cpu", devices=world, max_steps=5, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, callbacks=[probe])
         trainer.fit(CausalLMModule("tiny", seed=0), DataLoader(data, batch_size=MICRO))
         out[mode] = probe.peak

@@ -10,6 +10,7 @@ k-th op) and/or past a budget of live bytes created in the step (:class:`BudgetO
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,22 +27,46 @@ from picotron_lightning.parallel.pipeline_parallel.recovery import outside_stage
 
 
 class PeakProbe(Callback):
-    """Measure the live tensor bytes of training step ``step`` (0-based batch index) on this rank.
+    """Measure the live tensor bytes of training steps ``steps`` (0-based batch indices) on this rank.
 
-    Counts what exists when the step starts (parameters, buffers, gradients, optimizer state, the
+    Counts what exists when a step starts (parameters, buffers, gradients, optimizer state, the
     batch) and every tensor an op creates until the step ends (forward, backward, optimizer step).
-    ``peak`` and ``breakdown`` hold the result afterwards.
+    ``peaks`` holds each measured step's peak afterwards; ``peak`` the smallest of them and
+    ``breakdown`` that step's split by kind.
+
+    Why the smallest: a storage counts until its last reference goes, and gloo's worker thread drops
+    its reference to a finished collective's buffers a moment after the step's thread waited for it.
+    On a busy machine that moment can come after the step's next peak and add the buffer to it
+    (measured on 2 FSDP2 ranks: flat 131328- and 197120-byte buffers that FSDP2 splits for its
+    collectives released on gloo's threads, and one CI run's rank 0 peak 0.188 MiB over the estimate its
+    rank 1 matched: 197120 bytes, to the printed rounding). The delay only ever adds bytes,
+    and steady-state steps of the same shapes have the same peak, so several steps' minimum is the
+    step's peak unless every one of them was delayed.
     """
 
-    def __init__(self, step: int = 1) -> None:
-        self.step = step
-        self.peak: int | None = None
-        self.breakdown: dict[str, int] | None = None
+    def __init__(self, steps: int | Sequence[int] = 1) -> None:
+        self.steps = (steps,) if isinstance(steps, int) else tuple(steps)
+        if not self.steps:
+            raise ValueError("PeakProbe(steps=...) needs at least one batch index to measure")
+        self.peaks: dict[int, int] = {}
+        self._breakdowns: dict[int, dict[str, int]] = {}
         self._tracker: LiveBytes | None = None
+
+    @property
+    def peak(self) -> int | None:
+        """The smallest measured step's peak (None until a measured step ended)."""
+        return min(self.peaks.values()) if self.peaks else None
+
+    @property
+    def breakdown(self) -> dict[str, int] | None:
+        """The split by kind of the step whose peak is :attr:`peak`."""
+        if not self.peaks:
+            return None
+        return self._breakdowns[min(self.peaks, key=lambda batch_idx: self.peaks[batch_idx])]
 
     @override
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx != self.step:
+        if batch_idx not in self.steps:
             return
         tracker = LiveBytes()
         params = list(pl_module.parameters())
@@ -54,12 +79,12 @@ class PeakProbe(Callback):
 
     @override
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx != self.step or self._tracker is None:
+        if batch_idx not in self.steps or self._tracker is None:
             return
         tracker, self._tracker = self._tracker, None
         tracker.__exit__(None, None, None)
-        self.peak = tracker.peak
-        self.breakdown = tracker.breakdown(pl_module, trainer.optimizers).as_dict()
+        self.peaks[batch_idx] = tracker.peak
+        self._breakdowns[batch_idx] = tracker.breakdown(pl_module, trainer.optimizers).as_dict()
 
 
 # ---------------------------------------------------------------------------- OOM injection (test tooling)

@@ -20,6 +20,7 @@ nothing.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -83,37 +84,44 @@ class LiveBytes(TorchDispatchMode):
         self._peak_pending = False  # the live set is the peak's and has not been copied yet
         self._at_peak: dict[int, tuple[int, weakref.ref, bool]] = {}
         self._saved_hooks: Any = None
+        # A storage is released on whichever thread drops its last reference: gloo's worker thread does
+        # so for a collective's buffers (after the step's thread waited for it). The counters are
+        # updated under this lock so that the two threads' updates cannot overwrite each other; re-entrant
+        # because a collection on the counting thread can release a storage in the middle of ``_track``.
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ accounting
     def _track(self, storage: torch.UntypedStorage) -> None:
         key = id(storage)
-        if key in self._live or key in self._host_live:
-            return
         nbytes = storage.nbytes()
-        if self._to_host:  # a simulated host copy: never device bytes
-            self._host_live[key] = nbytes
+        with self._lock:
+            if key in self._live or key in self._host_live:
+                return
+            if self._to_host:  # a simulated host copy: never device bytes
+                self._host_live[key] = nbytes
+                weakref.finalize(storage, self._release, key)
+                self.host_current += nbytes
+                self.host_peak = max(self.host_peak, self.host_current)
+                return
+            self._on_allocate(nbytes)
+            self._live[key] = (nbytes, weakref.ref(storage))
             weakref.finalize(storage, self._release, key)
-            self.host_current += nbytes
-            self.host_peak = max(self.host_peak, self.host_current)
-            return
-        self._on_allocate(nbytes)
-        self._live[key] = (nbytes, weakref.ref(storage))
-        weakref.finalize(storage, self._release, key)
-        self.current += nbytes
-        if self.current > self.peak:
-            self.peak = self.current
-            self._peak_pending = True
+            self.current += nbytes
+            if self.current > self.peak:
+                self.peak = self.current
+                self._peak_pending = True
 
     def _release(self, key: int) -> None:
-        if key in self._host_live:
-            self.host_current -= self._host_live.pop(key)
-            return
-        if self._peak_pending:  # leaving the peak: remember what was live there (copied once per peak)
-            self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
-            self._peak_pending = False
-        nbytes, _ = self._live.pop(key, (0, None))
-        self.current -= nbytes
-        self._saved.discard(key)
+        with self._lock:
+            if key in self._host_live:
+                self.host_current -= self._host_live.pop(key)
+                return
+            if self._peak_pending:  # leaving the peak: remember what was live there (copied once per peak)
+                self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
+                self._peak_pending = False
+            nbytes, _ = self._live.pop(key, (0, None))
+            self.current -= nbytes
+            self._saved.discard(key)
 
     def _on_allocate(self, nbytes: int) -> None:
         """Called before ``nbytes`` more become live; the OOM injector of the tests raises here."""
@@ -146,8 +154,9 @@ class LiveBytes(TorchDispatchMode):
                 self._to_host = False
             self.offloaded_bytes += t.numel() * t.element_size()
             return host
-        if storage is not None and id(storage) in self._live:
-            self._saved.add(id(storage))
+        with self._lock:
+            if storage is not None and id(storage) in self._live:
+                self._saved.add(id(storage))
         return t
 
     def _unpack(self, t: torch.Tensor) -> torch.Tensor:
@@ -155,9 +164,10 @@ class LiveBytes(TorchDispatchMode):
 
     def peak_sizes(self) -> list[int]:
         """Bytes of each storage live at the peak (what an allocator would have had to hold)."""
-        if self._peak_pending:
-            return [n for n, _ in self._live.values()]
-        return [n for n, _, _ in self._at_peak.values()]
+        with self._lock:
+            if self._peak_pending:
+                return [n for n, _ in self._live.values()]
+            return [n for n, _, _ in self._at_peak.values()]
 
     def __enter__(self) -> LiveBytes:
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
@@ -171,8 +181,9 @@ class LiveBytes(TorchDispatchMode):
     # ------------------------------------------------------------------ results
     def reset_peak(self) -> None:
         """Start a new peak from the bytes live now (e.g. after a warm-up step)."""
-        self.peak = self.current
-        self._peak_pending = True
+        with self._lock:
+            self.peak = self.current
+            self._peak_pending = True
 
     def breakdown(self, module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> PeakBreakdown:
         """Split the peak's bytes into kinds, by the identity of the storages live at the peak.
@@ -182,9 +193,10 @@ class LiveBytes(TorchDispatchMode):
         parameters and gradients freed during the step are not by then, and count as activations
         (if autograd saved them) or temporaries.
         """
-        if self._peak_pending:
-            self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
-            self._peak_pending = False
+        with self._lock:
+            if self._peak_pending:
+                self._at_peak = {k: (n, ref, k in self._saved) for k, (n, ref) in self._live.items()}
+                self._peak_pending = False
 
         def ids(tensors: Iterable[Any]) -> set[int]:
             found = set()

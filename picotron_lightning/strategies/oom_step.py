@@ -118,6 +118,11 @@ class OOMRecoveryStep:
         # MoE layers exchange tokens (ep > 1) and all-reduce routing statistics inside forward; their exchange is
         # replayed by protocol (moe/communication.py), and the split step scales their injected gradients.
         self.has_experts = bool(experts)
+        # DDP: the gradients' all-reduce and the buffers' broadcast over the replicas are the agreement's to do
+        # (FSDP2 reduce-scatters in each backward; a pipeline reduces its own gradients).
+        self._dp_group = strategy.device_mesh["dp"].get_group()
+        self._reduces_over_replicas = (dist.get_world_size(self._dp_group) > 1 and self.fsdp_root is None
+                                       and self.pipeline is None)
         # Lightning divides each batch's loss by the accumulation factor, and setup scaled the MoE layers' injected
         # gradients alike; a piece of a split batch scales them by its share of the samples on top.
         self._accumulate = max(1, int(trainer.accumulate_grad_batches))
@@ -399,23 +404,16 @@ class OOMRecoveryStep:
             if reduced is not tensor:
                 tensor.copy_(reduced)
         self.deferred = None
-        if self._reduces_over_replicas():
-            dp_group = self.strategy.device_mesh["dp"].get_group()
+        if self._reduces_over_replicas:
             for buffer in self._buffers:  # what DDP's forward would have broadcast from dp rank 0
-                dist.broadcast(buffer, src=dist.get_global_rank(dp_group, 0), group=dp_group)
-
-    def _reduces_over_replicas(self) -> bool:
-        """DDP: the gradients' all-reduce and the buffers' broadcast over the replicas are the agreement's to do
-        (FSDP2 reduce-scatters in each backward; a pipeline reduces its own gradients)."""
-        dp = dist.get_world_size(self.strategy.device_mesh["dp"].get_group())
-        return dp > 1 and self.fsdp_root is None and self.pipeline is None
+                dist.broadcast(buffer, src=dist.get_global_rank(self._dp_group, 0), group=self._dp_group)
 
     def _reduce_gradients(self, has_grad: list[bool]) -> None:
         """A gradient wherever any rank has one, then DDP's all-reduce, the pipeline's and the experts' reductions."""
         strategy = self.strategy
-        dp_group = strategy.device_mesh["dp"].get_group()
+        dp_group = self._dp_group
         dp = dist.get_world_size(dp_group)
-        ddp = self._reduces_over_replicas()
+        ddp = self._reduces_over_replicas
         handles = []
         synced = []
         for p, any_rank in zip(_trainable(strategy.lightning_module), has_grad, strict=True):

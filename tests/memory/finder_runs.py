@@ -36,9 +36,9 @@ def finder_fit(rank: int, world: int, budget: int, mode: str) -> dict[str, Any]:
     from tests.fitting import quiet_trainer
 
     finder = MicroBatchFinder(build_sized, budget=budget)
-    probe = PeakProbe(step=1)
+    probe = PeakProbe(steps=(1, 2))
     trainer = quiet_trainer(strategy=Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode=mode),
-                            devices=world, max_steps=2, callbacks=[finder, probe])
+                            devices=world, max_steps=3, callbacks=[finder, probe])
     module = SizedModule()
     trainer.fit(module)
     return {"size": finder.micro_batch_size, "estimated": finder.estimated, "measured": finder.measured,

@@ -40,7 +40,8 @@ def _data(preset: str, world: int) -> torch.Tensor:
 
 def measured_peaks(rank: int, world: int, strategy_kwargs: dict[str, Any], preset: str = "tiny",
                    ) -> dict[str, dict[str, Any]]:
-    """For each checkpointing mode: ``Trainer.fit`` for 2 steps, live bytes of the second step on this rank."""
+    """For each checkpointing mode: ``Trainer.fit`` for 5 steps; the live bytes of a steady step on this rank (the
+    smallest peak of the third to fifth, see ``PeakProbe``; the third for an MoE model)."""
     import lightning as L
 
     from picotron_lightning import Picotron3DStrategy
@@ -50,10 +51,12 @@ def measured_peaks(rank: int, world: int, strategy_kwargs: dict[str, Any], prese
 
     out = {}
     for mode in CHECKPOINTING:
-        probe = PeakProbe(step=2)  # after DDP rebuilt its buckets (step 1), as in every later step
+        # After DDP rebuilt its buckets (step 1), as in every later step; the smallest of three steps (see
+        # PeakProbe), except where MoE routing follows the weights each step updates (as the estimate does).
+        probe = PeakProbe(steps=(2,) if "moe" in preset else (2, 3, 4))
         strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, memory={"activation_checkpointing": mode},
                                       **strategy_kwargs)
-        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world, max_steps=3, logger=False,
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world, max_steps=5, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                             callbacks=[probe])
         loader = DataLoader(TokenDataset(_data(preset, world)), batch_size=MICRO, shuffle=False)

@@ -23,7 +23,7 @@ from picotron_lightning.memory.policy import (
     skip_reason,
 )
 from picotron_lightning.testing import run_ranks
-from tests.memory.budget_runs import MICRO, STEPS, build_module, fit_each, sample_batch
+from tests.memory.budget_runs import MICRO, SCRIPT_STEPS, STEPS, build_module, fit_each, sample_batch
 from tests.parity import RTOL, make_data, max_relative_diff, mean_over_ranks, train_reference
 
 MIB = 1 << 20
@@ -219,7 +219,7 @@ def test_user_script_with_a_budget_picks_a_policy_and_trains_like_one_process(tm
     result = json.loads((tmp_path / "out.json").read_text())
     assert (result["policy"], result["checkpointing"]) == ("selective", "selective"), result
     assert "memory policy 'selective'" in output and "none needs" in output, output[-3000:]
-    reference = train_reference(build_module(), make_data(128), STEPS, 2 * MICRO)["losses"]
+    reference = train_reference(build_module(), make_data(128), SCRIPT_STEPS, 2 * MICRO)["losses"]
     assert max_relative_diff(result["losses"], reference) <= RTOL, (result["losses"], reference)
 
 
@@ -238,5 +238,5 @@ def test_user_script_with_a_budget_under_tensor_parallelism(tmp_path) -> None:
     assert (result["policy"], result["checkpointing"]) == ("selective", "selective"), result
     assert "memory policy 'selective'" in output and "none needs" in output, output[-3000:]
     assert "estimated with a real step on the process group" in output, output[-3000:]
-    reference = train_reference(build_module(), make_data(128), STEPS, MICRO)["losses"]  # dp=1: one micro-batch
+    reference = train_reference(build_module(), make_data(128), SCRIPT_STEPS, MICRO)["losses"]  # dp=1: one micro-batch
     assert max_relative_diff(result["losses"], reference) <= RTOL, (result["losses"], reference)

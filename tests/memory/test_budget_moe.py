@@ -18,7 +18,7 @@ import pytest
 
 from picotron_lightning.memory.policy import POLICIES
 from picotron_lightning.testing import run_ranks
-from tests.memory.budget_runs import MICRO, STEPS, build_module, fit_each, sample_batch
+from tests.memory.budget_runs import MICRO, SCRIPT_STEPS, STEPS, build_module, fit_each, sample_batch
 from tests.parity import RTOL, make_data, max_relative_diff, mean_over_ranks, train_reference
 
 MIB = 1 << 20
@@ -130,5 +130,5 @@ def test_user_script_with_a_budget_and_a_moe_model(tmp_path) -> None:
     assert (result["policy"], result["checkpointing"], result["data_parallel_mode"]) == ("full", "full", "ddp"), result
     assert "memory policy 'full'" in output and "selective needs" in output, output[-3000:]
     assert "estimated with a real step on the process group" in output, output[-3000:]
-    reference = train_reference(build_module("tiny-moe"), make_data(128), STEPS, 2 * MICRO)["losses"]
+    reference = train_reference(build_module("tiny-moe"), make_data(128), SCRIPT_STEPS, 2 * MICRO)["losses"]
     assert max_relative_diff(result["losses"], reference) <= RTOL, (result["losses"], reference)

@@ -1,8 +1,8 @@
 """The per-rank memory estimate against the live bytes of real training steps on gloo ranks.
 
 For each layout, ``Trainer.fit`` runs on real ranks with each checkpointing mode and measures the
-second step's live tensor bytes per rank (``PeakProbe``); the estimate, made in this process
-before any rank exists, must be within 5% of every rank's measurement.
+live tensor bytes of a steady step per rank (``PeakProbe``: the smallest peak of steps 3 to 5); the
+estimate, made in this process before any rank exists, must be within 5% of every rank's measurement.
 """
 
 from __future__ import annotations

@@ -30,9 +30,10 @@ def strategy_kwargs(c: Any, reshard_after_forward: bool | None) -> dict[str, Any
     return kwargs
 
 
-def measure_plans(rank: int, world: int, plans: list[tuple[Any, bool | None]], steps: int = 3) -> list[int]:
+def measure_plans(rank: int, world: int, plans: list[tuple[Any, bool | None]], steps: int = 4) -> list[int]:
     """For each (candidate, reshard_after_forward): ``Trainer.fit`` for ``steps`` optimizer steps; the live
-    tensor bytes (``PeakProbe``) of the last step's last micro-batch on this rank. Without pp, M > 1 is
+    tensor bytes (``PeakProbe``) of a steady step's last micro-batch on this rank (the smallest over the third
+    step on). Without pp, M > 1 is
     Lightning's gradient accumulation over loader batches of the micro-batch size."""
     import lightning as L
     from torch.utils.data import DataLoader
@@ -45,7 +46,8 @@ def measure_plans(rank: int, world: int, plans: list[tuple[Any, bool | None]], s
     for c, reshard in plans:
         accumulate = c.num_microbatches if c.pp == 1 else 1
         loader_batch = c.micro_batch_size if c.pp == 1 else LOCAL_BATCH
-        probe = PeakProbe(step=steps * accumulate - 1)
+        # The last micro-batch of each step from the third (see PeakProbe for why more than one).
+        probe = PeakProbe(steps=[(step + 1) * accumulate - 1 for step in range(2, steps)])
         strategy = Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs(c, reshard))
         trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=world, max_steps=steps, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
