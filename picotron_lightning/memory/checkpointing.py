@@ -11,6 +11,7 @@ most of the activation bytes for a small share of the forward FLOPs.
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any
 
@@ -73,4 +74,43 @@ def apply_activation_checkpointing(
                     block, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **extra
                 )
                 wrapped += 1
+    if wrapped:
+        train_without_key_value_cache(root)
     return wrapped
+
+
+def train_without_key_value_cache(root: nn.Module) -> int:
+    """Make the Hugging Face models under ``root`` run their training forwards with ``use_cache=False``; return
+    how many were found.
+
+    A Hugging Face model whose config has ``use_cache=True`` (GPT-2's default) creates a key/value cache in every
+    forward, training included, and each attention layer appends its keys and values to it. A checkpointed block
+    recomputed in backward then finds its own earlier entries in that cache and runs other ops than in forward:
+    selective checkpointing stops ("aten.slice.Tensor encountered during backward but not found in storage",
+    measured on GPT-2). Hugging Face's own gradient checkpointing turns the cache off for the same reason, for
+    the call, not in the config; so does this, with a forward pre-hook on each outermost such model, in
+    training mode only (``generate`` and evaluation keep the config's setting).
+    """
+    found = 0
+    hooked: list[str] = []
+    for name, module in root.named_modules():
+        if any(h == "" or name == h or name.startswith(h + ".") for h in hooked):
+            continue  # an outer model passes use_cache down
+        config = getattr(module, "config", None)
+        if not getattr(config, "use_cache", False):
+            continue
+        try:
+            accepts = "use_cache" in inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            accepts = False
+        if accepts:
+            module.register_forward_pre_hook(_no_cache_in_training, with_kwargs=True)
+            hooked.append(name)
+            found += 1
+    return found
+
+
+def _no_cache_in_training(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    if module.training:
+        kwargs["use_cache"] = False
+    return args, kwargs

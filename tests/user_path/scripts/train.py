@@ -63,7 +63,21 @@ class RecordLoss(L.Callback):
                 "losses": self.losses, "layout": str(strategy.layout), "world_size": trainer.world_size,
                 "data_parallel_mode": strategy.data_parallel_mode,
                 "precision_mode": getattr(getattr(trainer.precision_plugin, "plan", None), "mode", None),
-                "compiled_blocks": compiled_blocks(pl_module), **self.extra})
+                "compiled_blocks": compiled_blocks(pl_module), "memory": memory_applied(strategy, pl_module),
+                **self.extra})
+
+
+def memory_applied(strategy: Any, module: Any) -> dict[str, Any]:
+    """What of the memory options took effect: checkpointed blocks, the budget's policy, offloaded bytes."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule
+
+    groups = [m._get_fsdp_state()._fsdp_param_group for m in module.modules() if isinstance(m, FSDPModule)]
+    chosen = strategy.memory_policy
+    return {"checkpointed_blocks": sum(isinstance(m, CheckpointWrapper) for m in module.modules()),
+            "policy": None if chosen is None else chosen.policy.name, "reason": strategy.memory_policy_reason,
+            "offloaded_activation_bytes": strategy.offloaded_activation_bytes,
+            "cpu_offload": any(isinstance(g.offload_policy, CPUOffloadPolicy) for g in groups if g is not None)}
 
 
 def train_with_trainer(spec: dict, run: dict, out: Path) -> None:
@@ -176,7 +190,8 @@ def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
                         {"model": model, "optimizer": optimizer, "step": step + 1})
     if fabric.is_global_zero:
         write_result(out, run["name"], {"losses": losses, "layout": str(fabric.strategy.layout),
-                                        "world_size": fabric.world_size, "direct_call_error": direct_call_error})
+                                        "world_size": fabric.world_size, "direct_call_error": direct_call_error,
+                                        "memory": memory_applied(fabric.strategy, module)})
 
 
 def main() -> None:
