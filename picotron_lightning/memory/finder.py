@@ -87,7 +87,7 @@ def _estimate_worker(build_module: Callable[[], nn.Module], sample: Any, layout:
         estimates = estimate_memory(build_module, repeat_rows(sample, size), layout, options=options,
                                     checkpointing=options.memory.activation_checkpointing,
                                     checkpoint_every=options.memory.checkpoint_every)
-        out[size] = {e.rank: (e.peak, e.breakdown.optimizer, e.comm_buffers) for e in estimates}
+        out[size] = {e.rank: (e.peak, e.breakdown.optimizer, e.gradient_buckets) for e in estimates}
         if size >= max_size or all(peak > budget for peak, _, _ in out[size].values()):
             return out
         size = min(2 * size, max_size)

@@ -4,9 +4,10 @@ process group that exists; see :mod:`picotron_lightning.memory.estimate` for the
 For each rank the trace builds the model (on fake tensors, or real), applies the strategy's ``parallelize``
 steps, runs training steps in the order of Lightning's automatic optimization (training step, zero_grad,
 backward, optimizer step) and measures one of them with :class:`~picotron_lightning.memory.tracker.LiveBytes`.
-DDP's gradient buckets live in C++ (no op creates them): in the fake trace's one replica they are added as
-a separate line, ``comm_buffers`` (one copy of this rank's gradients); in a real DDP trace they are the
-gradients themselves (``gradient_as_bucket_view``), already counted.
+DDP's gradient buckets live in C++ (no op creates them) for the whole run, and the gradients are views into
+them (``gradient_as_bucket_view``): the fake trace's one replica keeps its gradients through the step
+(``zero_grad(set_to_none=False)``, so backward accumulates into them as into the buckets), and a real DDP
+trace counts them as the gradients they are; either way ``gradient_buckets`` says how many bytes they are.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class RankEstimate:
     rank: int
     coordinates: dict[str, int]
     breakdown: PeakBreakdown
-    comm_buffers: int  # DDP gradient buckets no op creates (added arithmetically); 0 when they are the gradients
+    comm_buffers: int  # DDP gradient buckets not already counted as gradients (0 with gradient_as_bucket_view)
     method: str  # "fake" (fake tensors) or "real" (real tensors on the fake process group)
     flops: int = 0
     """Floating-point operations of one step (matmuls and attention, recompute included); 0 unless ``count_flops``."""
@@ -56,6 +57,10 @@ class RankEstimate:
     """Bytes crossing between device and host per step because of offload."""
     cuda: CudaMemory | None = None
     """Active and reserved bytes CUDA's caching allocator would need for the storages live at the peak."""
+    gradient_buckets: int = 0
+    """Bytes of DDP's gradient buckets (counted in the breakdown's gradients, or in ``comm_buffers``): memory a
+    real DDP holds from its construction, which no dispatched op allocates (what ``MicroBatchFinder`` adds to a
+    measured first step)."""
     routing: str = ""
     """The MoE routing charged: ``"worst case"`` (a bound over batches, ``memory/routing.py``), ``"measured"``
     (the traced batch's own routing), or ``""`` where no MoE layer's memory depends on its routing."""
@@ -103,6 +108,11 @@ def _fake_trace(
 ) -> RankEstimate:
     from picotron_lightning.parallel.data import resolve_mode
 
+    if layout.tp > 1:
+        # Refused before anything is built: tensor parallelism's parameter swap fails on fake tensors half-way, and
+        # the half-swapped tensors it leaves crashed the process when freed later (segmentation fault in the next
+        # trace's allocations, measured with Hugging Face GPT-2 and Llama at tp=2; the real trace is unaffected).
+        raise NotImplementedError("tensor parallelism: DTensor's parameter swap does not work on fake tensors")
     if config.data_parallel.mode != "ddp" and config.data_parallel.mode == "auto" and layout.tp == 1:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -114,15 +124,19 @@ def _fake_trace(
         # One replica without data parallelism would hold every expert; the real trace shares them out.
         raise NotImplementedError("DDP with expert parallelism: the one-replica trace cannot share out the experts")
     if config.data_parallel.mode == "ddp" and layout.dp > 1:
-        # DDP's replicas each hold and compute what one process would; its only addition is the
-        # gradient buckets (added arithmetically). DDP cannot be built on fake tensors, so trace one replica.
+        # DDP's replicas each hold and compute what one process would; its additions are the gradient buckets,
+        # which exist for the whole run with the gradients as views into them. DDP cannot be built on fake
+        # tensors, so one replica is traced with its gradients kept through the step: zeroed in place instead of
+        # freed, backward accumulating into them as it does into the buckets. (Freeing them at zero_grad and
+        # adding a bucket copy instead was 2-8% off: the replica's peak fell where it held no gradients, and the
+        # real run's where it held the buckets, on Hugging Face GPT-2 with selective checkpointing 7.8% under.)
         single = ParallelLayout(1, layout.tp, layout.pp, 1)
         # DDP is refused with pp > 1 by the options; the single replica is traced without data parallelism.
         coords = layout.coordinates(rank)
         inner_rank = single.rank_of(pp=coords.pp, tp=coords.tp)
         with fake_process_group(inner_rank, single.world_size):
             estimate = _trace_in_group(build_module, batch, single, config, inner_rank, step, build_optimizer, True,
-                                       count_flops=count_flops)
+                                       count_flops=count_flops, keep_gradients=True)
         grads = estimate.breakdown.params - _buffer_bytes_of(build_module)
         b = estimate.breakdown
         # At the end of DDP's backward every gradient exists and each bucket's all-reduce result (one
@@ -130,8 +144,8 @@ def _fake_trace(
         end_of_backward = PeakBreakdown(params=b.params, grads=grads, optimizer=b.optimizer, activations=0,
                                         temporaries=grads)
         breakdown = end_of_backward if end_of_backward.total > b.total else b
-        return dataclasses.replace(estimate, rank=rank, coordinates=_coordinates(layout, rank), comm_buffers=grads,
-                                   breakdown=breakdown)
+        return dataclasses.replace(estimate, rank=rank, coordinates=_coordinates(layout, rank), comm_buffers=0,
+                                   gradient_buckets=grads, breakdown=breakdown)
     with fake_process_group(rank, layout.world_size):
         return _trace_in_group(build_module, batch, layout, config, rank, step, build_optimizer, True,
                                count_flops=count_flops)
@@ -192,7 +206,7 @@ def _trace_on_existing_group(build_module: Callable[[], nn.Module], batch: torch
 def _trace_in_group(
     build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
     step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, fake: bool, *,
-    count_flops: bool = False,
+    count_flops: bool = False, keep_gradients: bool = False,
 ) -> RankEstimate:
     """Build, parallelize and run two steps as ``rank`` of the process group that exists; measure the second
     (the third under real DDP, after its buckets are rebuilt; on real tensors the smallest peak of
@@ -202,14 +216,16 @@ def _trace_in_group(
     without it. Where an MoE layer's memory depends on its routing and ``memory.moe_routing`` is
     ``"worst_case"``, the step is traced once per expert-parallel rank ``j`` with every token routed to ``j``'s
     experts (:func:`~picotron_lightning.memory.routing.forced_routing`; every rank takes the same ``j`` in turn)
-    and the rank is charged its largest peak.
+    and the rank is charged its largest peak. ``keep_gradients``: zero the gradients in place at ``zero_grad``
+    instead of freeing them (a DDP replica traced without DDP, whose buckets hold them for the whole run).
     """
     worst_case = config.memory.moe_routing == "worst_case"
     estimate, targets = _trace_once(build_module, batch, layout, config, rank, step, build_optimizer, fake,
-                                    count_flops=count_flops, target=0 if worst_case else None)
+                                    count_flops=count_flops, target=0 if worst_case else None,
+                                    keep_gradients=keep_gradients)
     for target in range(1, targets if worst_case else 0):
         other, _ = _trace_once(build_module, batch, layout, config, rank, step, build_optimizer, fake,
-                               count_flops=count_flops, target=target)
+                               count_flops=count_flops, target=target, keep_gradients=keep_gradients)
         if other.peak > estimate.peak:
             estimate = other
     return estimate
@@ -218,7 +234,7 @@ def _trace_in_group(
 def _trace_once(
     build_module: Callable[[], nn.Module], batch: torch.Tensor, layout: ParallelLayout, config: Any, rank: int,
     step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, fake: bool, *,
-    count_flops: bool, target: int | None,
+    count_flops: bool, target: int | None, keep_gradients: bool = False,
 ) -> tuple[RankEstimate, int]:
     """One trace of :func:`_trace_in_group`; with ``target``, MoE routing forced to that expert-parallel rank's
     worst case where routing matters. Also returns :func:`routing_targets` of the model."""
@@ -242,7 +258,7 @@ def _trace_once(
             if targets and target is not None:
                 forcing.enter_context(forced_routing(module, target))
             optimizer = _optimizer(module, build_optimizer)
-            run = _step_runner(parallel, module, optimizer, step)
+            run = _step_runner(parallel, module, optimizer, step, keep_gradients=keep_gradients)
             run(local_batch)  # first step: creates the optimizer state
             if parallel.data_parallel_mode == "ddp":
                 # Real DDP (the real trace) rebuilds its buckets in the second step's forward, in the order the
@@ -270,7 +286,9 @@ def _trace_once(
             if count_flops:  # after the measurement, so nothing of it is in the peak
                 with flops:
                     run(local_batch)
-        buckets = _separate_bucket_bytes(parallel.module) if parallel.data_parallel_mode == "ddp" else 0
+        ddp = parallel.data_parallel_mode == "ddp"
+        buckets = _separate_bucket_bytes(parallel.module) if ddp else 0
+        bucket_bytes = _bucket_bytes(parallel.module) if ddp else 0
     moved = 2 * tracker.offloaded_bytes
     if state:
         # Per step: the shards go to the device for each all-gather (forward, and backward when
@@ -279,10 +297,19 @@ def _trace_once(
         moved += gathers * breakdown.params + breakdown.grads
     routing = "" if not targets else "worst case" if target is not None else "measured"
     return RankEstimate(rank=rank, coordinates=_coordinates(layout, rank), breakdown=breakdown,
-                        comm_buffers=buckets, method="fake" if fake else "real", flops=flops.total,
+                        comm_buffers=buckets, gradient_buckets=bucket_bytes, method="fake" if fake else "real",
+                        flops=flops.total,
                         offloaded_activations=tracker.offloaded_bytes, offloaded_state=state, bytes_moved=moved,
                         cuda=cuda_memory(sizes, expandable_segments=config.memory.expandable_segments),
                         routing=routing), targets
+
+
+def _bucket_bytes(ddp: nn.Module) -> int:
+    """Bytes of a real DDP module's gradient buckets: its reduced parameters' gradients."""
+    ignored = set(getattr(ddp, "parameters_to_ignore", ()))
+    inner = getattr(ddp, "module", ddp)
+    return sum(p.numel() * p.element_size() for name, p in inner.named_parameters()
+               if p.requires_grad and name not in ignored)
 
 
 def _separate_bucket_bytes(ddp: nn.Module) -> int:
@@ -293,12 +320,7 @@ def _separate_bucket_bytes(ddp: nn.Module) -> int:
     counts, so nothing is added (adding them counted one gradient copy twice). Otherwise the buckets are
     a copy of the reduced parameters' gradients, allocated in C++ where no op shows them.
     """
-    if getattr(ddp, "gradient_as_bucket_view", False):
-        return 0
-    ignored = set(getattr(ddp, "parameters_to_ignore", ()))
-    inner = getattr(ddp, "module", ddp)
-    return sum(p.numel() * p.element_size() for name, p in inner.named_parameters()
-               if p.requires_grad and name not in ignored)
+    return 0 if getattr(ddp, "gradient_as_bucket_view", False) else _bucket_bytes(ddp)
 
 
 def _offloaded_state(module: nn.Module, breakdown: PeakBreakdown) -> int:
@@ -324,8 +346,9 @@ def _optimizer(module: nn.Module, build: Callable[[nn.Module], torch.optim.Optim
 
 
 def _step_runner(parallel: Any, module: nn.Module, optimizer: torch.optim.Optimizer,
-                 step: StepFn | None) -> Callable[[Any], None]:
-    """One training step in the order of Lightning's automatic optimization."""
+                 step: StepFn | None, keep_gradients: bool = False) -> Callable[[Any], None]:
+    """One training step in the order of Lightning's automatic optimization (``keep_gradients``: zeroed in place,
+    as DDP's bucket views, not freed)."""
     from lightning.pytorch.strategies.strategy import _ForwardRedirection
 
     pipeline = parallel.pipeline
@@ -344,7 +367,7 @@ def _step_runner(parallel: Any, module: nn.Module, optimizer: torch.optim.Optimi
 
     def run(batch: Any) -> None:
         loss = loss_of(batch)
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=not keep_gradients)
         if pipeline is not None:
             pipeline.finish_backward()
         else:

@@ -11,16 +11,32 @@ MICRO = 4  # per-rank micro-batch (samples of SEQ + 1 tokens)
 CHECKPOINTING = ("none", "selective", "full")
 
 
+# Models the package did not write (tests/tensor/tp_models.py): Hugging Face GPT-2 (Conv1D projections, a fused
+# c_attn, an odd vocabulary of 101, a key/value cache on by default), Hugging Face Llama, and a plain GPT with its
+# own naming; any other name is a preset of the package's reference Llama.
+FOREIGN = ("gpt2", "gpt2_tied", "hf", "gpt")
+
+
 def build_module(preset: str = "tiny") -> Any:
+    if preset in FOREIGN:
+        from tests.tensor.tp_models import LMModule
+
+        return LMModule(preset)
     from tests.parity import make_module
 
     return make_module(preset)
 
 
-def sample_batch() -> torch.Tensor:
-    from tests.parity import make_data
+def _tokens(preset: str, samples: int) -> torch.Tensor:
+    from picotron_lightning.testing import token_data
+    from tests.parity import SEQ, make_data
+    from tests.tensor.tp_models import vocab_of
 
-    return make_data(MICRO)
+    return token_data(samples, SEQ, vocab_of(preset), 1234) if preset in FOREIGN else make_data(samples)
+
+
+def sample_batch(preset: str = "tiny") -> torch.Tensor:
+    return _tokens(preset, MICRO)
 
 
 def _data(preset: str, world: int) -> torch.Tensor:
@@ -31,11 +47,9 @@ def _data(preset: str, world: int) -> torch.Tensor:
     an estimate can see (tiny-moe, ep=2, selective: 2.01 to 2.15 MiB per rank over four batches). The
     sampler deals sample ``i`` to rank ``i % world``, so sample ``i`` is row ``(i // world) % MICRO``.
     """
-    from tests.parity import make_data
-
     if "moe" not in preset:
-        return make_data(64)
-    return sample_batch()[(torch.arange(64) // world) % MICRO]
+        return _tokens(preset, 64)
+    return sample_batch(preset)[(torch.arange(64) // world) % MICRO]
 
 
 def measured_peaks(rank: int, world: int, strategy_kwargs: dict[str, Any], preset: str = "tiny",
