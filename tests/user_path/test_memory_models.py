@@ -5,8 +5,9 @@ Hugging Face GPT-2 (``Conv1D`` projections, a fused ``c_attn``, an odd vocabular
 by default), tied as GPT-2 ships and untied, and a plain GPT with its own naming, each under every memory policy
 (selective, full and every-2nd-block checkpointing, activation offload, FSDP2 CPU offload), a memory budget, and
 OOM recovery with an injected OOM: every run's per-step loss against the one-process loop (fp32, 1e-4), and what
-took effect (checkpointed blocks, offloaded bytes, the chosen policy, the retry). The policies again in a plain
-Fabric loop (``fabric.launch()``).
+took effect (checkpointed blocks, offloaded bytes, the chosen policy, the retry). Checkpointing and OOM recovery
+again inside tensor-parallel and pipeline layouts of the same models, and the policies in a plain Fabric loop
+(``fabric.launch()``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,9 @@ GPT2_BUDGET = int(2.35 * 2**20)
 OOM_AT = [{"rank": 1, "step": 1, "phase": "backward", "op": 20}]
 
 
-def _run(name: str, model: str, strategy: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def _run(name: str, model: str, strategy: dict[str, Any], dp: int = DP, **extra: Any) -> dict[str, Any]:
     return {"name": name, "model": MODELS[model], "strategy": strategy, "steps": STEPS, "micro_batch": MICRO,
-            "samples": STEPS * MICRO * DP, **extra}
+            "samples": STEPS * MICRO * dp, "dp": dp, **extra}
 
 
 RUNS = [
@@ -57,6 +58,20 @@ RUNS = [
            inject_oom=OOM_AT) for model in MODELS),
 ]
 
+
+# Checkpointing and OOM recovery inside tensor-parallel and pipeline layouts of the same models (2 ranks, dp=1;
+# each pipeline rank reports its own stage's checkpointed blocks).
+TP2, PP2 = {"tensor_parallel_size": 2}, {"pipeline_parallel_size": 2}
+LAYOUT_RUNS = [
+    _run("tp2_gpt2_selective_oom_recovery", "gpt2", {**TP2, "memory": {"activation_checkpointing": "selective",
+                                                                       "oom_recovery": True}},
+         dp=1, inject_oom=OOM_AT, blocks=2),
+    _run("pp2_gpt2_selective", "gpt2", {**PP2, "memory": {"activation_checkpointing": "selective"}}, dp=1, blocks=1),
+    _run("pp2_gpt2_tied_full", "gpt2_tied", {**PP2, "memory": {"activation_checkpointing": "full"}}, dp=1, blocks=1),
+    _run("pp2_gpt_selective", "gpt", {**PP2, "memory": {"activation_checkpointing": "selective"}}, dp=1, blocks=2),
+    _run("pp2_gpt2_oom_recovery", "gpt2", {**PP2, "memory": {"oom_recovery": True}}, dp=1,
+         inject_oom=[{"rank": 1, "step": 1, "phase": "backward", "op": 30}], blocks=0),
+]
 
 # The same policies in a plain Fabric loop (GPT-2 and the plain GPT; Fabric takes no budget and no OOM recovery).
 FABRIC_RUNS = [_run(f"fabric_{model}_{policy}", model, {"data_parallel_mode": "fsdp", "memory": memory})
@@ -76,6 +91,11 @@ def launched(tmp_path_factory) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def layouts_launched(tmp_path_factory) -> dict[str, Any]:
+    return _launch(tmp_path_factory.mktemp("memory_models_layouts"), {"devices": 2, "runs": LAYOUT_RUNS})
+
+
+@pytest.fixture(scope="module")
 def fabric_launched(tmp_path_factory) -> dict[str, Any]:
     return _launch(tmp_path_factory.mktemp("memory_models_fabric"), {"devices": 2, "api": "fabric",
                                                                      "runs": FABRIC_RUNS})
@@ -84,7 +104,7 @@ def fabric_launched(tmp_path_factory) -> dict[str, Any]:
 def _assert_parity(results: dict[str, Any], run: dict[str, Any], shuffle: bool = True) -> None:
     got = results[run["name"]]["losses"]
     data = token_data(run["samples"], vocab_size=vocab_size(run["model"]))
-    ref = train_reference(build_module(run["model"]), data, STEPS, MICRO * DP, shuffle=shuffle)["losses"]
+    ref = train_reference(build_module(run["model"]), data, STEPS, MICRO * run["dp"], shuffle=shuffle)["losses"]
     assert len(got) == STEPS, (run["name"], got)
     assert max_relative_diff(got, ref) <= RTOL, (run["name"], got, ref)
 
@@ -127,3 +147,13 @@ def test_memory_budget_on_hugging_face_gpt2(launched) -> None:
     applied = launched[run["name"]]["memory"]
     assert applied["policy"] == "selective" and applied["checkpointed_blocks"] == BLOCKS["gpt2"], applied
     assert "none needs" in applied["reason"], applied
+
+
+@pytest.mark.parametrize("run", LAYOUT_RUNS, ids=[r["name"] for r in LAYOUT_RUNS])
+def test_memory_options_inside_tensor_and_pipeline_layouts(layouts_launched, run: dict[str, Any]) -> None:
+    _assert_parity(layouts_launched, run)
+    result = layouts_launched[run["name"]]
+    assert result["memory"]["checkpointed_blocks"] == run["blocks"], result
+    if run.get("inject_oom"):
+        assert result["oom_events"] == [
+            {"step": 1, "batch_idx": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], result
