@@ -88,20 +88,20 @@ class MemoryPolicyMixin:
         """With ``memory_budget``: estimate the policies in turn, apply the first that fits, log why (rank 0).
 
         Before the process group exists, on fake tensors. Where fake tensors cannot follow the layout
-        (tensor and pipeline parallelism, MoE routing), the choice waits for the process group and
-        :meth:`_agree_on_memory_policy` makes it with one real step per policy on that group.
+        (tensor and pipeline parallelism, MoE routing), or a process group exists already (a later fit in
+        the same script), the choice waits for the process group and :meth:`_agree_on_memory_policy` makes
+        it with one real step per policy on that group.
         """
         memory = self._options.memory
         if memory.memory_budget is None or self.memory_policy is not None:
             return
         assert module is not None
-        if dist.is_initialized():
-            raise RuntimeError(
-                "`memory_budget` estimates the policies on a fake process group before the real one exists, but this "
-                "process already has one (an earlier fit?). Reuse the strategy that chose (its `memory_policy` is "
-                "kept), pass the chosen policy's fields in `memory=`, or start a new process."
-            )
         self._budget_module = module
+        if dist.is_initialized():
+            # A later fit in the same script: the fake trace needs a process group of its own, which cannot exist
+            # beside this one; every rank is in the same case, and chooses with one real step on this group.
+            self._real_trace_reason = "this process already has a process group (an earlier fit)"
+            return
         try:
             self._choose_memory_policy(module, in_process_group=False)
         except MemoryBudgetError:

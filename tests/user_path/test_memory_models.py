@@ -56,6 +56,8 @@ RUNS = [
       for model in MODELS for policy, memory in POLICIES.items()),
     *(_run(f"{model}_oom_recovery", model, {"data_parallel_mode": "ddp", "memory": {"oom_recovery": True}},
            inject_oom=OOM_AT) for model in MODELS),
+    # A later fit in the same script: its process group exists, so the budget chooses with a real step on it.
+    _run("gpt2_budget_later_fit", "gpt2", {"data_parallel_mode": "fsdp", "memory_budget": GPT2_BUDGET}),
 ]
 
 
@@ -81,8 +83,8 @@ FABRIC_RUNS = [_run(f"fabric_{model}_{policy}", model, {"data_parallel_mode": "f
 def _launch(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
     spec_file, out = tmp / "spec.json", tmp / "results.json"
     spec_file.write_text(json.dumps(spec))
-    run_script(SCRIPTS / "train.py", spec_file, out, timeout=900, cwd=tmp)
-    return json.loads(out.read_text())
+    output = run_script(SCRIPTS / "train.py", spec_file, out, timeout=900, cwd=tmp).stdout
+    return {**json.loads(out.read_text()), "stdout": output}
 
 
 @pytest.fixture(scope="module")
@@ -141,12 +143,16 @@ def test_oom_recovery_on_a_model_users_bring(launched, model: str) -> None:
         {"step": 1, "batch_idx": 1, "attempt": 1, "ranks": [1], "split": 1, "new_split": 2}], launched[run["name"]]
 
 
-def test_memory_budget_on_hugging_face_gpt2(launched) -> None:
-    run = next(r for r in RUNS if r["name"] == "gpt2_budget")
+@pytest.mark.parametrize("name", ["gpt2_budget", "gpt2_budget_later_fit"])
+def test_memory_budget_on_hugging_face_gpt2(launched, name: str) -> None:
+    """The first fit chooses on fake tensors; a later fit in the same script with a real step on its group."""
+    run = next(r for r in RUNS if r["name"] == name)
     _assert_parity(launched, run)
     applied = launched[run["name"]]["memory"]
     assert applied["policy"] == "selective" and applied["checkpointed_blocks"] == BLOCKS["gpt2"], applied
     assert "none needs" in applied["reason"], applied
+    how = "a real step on the process group" if name.endswith("later_fit") else "fake tensors"
+    assert "memory policy 'selective'" in launched["stdout"] and f"(estimated with {how})" in launched["stdout"]
 
 
 @pytest.mark.parametrize("run", LAYOUT_RUNS, ids=[r["name"] for r in LAYOUT_RUNS])
