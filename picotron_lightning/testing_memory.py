@@ -69,11 +69,7 @@ class PeakProbe(Callback):
         if batch_idx not in self.steps:
             return
         tracker = LiveBytes()
-        params = list(pl_module.parameters())
-        tracker.register([*params, *pl_module.buffers(), batch])
-        tracker.register(p.grad for p in params if p.grad is not None)
-        tracker.register(v for opt in trainer.optimizers for state in opt.state.values() for v in state.values())
-        tracker.reset_peak()
+        tracker.start_step(pl_module, trainer.optimizers, batch)
         self._tracker = tracker
         tracker.__enter__()
 

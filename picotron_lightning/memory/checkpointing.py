@@ -91,7 +91,6 @@ def train_without_key_value_cache(root: nn.Module) -> int:
     the call, not in the config; so does this, with a forward pre-hook on each outermost such model, in
     training mode only (``generate`` and evaluation keep the config's setting).
     """
-    found = 0
     hooked: list[str] = []
     for name, module in root.named_modules():
         if any(h == "" or name == h or name.startswith(h + ".") for h in hooked):
@@ -106,8 +105,7 @@ def train_without_key_value_cache(root: nn.Module) -> int:
         if accepts:
             module.register_forward_pre_hook(_no_cache_in_training, with_kwargs=True)
             hooked.append(name)
-            found += 1
-    return found
+    return len(hooked)
 
 
 def _no_cache_in_training(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:

@@ -126,6 +126,15 @@ class LiveBytes(TorchDispatchMode):
     def _on_allocate(self, nbytes: int) -> None:
         """Called before ``nbytes`` more become live; the OOM injector of the tests raises here."""
 
+    def start_step(self, module: torch.nn.Module, optimizers: Iterable[torch.optim.Optimizer], batch: Any) -> None:
+        """Count what exists when a training step starts (parameters, buffers, the batch, the previous step's
+        gradients, which live until ``zero_grad``, and optimizer state) and start the peak from there."""
+        params = list(module.parameters())
+        self.register([*params, *module.buffers(), batch])
+        self.register(p.grad for p in params if p.grad is not None)
+        self.register(v for opt in optimizers for state in opt.state.values() for v in state.values())
+        self.reset_peak()
+
     def register(self, tensors: Iterable[Any]) -> None:
         """Count tensors that already exist (parameters, gradients, optimizer state, the batch)."""
         for t in tensors:
