@@ -238,10 +238,25 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def _on_fake_tensors(block: nn.Module) -> bool:
+    """Whether ``block`` is made of fake tensors (the memory estimate's trace), where only the sizes are checked.
+
+    The dry run and the numeric check copy the block to the meta device and the CPU, which fake tensors cannot
+    follow: the swap of their storages failed half-way and the half-swapped tensors crashed the process when
+    freed (a segmentation fault in the next estimate). Neither is needed there: the trace runs the sharded block
+    on fake tensors itself, where a wrong shape fails as in the dry run, and the run the estimate is for checks
+    its real model in full.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(is_fake(p) for p in block.parameters())
+
+
 def validate_plan(root: nn.Module, plan: TensorParallelPlan, tp: int) -> None:
     """All checks of the module docstring; raises `LayoutError` on every rank alike, before any collective."""
     stack = find_main_block_stack(root)
-    if stack is None or not any(n.startswith(stack.block_name(0) + ".") for n in plan.styles):
+    if (stack is None or _on_fake_tensors(stack.blocks[0])
+            or not any(n.startswith(stack.block_name(0) + ".") for n in plan.styles)):
         check_divisibility(root, plan, tp)
         return
     block = stack.blocks[0]
