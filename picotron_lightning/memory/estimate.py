@@ -37,7 +37,7 @@ from picotron_lightning.memory.trace import (
     fake_process_group,
     representative_ranks,
 )
-from picotron_lightning.topology import ParallelLayout
+from picotron_lightning.topology import LayoutError, ParallelLayout
 
 if TYPE_CHECKING:
     from picotron_lightning.memory.options import MemoryOptions
@@ -108,6 +108,8 @@ def estimate_memory(
     try:
         return [_fake_trace(build_module, batch, layout, config, rank, step, build_optimizer, count_flops=count_flops)
                 for rank in wanted]
+    except LayoutError:
+        raise  # a layout the strategy refuses too: no trace would help
     except Exception as error:  # noqa: BLE001 - reported, or the real trace runs instead
         if not allow_real_trace:
             raise RuntimeError(
@@ -198,13 +200,7 @@ def _mib(nbytes: int) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m picotron_lightning.memory.estimate --preset small --world-size 4 --tp 2 --micro-batch 8``."""
-    import functools
-
-    from picotron_lightning.memory.options import MemoryOptions
     from picotron_lightning.memory.routing import ROUTING_ASSUMPTIONS
-    from picotron_lightning.models import CausalLMModule, llama_config
-    from picotron_lightning.options import Picotron3DOptions
-    from picotron_lightning.parallel.data import DataParallelOptions
 
     parser = argparse.ArgumentParser(prog="python -m picotron_lightning.memory.estimate",
                                      description="Per-rank peak memory of one training step of the reference Llama.")
@@ -218,6 +214,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the MoE routing charged (memory.moe_routing): worst_case bounds any batch, measured "
                         "is the traced batch's own")
     parser.add_argument("--dp-mode", default="fsdp", choices=("fsdp", "ddp", "hsdp", "auto"))
+    parser.add_argument("--hsdp-shard-size", type=int, default=None, help="with --dp-mode hsdp: ranks per shard "
+                        "group (hsdp_shard_size; default: every data-parallel rank of one node, here all of them)")
     parser.add_argument("--micro-batch", type=int, default=4, help="samples per rank and step")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--checkpointing", default="none", help="none, selective, full, or a comma-separated list")
@@ -231,6 +229,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="the device the run will use "
                         "(offload policies are skipped on cpu)")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except LayoutError as error:  # sizes that do not fit the model or each other: the message lists what works
+        parser.error(str(error))
+
+
+def _run(args: argparse.Namespace) -> int:
+    import functools
+
+    from picotron_lightning.memory.options import MemoryOptions
+    from picotron_lightning.models import CausalLMModule, llama_config
+    from picotron_lightning.options import Picotron3DOptions
+    from picotron_lightning.parallel.data import DataParallelOptions
+
     overrides = {"num_layers": args.layers} if args.layers else None
     build = functools.partial(CausalLMModule, preset=args.preset, config=overrides, seed=0)
     layout = ParallelLayout("auto", args.tp, args.pp, args.ep).resolve(args.world_size)
@@ -238,7 +250,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # position alike, the least representative batch there is.
     batch = torch.randint(0, llama_config(args.preset).vocab_size, (args.micro_batch, args.seq_len + 1),
                           generator=torch.Generator().manual_seed(0))
-    options = Picotron3DOptions(data_parallel=DataParallelOptions(mode=args.dp_mode),
+    dp = DataParallelOptions(mode=args.dp_mode, hsdp_shard_size=args.hsdp_shard_size or "auto")
+    options = Picotron3DOptions(data_parallel=dp,
                                 memory=MemoryOptions(moe_routing=args.moe_routing))
     if args.policies:
         return _print_policies(build, batch, layout, options, args)

@@ -128,7 +128,7 @@ def _fake_trace(
     step: StepFn | None, build_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None, *,
     count_flops: bool = False,
 ) -> RankEstimate:
-    from picotron_lightning.parallel.data import resolve_mode
+    from picotron_lightning.parallel.data import check_ddp_with_tensor_parallel, resolve_mode
 
     if config.data_parallel.mode != "ddp" and config.data_parallel.mode == "auto" and layout.tp == 1:
         from torch._subclasses.fake_tensor import FakeTensorMode
@@ -137,6 +137,8 @@ def _fake_trace(
             probe = build_module()
             mode = resolve_mode("auto", probe, torch.device("cpu"), layout.world_size, tensor_parallel=False)
         config = dataclasses.replace(config, data_parallel=dataclasses.replace(config.data_parallel, mode=mode))
+    if layout.dp > 1 and layout.pp == 1:
+        check_ddp_with_tensor_parallel(config.data_parallel.mode, layout.tp > 1)  # as parallelize would refuse it
     if config.data_parallel.mode == "ddp" and layout.dp > 1 and layout.ep > 1:
         # One replica without data parallelism would hold every expert; the real trace shares them out.
         raise NotImplementedError("DDP with expert parallelism: the one-replica trace cannot share out the experts")
@@ -265,7 +267,10 @@ def _trace_once(
     device = torch.device("cpu")
     with warnings.catch_warnings(), contextlib.ExitStack() as forcing:
         warnings.simplefilter("ignore")  # `self.log` outside a Trainer, fake-group notices
-        mesh = layout.build_device_mesh(device.type)
+        dp = config.data_parallel
+        # HSDP's mesh splits dp into replicate x shard, as the strategy builds it (one node: every rank local).
+        shard = layout.hsdp_shard_size(dp.hsdp_shard_size, layout.world_size) if dp.mode == "hsdp" else None
+        mesh = layout.build_device_mesh(device.type, hsdp_shard_size=shard)
         fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else None
         with fake_mode if fake_mode is not None else contextlib.nullcontext():
             module = build_module()

@@ -98,6 +98,15 @@ def training_state_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() * 4 for p in module.parameters() if p.requires_grad)
 
 
+def check_ddp_with_tensor_parallel(mode: str, tensor_parallel: bool) -> None:
+    """Raise `LayoutError` for DDP over tensor-parallel (DTensor) parameters, which it cannot reduce."""
+    from picotron_lightning.topology import LayoutError
+
+    if mode == "ddp" and tensor_parallel:
+        raise LayoutError("data_parallel_mode='ddp' cannot reduce tensor-parallel (DTensor) parameters; "
+                          "use data_parallel_mode='fsdp' or 'hsdp' with tensor_parallel_size > 1.")
+
+
 def resolve_mode(
     mode: DataParallelMode, module: nn.Module, device: torch.device, local_processes: int, tensor_parallel: bool
 ) -> Literal["fsdp", "ddp", "hsdp"]:

@@ -22,7 +22,13 @@ from torch import nn
 
 from picotron_lightning.memory import apply_activation_checkpointing
 from picotron_lightning.parallel.compile import apply_compile, check_compilable
-from picotron_lightning.parallel.data import DataParallelOptions, apply_ddp, apply_fsdp, resolve_mode
+from picotron_lightning.parallel.data import (
+    DataParallelOptions,
+    apply_ddp,
+    apply_fsdp,
+    check_ddp_with_tensor_parallel,
+    resolve_mode,
+)
 from picotron_lightning.parallel.expert import convert_moe_layers, find_moe_layers, validate_expert_parallel
 from picotron_lightning.parallel.pipeline_parallel import PipelineRuntime, split_into_stages
 from picotron_lightning.parallel.tensor_parallel import TensorParallelPlan, apply_plan, make_tensor_plan
@@ -155,21 +161,14 @@ def apply_data_parallel(
 ) -> tuple[nn.Module, str]:
     """FSDP2, DDP or HSDP over the ``dp`` ranks; returns the module to run and the mode used."""
     if pipeline is not None:  # one FSDP root (or DDP wrapper) per pipeline stage
-        if layout.tp > 1 and dp_config.mode == "ddp" and layout.dp > 1 and pipeline.options.split != "trace":
-            raise LayoutError(
-                "data_parallel_mode='ddp' cannot reduce tensor-parallel (DTensor) parameters; "
-                "use data_parallel_mode='fsdp' or 'hsdp' with tensor_parallel_size > 1."
-            )
+        if layout.dp > 1 and pipeline.options.split != "trace":
+            check_ddp_with_tensor_parallel(dp_config.mode, layout.tp > 1)
         return pipeline.apply_data_parallel(mesh, layout, dp_config, device, local_processes)
     mode = resolve_mode(dp_config.mode, root, device, local_processes, tensor_parallel=layout.tp > 1)
     if layout.dp == 1:
         return root, "none"
     if mode == "ddp":
-        if layout.tp > 1:
-            raise LayoutError(
-                "data_parallel_mode='ddp' cannot reduce tensor-parallel (DTensor) parameters; "
-                "use data_parallel_mode='fsdp' or 'hsdp' with tensor_parallel_size > 1."
-            )
+        check_ddp_with_tensor_parallel(mode, layout.tp > 1)
         return apply_ddp(root, mesh["dp"].get_group(), device), mode
     if mode == "hsdp":
         return apply_fsdp(root, mesh["dp_replicate", "dp_shard"], dp_config), mode

@@ -23,6 +23,7 @@ from picotron_lightning.memory.policy import (
     resolve_budget,
 )
 from picotron_lightning.parallel.data import DataParallelOptions, resolve_mode
+from picotron_lightning.topology import LayoutError
 
 if TYPE_CHECKING:
     from picotron_lightning.memory.estimate import RankEstimate
@@ -54,6 +55,8 @@ class MemoryPolicyMixin:
 
         def _data_parallel_options(self, precision: Any, device: torch.device) -> DataParallelOptions: ...
 
+        def _hsdp_shard_size(self, layout: ParallelLayout, local_processes: int) -> int | None: ...
+
     @property
     def offloaded_activation_bytes(self) -> int:
         """Bytes of saved tensors activation offload has copied to the host so far (0 without it)."""
@@ -70,8 +73,11 @@ class MemoryPolicyMixin:
         dp = self._data_parallel_options(getattr(self, "precision_plugin", None), device)
         mode = "none" if self.layout.dp == 1 else resolve_mode(dp.mode, module, device, self.num_processes,
                                                               tensor_parallel=self.layout.tp > 1)
+        # HSDP's shard groups as the strategy will build them: "auto" means one node's ranks, which the trace,
+        # all of whose ranks are in one process, cannot tell from its own world size.
+        shard = self._hsdp_shard_size(self.layout, self.num_processes) if mode == "hsdp" else None
         return dataclasses.replace(self._options, data_parallel=dataclasses.replace(
-            dp, mode=mode if mode != "none" else dp.mode))
+            dp, mode=mode if mode != "none" else dp.mode, hsdp_shard_size=shard or dp.hsdp_shard_size))
 
     def estimate_memory(self, model: nn.Module, batch: Any, **kwargs: Any) -> list[RankEstimate]:
         """Per-rank peak memory of one training step of ``model`` on ``batch`` (one rank's micro-batch) in this
@@ -104,8 +110,8 @@ class MemoryPolicyMixin:
             return
         try:
             self._choose_memory_policy(module, in_process_group=False)
-        except MemoryBudgetError:
-            raise
+        except (MemoryBudgetError, LayoutError):
+            raise  # no trace would help
         except Exception as error:  # noqa: BLE001 - the real trace on the process group decides instead
             self._real_trace_reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 

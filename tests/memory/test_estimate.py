@@ -34,6 +34,8 @@ LAYOUTS = {
     "gpt_fsdp": ({"data_parallel_mode": "fsdp"}, ParallelLayout(2, 1, 1, 1), "fsdp", "gpt"),
     "hf_llama_tp2": ({"tensor_parallel_size": 2}, ParallelLayout(1, 2, 1, 1), "fsdp", "hf"),
     "dp2_tp2": ({"tensor_parallel_size": 2, "data_parallel_mode": "fsdp"}, ParallelLayout(2, 2, 1, 1), "fsdp"),
+    # HSDP on 4 ranks: 2 replicas of 2-rank shard groups.
+    "hsdp": ({"data_parallel_mode": "hsdp", "hsdp_shard_size": 2}, ParallelLayout(4, 1, 1, 1), "hsdp"),
     "pp2_dp2": ({"pipeline_parallel_size": 2, "data_parallel_mode": "fsdp"}, ParallelLayout(2, 1, 2, 1), "fsdp"),
     # 3D on 8 ranks: FSDP2 over dp inside each (stage, tp rank).
     "pp2_dp2_tp2": ({"pipeline_parallel_size": 2, "tensor_parallel_size": 2, "data_parallel_mode": "fsdp"},
@@ -49,7 +51,8 @@ def test_estimate_within_5_percent_of_measured_peak(name: str) -> None:
     strategy_kwargs, layout, dp_mode, *preset = LAYOUTS[name]
     model = preset[0] if preset else "tiny"
     measured = run_ranks(measured_peaks, layout.world_size, strategy_kwargs, model, timeout=900)
-    config = Picotron3DOptions(data_parallel=DataParallelOptions(mode=dp_mode))
+    config = Picotron3DOptions(data_parallel=DataParallelOptions(
+        mode=dp_mode, hsdp_shard_size=strategy_kwargs.get("hsdp_shard_size", "auto")))
     for mode in CHECKPOINTING:
         # The measured runs train on the batch the estimate traces (mem_runs.py), so the MoE estimate charges that
         # batch's routing here, not the worst case (tests/memory/test_routing_bound.py checks that bound).
