@@ -166,9 +166,13 @@ def test_budget_picks_the_cheapest_policy_whose_measured_peak_fits() -> None:
     assert max_relative_diff(mean_over_ranks([r["losses"] for r in budget_run]), reference) <= RTOL
 
 
-# Model-parallel layouts, and whether the choice is made on the process group by a real step (pp: the fake trace
-# cannot follow the pipeline schedule) or before launch on fake tensors (tp).
-MODEL_PARALLEL_LAYOUTS = {"tp2": ({"tensor_parallel_size": 2}, False), "pp2": ({"pipeline_parallel_size": 2}, True)}
+# Model-parallel layouts: strategy arguments, ranks, and whether the choice is made on the process group by a real
+# step (pp: the fake trace cannot follow the pipeline schedule) or before launch on fake tensors (tp, FSDP2 x tp).
+MODEL_PARALLEL_LAYOUTS = {
+    "tp2": ({"tensor_parallel_size": 2}, 2, False),
+    "pp2": ({"pipeline_parallel_size": 2}, 2, True),
+    "dp2_tp2": ({"tensor_parallel_size": 2, "data_parallel_mode": "fsdp"}, 4, False),
+}
 # tp=2, worst rank, measured on 2026-11-30: none 5.62 MiB, selective 4.52 MiB.
 TP2_BUDGET = 5 * MIB + MIB // 16
 
@@ -176,27 +180,29 @@ TP2_BUDGET = 5 * MIB + MIB // 16
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MODEL_PARALLEL_LAYOUTS))
 def test_budget_with_tensor_or_pipeline_parallelism_picks_the_cheapest_policy_that_fits(name: str) -> None:
-    """2 ranks, tp=2 or pp=2: with a budget between `none`'s and `selective`'s measured peaks (worst rank), the
-    strategy picks `selective` on every rank; its measured peak fits, `none`'s does not; losses as one process."""
-    layout, on_process_group = MODEL_PARALLEL_LAYOUTS[name]
+    """tp=2, pp=2 (2 ranks) or FSDP2 dp=2 x tp=2 (4 ranks): with a budget between `none`'s and `selective`'s measured
+    peaks (worst rank), the strategy picks `selective` on every rank; its measured peak fits, `none`'s does not;
+    losses as one process (which a fake trace's cached DTensor shardings once broke: see fake_process_group)."""
+    layout, world, on_process_group = MODEL_PARALLEL_LAYOUTS[name]
     order = ["none", "selective"]
     memories = [dataclasses.asdict(BY_NAME[n]) for n in order]
     for memory in memories:
         memory.pop("name")
-    runs = run_ranks(fit_each, 2, memories, layout, timeout=900)
-    measured = {policy: max(runs[r][i]["peak"] for r in range(2)) for i, policy in enumerate(order)}
+    runs = run_ranks(fit_each, world, memories, layout, timeout=900)
+    measured = {policy: max(run[i]["peak"] for run in runs) for i, policy in enumerate(order)}
     assert measured["selective"] < measured["none"], measured
     budget = (measured["none"] + measured["selective"]) // 2
     print(f"{name}: measured none {measured['none'] / MIB:.3f}, selective {measured['selective'] / MIB:.3f} MiB "
           f"(worst rank); budget {budget / MIB:.3f} MiB")
-    budget_run = [r[0] for r in run_ranks(fit_each, 2, [{"memory_budget": budget}], layout, timeout=900)]
+    budget_run = [r[0] for r in run_ranks(fit_each, world, [{"memory_budget": budget}], layout, timeout=900)]
     assert all(r["traced_on_process_group"] is on_process_group for r in budget_run), budget_run
     assert {r["chosen"] for r in budget_run} == {"selective"}, (budget, measured, budget_run[0]["reason"])
     assert budget_run[0]["applied"]["activation_checkpointing"] == "selective"
     assert max(r["peak"] for r in budget_run) <= budget < measured["none"], (budget, measured, budget_run)
     print(f"{name}: chose {budget_run[0]['chosen']}, measured peak {max(r['peak'] for r in budget_run) / MIB:.3f} MiB;"
           f" {budget_run[0]['reason']}")
-    reference = train_reference(build_module(), make_data(128), STEPS, MICRO)["losses"]  # dp=1: one micro-batch
+    dp = world // 2  # each layout has one model-parallel dimension of 2
+    reference = train_reference(build_module(), make_data(128), STEPS, dp * MICRO)["losses"]
     assert max_relative_diff(mean_over_ranks([r["losses"] for r in budget_run]), reference) <= RTOL
 
 
