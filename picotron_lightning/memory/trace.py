@@ -99,11 +99,12 @@ def fake_process_group(rank: int, world_size: int) -> Iterator[None]:
 def forget_dtensor_shardings() -> None:
     """Clear DTensor's caches of each op's sharding, which outlive the fake process group otherwise.
 
-    They are keyed by the op's input specs, which the training run that follows the estimate in the same process
-    (a memory budget's choice before launch) matched with its own mesh of the same shape: it reused the fake
-    trace's entries, and its tensor-parallel backward went wrong (at tp=2 every gradient off, up to 10%, and the
-    losses 6e-3 from one process from the second step, the first loss exact; clearing these caches alone mends
-    it, as if the reused entries' collectives ran on the fake group, which does nothing).
+    They are keyed by the op's input specs, which what runs next in the same process matches with its own mesh of
+    the same shape. The training run after a memory budget's choice reused the fake trace's entries and its
+    tensor-parallel backward went wrong (at tp=2 every gradient off, up to 10%, and the losses 6e-3 from one
+    process from the second step, the first loss exact; clearing these caches alone mends it, as if the reused
+    entries' collectives ran on the fake group, which does nothing). And the next rank's trace in the same
+    estimate reused the previous rank's local shapes: GPT-2's head, 51 and 50 columns at tp=2, failed.
     """
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache

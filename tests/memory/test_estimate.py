@@ -33,6 +33,8 @@ LAYOUTS = {
     "gpt2_ddp": ({"data_parallel_mode": "ddp"}, ParallelLayout(2, 1, 1, 1), "ddp", "gpt2"),
     "gpt_fsdp": ({"data_parallel_mode": "fsdp"}, ParallelLayout(2, 1, 1, 1), "fsdp", "gpt"),
     "hf_llama_tp2": ({"tensor_parallel_size": 2}, ParallelLayout(1, 2, 1, 1), "fsdp", "hf"),
+    # GPT-2 with a vocabulary of 101: the head's columns shard unevenly (51 and 50), the two ranks' peaks differ.
+    "gpt2_tp2": ({"tensor_parallel_size": 2}, ParallelLayout(1, 2, 1, 1), "fsdp", "gpt2"),
     "dp2_tp2": ({"tensor_parallel_size": 2, "data_parallel_mode": "fsdp"}, ParallelLayout(2, 2, 1, 1), "fsdp"),
     # HSDP on 4 ranks: 2 replicas of 2-rank shard groups.
     "hsdp": ({"data_parallel_mode": "hsdp", "hsdp_shard_size": 2}, ParallelLayout(4, 1, 1, 1), "hsdp"),
