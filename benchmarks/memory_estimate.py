@@ -1,6 +1,6 @@
 """Predicted vs measured per-rank peak memory of one training step, for layouts x checkpointing modes.
 
-    PYTHONPATH=. python benchmarks/memory_estimate.py [--layouts ddp,fsdp,tp2,pp2]
+    PYTHONPATH=. python benchmarks/memory_estimate.py [--layouts ddp,fsdp,tp2,pp2,dp2-tp2,hsdp]
 
 The prediction (``estimate_memory``) is made in this process before any rank starts; the
 measurement is ``Trainer.fit`` on real gloo ranks with ``PeakProbe`` (live tensor bytes of the
@@ -20,6 +20,7 @@ LAYOUTS = {
     "tp2": ({"tensor_parallel_size": 2}, (1, 2, 1), "fsdp"),
     "pp2": ({"pipeline_parallel_size": 2}, (1, 1, 2), "fsdp"),
     "dp2-tp2": ({"tensor_parallel_size": 2}, (2, 2, 1), "fsdp"),
+    "hsdp": ({"data_parallel_mode": "hsdp", "hsdp_shard_size": 2}, (4, 1, 1), "hsdp"),
 }
 MODES = ("none", "selective", "full")
 MICRO, SEQ = 4, 16
@@ -62,7 +63,8 @@ def main() -> None:
         kwargs, (dp, tp, pp), dp_mode = LAYOUTS[name]
         layout = ParallelLayout(dp, tp, pp, 1)
         measured = run_ranks(_measure, layout.world_size, kwargs, timeout=1800)
-        config = Picotron3DOptions(data_parallel=DataParallelOptions(mode=dp_mode))
+        config = Picotron3DOptions(data_parallel=DataParallelOptions(
+            mode=dp_mode, hsdp_shard_size=kwargs.get("hsdp_shard_size", "auto")))
         build = functools.partial(CausalLMModule, "tiny", seed=0)
         batch = torch.zeros(MICRO, SEQ + 1, dtype=torch.long)
         for mode in MODES:
