@@ -27,7 +27,7 @@ def build_sized() -> SizedModule:
     return SizedModule()
 
 
-def finder_fit(rank: int, world: int, budget: int, mode: str) -> dict[str, Any]:
+def finder_fit(rank: int, world: int, budget: int, strategy_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Fit 2 steps with the finder; the chosen size, what it measured, and a real step's live bytes at that size."""
     from picotron_lightning import Picotron3DStrategy
     from picotron_lightning.memory.finder import MicroBatchFinder
@@ -37,7 +37,7 @@ def finder_fit(rank: int, world: int, budget: int, mode: str) -> dict[str, Any]:
 
     finder = MicroBatchFinder(build_sized, budget=budget)
     probe = PeakProbe(steps=(1, 2))
-    trainer = quiet_trainer(strategy=Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, data_parallel_mode=mode),
+    trainer = quiet_trainer(strategy=Picotron3DStrategy(timeout=COLLECTIVE_TIMEOUT, **strategy_kwargs),
                             devices=world, max_steps=3, callbacks=[finder, probe])
     module = SizedModule()
     trainer.fit(module)

@@ -41,9 +41,18 @@ def test_repeat_rows_cycles_samples() -> None:
     assert grown["ids"].tolist() == [[0, 1], [2, 3], [4, 5], [0, 1], [2, 3]] and grown["n"] == 3
 
 
+# Strategy arguments, and the layout on 2 ranks: DDP and FSDP2 over dp=2, and tensor parallelism (tp=2), which the
+# estimate traces on fake tensors too.
+FINDER_LAYOUTS = {
+    "ddp": ({"data_parallel_mode": "ddp"}, (2, 1)),
+    "fsdp": ({"data_parallel_mode": "fsdp"}, (2, 1)),
+    "tp2": ({"tensor_parallel_size": 2}, (1, 2)),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_finder_sets_the_same_fitting_size_on_every_rank(mode: str) -> None:
+@pytest.mark.parametrize("name", list(FINDER_LAYOUTS))
+def test_finder_sets_the_same_fitting_size_on_every_rank(name: str) -> None:
     from picotron_lightning.memory.estimate import estimate_memory
     from picotron_lightning.options import Picotron3DOptions
     from picotron_lightning.testing import run_ranks
@@ -51,12 +60,13 @@ def test_finder_sets_the_same_fitting_size_on_every_rank(mode: str) -> None:
     from tests.memory.finder_runs import build_sized, finder_fit
     from tests.parity import make_data
 
-    layout = ParallelLayout(data_parallel_size=2).resolve(2)
-    options = Picotron3DOptions.from_arguments({"data_parallel_mode": mode})
+    strategy_kwargs, (dp, tp) = FINDER_LAYOUTS[name]
+    layout = ParallelLayout(data_parallel_size=dp, tensor_parallel_size=tp).resolve(2)
+    options = Picotron3DOptions.from_arguments(strategy_kwargs)
     low, high = (estimate_memory(build_sized, make_data(b), layout, options=options)[0].peak for b in (16, 32))
     assert high > low  # activations dominate here
     budget = int(low + (high - low) * 4.5 / 16)  # the estimate's line through 16 and 32 puts the answer at 20
-    runs = run_ranks(finder_fit, 2, budget, mode, timeout=600)
+    runs = run_ranks(finder_fit, 2, budget, strategy_kwargs, timeout=600)
     sizes = {r["size"] for r in runs}
     assert len(sizes) == 1, runs
     size = sizes.pop()
