@@ -32,6 +32,10 @@ if TYPE_CHECKING:
     from picotron_lightning.topology import ParallelLayout
 
 
+class BudgetDataError(ValueError):
+    """The training batch ``memory_budget`` estimates with could not be read; no trace would help."""
+
+
 class MemoryPolicyMixin:
     """``memory_budget`` and ``estimate_memory`` for a strategy that has a layout, options and a device."""
 
@@ -110,7 +114,7 @@ class MemoryPolicyMixin:
             return
         try:
             self._choose_memory_policy(module, in_process_group=False)
-        except (MemoryBudgetError, LayoutError):
+        except (MemoryBudgetError, LayoutError, BudgetDataError):
             raise  # no trace would help
         except Exception as error:  # noqa: BLE001 - the real trace on the process group decides instead
             self._real_trace_reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
@@ -149,7 +153,7 @@ class MemoryPolicyMixin:
             )
         try:
             self._choose_memory_policy(module, in_process_group=True)
-        except MemoryBudgetError:
+        except (MemoryBudgetError, BudgetDataError):
             raise
         except Exception as error:
             raise RuntimeError(

@@ -40,6 +40,7 @@ from picotron_lightning.strategies.checkpoint import (
     save_sharded,
 )
 from picotron_lightning.strategies.core import Picotron3DCore
+from picotron_lightning.strategies.memory_policy import BudgetDataError
 from picotron_lightning.strategies.oom_step import OOMRecoveryStep
 from picotron_lightning.topology import SizeArg
 
@@ -218,11 +219,26 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         """
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
         source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
-        loader = source.dataloader() if source is not None and source.is_defined() else None
-        if loader is None:
+        if source is None or not source.is_defined():
             raise ValueError("`memory_budget` estimates with one training batch, but `trainer.fit` got no training "
                              "data; pass a dataloader (or a datamodule) to `fit`.")
-        return next(iter(loader))
+        datamodule = getattr(trainer, "datamodule", None)
+        try:
+            return next(iter(source.dataloader()))
+        except Exception as error:
+            if datamodule is None:
+                raise _data_not_ready(error, "its `train_dataloader()`") from error
+            first_error = error
+        # The choice is made before Lightning's data hooks run (it needs a process without a process group), and
+        # a datamodule commonly builds its datasets in `setup`: run it for "fit" first (Lightning runs it again
+        # later, as it does between fit and validate). `prepare_data` is not run here: on every rank at once,
+        # without a barrier, a download would race.
+        datamodule.setup("fit")
+        try:
+            return next(iter(source.dataloader()))
+        except Exception as error:
+            raise _data_not_ready(error, "the datamodule's `train_dataloader()`, even after `setup('fit')`,") \
+                from first_error
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -416,3 +432,13 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             # references the (DTensor) parameters, so moving the module to the CPU cannot swap them. Raising
             # here would replace the failure the user needs to see; Lightning raises that one after teardown.
             warnings.warn(f"teardown after the failure could not move the model to the CPU ({error})", stacklevel=1)
+
+
+def _data_not_ready(error: Exception, what: str) -> BudgetDataError:
+    """The error for training data ``memory_budget`` could not read before Lightning's data hooks ran."""
+    return BudgetDataError(
+        f"`memory_budget` reads one training batch before the process group exists, so before Lightning runs the "
+        f"data hooks (`prepare_data`, `setup`); {what} failed then: {type(error).__name__}: {error}. Make the "
+        "training data readable at that point (data that `prepare_data` downloads must already exist), or choose "
+        "the policy yourself with `memory=` (`python -m picotron_lightning.memory.estimate --policies` compares them)."
+    )

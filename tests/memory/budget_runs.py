@@ -66,3 +66,23 @@ def fit_each(rank: int, world: int, memories: list[dict[str, Any]],
              layout: dict[str, Any] | None = None, preset: str = "tiny") -> list[dict[str, Any]]:
     """:func:`fit_with_memory` for each of ``memories`` in turn, in the same ranks."""
     return [fit_with_memory(rank, world, memory, layout=layout, preset=preset) for memory in memories]
+
+
+def fit_with_unreadable_data(rank: int, world: int) -> str:
+    """``Trainer.fit`` with a budget and a datamodule whose training data cannot be read before Lightning's data
+    hooks (even after ``setup``, as when ``prepare_data`` would download it); the error's message."""
+    import lightning as L
+
+    from picotron_lightning import Picotron3DStrategy
+    from tests.fitting import quiet_trainer
+
+    class DataNotDownloaded(L.LightningDataModule):
+        def train_dataloader(self) -> Any:
+            raise FileNotFoundError("corpus.bin (prepare_data downloads it)")
+
+    trainer = quiet_trainer(strategy=Picotron3DStrategy(memory_budget=64 * 2**20), devices=world, max_steps=1)
+    try:
+        trainer.fit(build_module(), datamodule=DataNotDownloaded())
+    except ValueError as error:
+        return str(error)
+    return "no error"

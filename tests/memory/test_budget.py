@@ -247,3 +247,16 @@ def test_user_script_with_a_budget_under_tensor_parallelism(tmp_path) -> None:
     assert "estimated with fake tensors" in output, output[-3000:]
     reference = train_reference(build_module(), make_data(128), SCRIPT_STEPS, MICRO)["losses"]  # dp=1: one micro-batch
     assert max_relative_diff(result["losses"], reference) <= RTOL, (result["losses"], reference)
+
+
+@pytest.mark.slow
+def test_budget_with_data_not_readable_before_the_data_hooks_names_the_fix() -> None:
+    """The choice reads one batch before Lightning's data hooks; a datamodule's `setup('fit')` is run first (the
+    example config pretrain_memory_budget.yaml needs it), and data that only `prepare_data` would provide fails
+    with a message naming the hooks, the user's error and the way out, before any training."""
+    from tests.memory.budget_runs import fit_with_unreadable_data
+
+    message = run_ranks(fit_with_unreadable_data, 1, timeout=300)[0]
+    assert "before Lightning runs the data hooks" in message, message
+    assert "FileNotFoundError: corpus.bin" in message and "even after `setup('fit')`" in message, message
+    assert "memory=" in message and "--policies" in message, message

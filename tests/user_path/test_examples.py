@@ -23,6 +23,12 @@ CONFIG_TAGS = {
     "pretrain_oom_recovery.yaml": ["train_loss", "throughput/tokens_per_sec"],
     "pretrain_pp_oom_recovery.yaml": ["train_loss", "pipeline/bubble"],
     "pretrain_moe_oom_recovery.yaml": ["train_loss", "moe/load_imbalance"],
+    "pretrain_memory_budget.yaml": ["train_loss"],
+}
+# What a config promises to print (rank 0's log), where it chooses something.
+CONFIG_OUTPUT = {
+    # The budget, read from a datamodule that builds its datasets in setup(), before Lightning's data hooks.
+    "pretrain_memory_budget.yaml": "memory policy 'selective': estimated peak 7.12 MiB <= budget 7.63 MiB",
 }
 
 
@@ -53,6 +59,7 @@ def test_pretrain_config_runs_as_documented(config, tmp_path):
     missing = [t for t in CONFIG_TAGS[config] if t not in tags]
     assert not missing, (missing, sorted(tags))
     assert "TensorBoard logs are in" in out and "tensorboard --logdir tb_logs" in out, out[-2000:]
+    assert CONFIG_OUTPUT.get(config, "") in out, out[-4000:]
     # One copy of each library warning, not one per rank; no FSDP2 view-tensor warning for tensor-parallel units.
     assert "returned a view tensor" not in out, out[-4000:]
     assert out.count("isinstance(treespec, LeafSpec)") <= 1, out[-4000:]
