@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, ExitStack
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.fabric.accelerators import Accelerator
@@ -26,6 +26,7 @@ from lightning.fabric.utilities.types import ReduceOp
 from torch import Tensor
 from torch.nn import Module
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from picotron_lightning.fault_tolerance.runtime import FaultToleranceRuntime
 from picotron_lightning.memory.options import MemoryOptions
@@ -33,6 +34,9 @@ from picotron_lightning.options import Picotron3DOptions
 from picotron_lightning.strategies.checkpoint import collect_state, load_sharded, save_sharded
 from picotron_lightning.strategies.core import Picotron3DCore
 from picotron_lightning.topology import SizeArg
+
+if TYPE_CHECKING:
+    from picotron_lightning.memory.policy import PolicyEstimate
 
 LossFunction = Callable[[Any, Any], Tensor]
 """``loss_fn(model_output, target) -> loss``, as ``torch.distributed.pipelining`` schedules take it."""
@@ -151,14 +155,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             precision=precision,
         )
         self._init_core(Picotron3DOptions.from_arguments(locals()))  # validated here, at construction
-        if self._options.memory.memory_budget is not None:
-            # The budget is estimated with a training batch before the process group exists; a Fabric script
-            # has none to give at that point.
-            raise ValueError(
-                f"`memory_budget={self._options.memory.memory_budget!r}` is not supported with Fabric; call "
-                "`strategy.estimate_memory(model, batch)` per policy and pass the policy's fields in `memory=`, or "
-                "use the Trainer (`Picotron3DStrategy`)."
-            )
+        self._budget_batch: Any = None  # the batch `choose_memory_policy` was given
         # Fault tolerance: complete-only (optionally asynchronous) checkpoints and heartbeats. A Fabric script
         # chooses where it resumes itself (`picotron_lightning.fault_tolerance.newest_complete_checkpoint`).
         self._fault_tolerance = FaultToleranceRuntime(self._options.fault_tolerance)
@@ -202,8 +199,40 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def num_nodes(self, num_nodes: int) -> None:
         self._num_nodes = num_nodes
 
+    # ------------------------------------------------------------------ memory budget
+    def choose_memory_policy(self, module: Module, batch: Any) -> PolicyEstimate | None:
+        """``memory_budget`` in a Fabric script: estimate each memory policy for ``module`` (as the script builds it,
+        before ``fabric.setup``) on ``batch`` (one rank's micro-batch, as the loop will feed it) and apply the
+        cheapest whose per-rank peak fits the budget. Rank 0 logs the choice, its reason and the estimates.
+
+        Call it before ``fabric.launch()``: the estimate runs on fake tensors with a fake process group of its
+        own, which cannot exist beside the real one ``launch`` creates (Lightning's launcher runs the script
+        again on every rank, so every rank calls it, and rank 0's choice is broadcast once the group exists).
+        Returns the choice; None where it waits for ``launch``: where the fake trace cannot follow the layout
+        (pipeline parallelism, MoE models), or where this process has a process group already (a later run in
+        the same script), every rank chooses in ``launch`` with one real step per policy (gloo only), as a
+        later ``Trainer.fit`` does.
+        """
+        if self._options.memory.memory_budget is None:
+            raise ValueError("`choose_memory_policy` applies `memory_budget`, which this strategy was not given: "
+                             "pass `memory_budget=` (bytes, or a fraction of the device) to the strategy.")
+        self._budget_batch = batch
+        self._apply_memory_budget(module)
+        return self.memory_policy
+
+    @override
+    def _sample_batch(self) -> Any:
+        return self._budget_batch
+
     def setup_environment(self) -> None:
         super().setup_environment()
+        memory = self._options.memory
+        if memory.memory_budget is not None and self.memory_policy is None and self._budget_module is None:
+            raise ValueError(
+                f"`memory_budget={memory.memory_budget!r}` in a Fabric script is chosen by "
+                "`fabric.strategy.choose_memory_policy(model, batch)` before `fabric.launch()` (it estimates on "
+                "fake tensors, before the process group exists); call it there, or pass the policy in `memory=`."
+            )
         self._setup_processes(None)
         self._fault_tolerance.start()  # fault tolerance: heartbeats (stopped at interpreter exit)
         atexit.register(self._fault_tolerance.stop_at_exit)

@@ -74,7 +74,9 @@ class MemoryPolicyMixin:
     def _estimate_options(self, module: nn.Module) -> Picotron3DOptions:
         """The options the estimate traces: data-parallel mode resolved as setup will resolve it, dtypes filled in."""
         device = self.root_device
-        dp = self._data_parallel_options(getattr(self, "precision_plugin", None), device)
+        # The precision plugin's dtypes: the Trainer's strategy holds it as `precision_plugin`, Fabric's as `precision`.
+        precision = getattr(self, "precision_plugin", None) or getattr(self, "precision", None)
+        dp = self._data_parallel_options(precision, device)
         mode = "none" if self.layout.dp == 1 else resolve_mode(dp.mode, module, device, self.num_processes,
                                                               tensor_parallel=self.layout.tp > 1)
         # HSDP's shard groups as the strategy will build them: "auto" means one node's ranks, which the trace,
@@ -103,9 +105,8 @@ class MemoryPolicyMixin:
         it with one real step per policy on that group.
         """
         memory = self._options.memory
-        if memory.memory_budget is None or self.memory_policy is not None:
-            return
-        assert module is not None
+        if memory.memory_budget is None or self.memory_policy is not None or module is None:
+            return  # no budget, chosen already, or a Fabric script's (`choose_memory_policy`)
         self._budget_module = module
         if dist.is_initialized():
             # A later fit in the same script: the fake trace needs a process group of its own, which cannot exist

@@ -86,3 +86,17 @@ def fit_with_unreadable_data(rank: int, world: int) -> str:
     except ValueError as error:
         return str(error)
     return "no error"
+
+
+def fabric_launch_without_choosing(rank: int, world: int) -> str:
+    """A Fabric script with ``memory_budget`` that launches without ``choose_memory_policy``: the error's message."""
+    import lightning as L
+
+    from picotron_lightning import Picotron3DFabricStrategy
+
+    fabric = L.Fabric(accelerator="cpu", devices=world, strategy=Picotron3DFabricStrategy(memory_budget=64 * 2**20))
+    try:
+        fabric.launch()
+    except ValueError as error:
+        return str(error)
+    return "no error"

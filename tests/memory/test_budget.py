@@ -260,3 +260,13 @@ def test_budget_with_data_not_readable_before_the_data_hooks_names_the_fix() -> 
     assert "before Lightning runs the data hooks" in message, message
     assert "FileNotFoundError: corpus.bin" in message and "even after `setup('fit')`" in message, message
     assert "memory=" in message and "--policies" in message, message
+
+
+def test_fabric_budget_without_choosing_names_the_call() -> None:
+    """A Fabric script cannot choose at launch (the model and a batch come later): launching with a budget but
+    without `choose_memory_policy` stops before the process group, naming the call and where it goes."""
+    from tests.memory.budget_runs import fabric_launch_without_choosing
+
+    message = run_ranks(fabric_launch_without_choosing, 1, timeout=300)[0]
+    assert "fabric.strategy.choose_memory_policy(model, batch)" in message, message
+    assert "before `fabric.launch()`" in message and "memory=" in message, message

@@ -75,9 +75,15 @@ LAYOUT_RUNS = [
          inject_oom=[{"rank": 1, "step": 1, "phase": "backward", "op": 30}], blocks=0),
 ]
 
-# The same policies in a plain Fabric loop (GPT-2 and the plain GPT; Fabric takes no budget and no OOM recovery).
-FABRIC_RUNS = [_run(f"fabric_{model}_{policy}", model, {"data_parallel_mode": "fsdp", "memory": memory})
-               for model in ("gpt2", "gpt") for policy, memory in POLICIES.items()]
+# The same policies in a plain Fabric loop (GPT-2 and the plain GPT; Fabric takes no OOM recovery), and a budget:
+# `fabric.strategy.choose_memory_policy(model, batch)` before the first launch (fake tensors), and in a later run
+# of the same script (its process group exists: a real step per policy on it).
+FABRIC_RUNS = [
+    _run("fabric_gpt2_budget", "gpt2", {"data_parallel_mode": "fsdp", "memory_budget": GPT2_BUDGET}),
+    *(_run(f"fabric_{model}_{policy}", model, {"data_parallel_mode": "fsdp", "memory": memory})
+      for model in ("gpt2", "gpt") for policy, memory in POLICIES.items()),
+    _run("fabric_gpt2_budget_later_run", "gpt2", {"data_parallel_mode": "fsdp", "memory_budget": GPT2_BUDGET}),
+]
 
 
 def _launch(tmp: Path, spec: dict[str, Any]) -> dict[str, Any]:
@@ -128,7 +134,10 @@ def test_memory_policy_on_a_model_users_bring(launched, model: str, policy: str)
     _assert_applied(launched[run["name"]]["memory"], model, policy)
 
 
-@pytest.mark.parametrize("run", FABRIC_RUNS, ids=[r["name"] for r in FABRIC_RUNS])
+FABRIC_POLICY_RUNS = [r for r in FABRIC_RUNS if "budget" not in r["name"]]
+
+
+@pytest.mark.parametrize("run", FABRIC_POLICY_RUNS, ids=[r["name"] for r in FABRIC_POLICY_RUNS])
 def test_memory_policy_in_a_fabric_loop(fabric_launched, run: dict[str, Any]) -> None:
     _assert_parity(fabric_launched, run, shuffle=False)  # Fabric's sampler keeps the loader's order
     model, policy = run["name"].removeprefix("fabric_").split("_", 1)
@@ -153,6 +162,19 @@ def test_memory_budget_on_hugging_face_gpt2(launched, name: str) -> None:
     assert "none needs" in applied["reason"], applied
     how = "a real step on the process group" if name.endswith("later_fit") else "fake tensors"
     assert "memory policy 'selective'" in launched["stdout"] and f"(estimated with {how})" in launched["stdout"]
+
+
+@pytest.mark.parametrize("name", ["fabric_gpt2_budget", "fabric_gpt2_budget_later_run"])
+def test_memory_budget_in_a_fabric_loop(fabric_launched, name: str) -> None:
+    """`choose_memory_policy(model, batch)` before `fabric.launch()`: the first run chooses on fake tensors, a
+    later run in the same script with a real step on its process group; both `selective`, as the Trainer does."""
+    run = next(r for r in FABRIC_RUNS if r["name"] == name)
+    _assert_parity(fabric_launched, run, shuffle=False)
+    applied = fabric_launched[run["name"]]["memory"]
+    assert applied["policy"] == "selective" and applied["checkpointed_blocks"] == BLOCKS["gpt2"], applied
+    assert "none needs" in applied["reason"], applied
+    how = "a real step on the process group" if name.endswith("later_run") else "fake tensors"
+    assert f"(estimated with {how})" in fabric_launched["stdout"], fabric_launched["stdout"][-3000:]
 
 
 @pytest.mark.parametrize("run", LAYOUT_RUNS, ids=[r["name"] for r in LAYOUT_RUNS])

@@ -150,11 +150,13 @@ def train_with_fabric(spec: dict, run: dict, out: Path) -> None:
     that checkpoint, then train the remaining steps) exercise the rest of a Fabric loop."""
     fabric = L.Fabric(accelerator="cpu", devices=spec["devices"], num_nodes=spec.get("num_nodes", 1),
                       strategy=Picotron3DFabricStrategy(timeout=TIMEOUT, **run.get("strategy", {})))
-    fabric.launch()
+    data = TokenDataset(token_data(run["samples"], vocab_size=vocab_size(run.get("model", {}))))
     module = build_module(run.get("model", {}))
+    if "memory_budget" in run.get("strategy", {}):  # chosen before launch, on one micro-batch as the loop feeds it
+        fabric.strategy.choose_memory_policy(module, torch.stack([data[i] for i in range(run["micro_batch"])]))
+    fabric.launch()
     optimizer = module.configure_optimizers()
     model, optimizer = fabric.setup(module, optimizer)
-    data = TokenDataset(token_data(run["samples"], vocab_size=vocab_size(run.get("model", {}))))
     loader = fabric.setup_dataloaders(DataLoader(data, batch_size=run["micro_batch"]))
     checkpoints = out.parent / "fabric_checkpoints"
     start = 0
