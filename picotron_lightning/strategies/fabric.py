@@ -224,6 +224,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
     def _sample_batch(self) -> Any:
         return self._budget_batch
 
+    @override
     def setup_environment(self) -> None:
         super().setup_environment()
         memory = self._options.memory
@@ -238,6 +239,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         atexit.register(self._fault_tolerance.stop_at_exit)
 
     # ------------------------------------------------------------------ module and optimizers
+    @override
     def setup_module_and_optimizers(
         self, module: Module, optimizers: list[Optimizer], scheduler: Any | None = None
     ) -> tuple[Module, list[Optimizer], Any | None]:
@@ -252,6 +254,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             return wrapped, optimizers  # type: ignore[return-value]  # Lightning 2.5 expects a pair
         return wrapped, optimizers, scheduler
 
+    @override
     def setup_module(self, module: Module) -> Module:
         if not any(p.is_meta for p in module.parameters()):
             module.to(self.root_device)
@@ -266,10 +269,12 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             self._refuse_direct_calls(module)
         return wrapped
 
+    @override
     def module_to_device(self, module: Module) -> None:
         if not any(p.is_meta for p in module.parameters()):
             module.to(self.root_device)
 
+    @override
     def module_init_context(self, empty_init: bool | None = None) -> AbstractContextManager:
         stack = ExitStack()
         if empty_init:
@@ -277,6 +282,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         stack.enter_context(self.precision.module_init_context())
         return stack
 
+    @override
     def clip_gradients_norm(
         self,
         module: Module,
@@ -291,6 +297,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             raise RuntimeError(f"The total norm of gradients is non-finite ({norm.item()}); not clipping.")
         return norm
 
+    @override
     def backward(self, tensor: Tensor, module: Module | None, *args: Any, **kwargs: Any) -> None:
         # The loss-parallel cross-entropy has its own backward ops, registered only inside the context.
         with self._step_context():
@@ -359,6 +366,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         return self._module
 
     # ------------------------------------------------------------------ collectives
+    @override
     def all_reduce(
         self, tensor: Tensor, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
     ) -> Tensor:
@@ -366,13 +374,16 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
             return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
         return tensor
 
+    @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:
         self._barrier()
 
+    @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return self._broadcast(obj, src)
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def save_checkpoint(
         self,
         path: Any,
@@ -392,6 +403,7 @@ class Picotron3DFabricStrategy(Picotron3DCore, ParallelStrategy):
         tensors = collect_state(module, list(optimizers.values()), list(optimizers))
         save_sharded(Path(self.broadcast(str(path))), tensors, metadata=rest, writer=self._fault_tolerance.writer)
 
+    @override
     def load_checkpoint(
         self,
         path: Any,

@@ -28,6 +28,7 @@ from lightning.pytorch.trainer.states import TrainerFn, TrainerStatus
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from picotron_lightning.fault_tolerance.runtime import FaultToleranceRuntime
 from picotron_lightning.memory.options import MemoryOptions
@@ -156,13 +157,16 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
     _spawn_launcher = _SpawnLauncher
 
     @property
+    @override
     def restore_checkpoint_after_setup(self) -> bool:
         return True
 
     @property
+    @override
     def lightning_restore_optimizer(self) -> bool:
         return False
 
+    @override
     def setup_environment(self) -> None:
         super().setup_environment()
         self._setup_processes(self.lightning_module)
@@ -175,6 +179,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         install_memory_callback(self.lightning_module.trainer, self._options.memory)
 
     # ------------------------------------------------------------------ model setup
+    @override
     def setup(self, trainer: pl.Trainer) -> None:
         assert self.model is not None and self.accelerator is not None
         self.accelerator.setup(trainer)
@@ -204,6 +209,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             self._oom = OOMRecoveryStep(self, trainer, self._options.memory)
         self._fault_tolerance.resume(trainer, self)  # fault tolerance: the newest complete checkpoint, if asked
 
+    @override
     def process_dataloader(self, dataloader: object) -> object:
         # Fault tolerance: the training sampler's position inside the epoch is saved and resumed.
         assert self.lightning_module is not None
@@ -240,6 +246,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             raise _data_not_ready(error, "the datamodule's `train_dataloader()`, even after `setup('fit')`,") \
                 from first_error
 
+    @override
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
@@ -271,6 +278,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
                 return self._pipeline.run_step(self.lightning_module, method, args, kwargs)
             return self._forward_redirection(self.model, self.lightning_module, method, *args, **kwargs)
 
+    @override
     def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
         if self._pipeline is not None:
             # The pipeline schedule already ran every microbatch's backward; only Lightning's hooks remain.
@@ -307,30 +315,36 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         """The OOM recovery of this fit (``memory.oom_recovery=True``): its split, retries and their history."""
         return getattr(self, "_oom", None)
 
+    @override
     def batch_to_device(self, batch: Any, device: torch.device | None = None, dataloader_idx: int = 0) -> Any:
         batch = super().batch_to_device(batch, device, dataloader_idx)
         if self.oom_recovery is not None:
             self.oom_recovery.batch = batch  # the global batch a recovered step splits
         return batch
 
+    @override
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.oom_recovery is not None and self.oom_recovery.micro_batch is not None:
             args = (self.oom_recovery.micro_batch, *args[1:])  # one piece of an OOM-split step
         with self.precision_plugin.train_step_context():
             return self._redirect("training_step", *args, **kwargs)
 
+    @override
     def validation_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.val_step_context():
             return self._redirect("validation_step", *args, **kwargs)
 
+    @override
     def test_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.test_step_context():
             return self._redirect("test_step", *args, **kwargs)
 
+    @override
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
         with self.precision_plugin.predict_step_context():
             return self._redirect("predict_step", *args, **kwargs)
 
+    @override
     def post_backward(self, closure_loss: Tensor) -> None:
         super().post_backward(closure_loss)
         assert self.lightning_module is not None
@@ -338,6 +352,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             self._reduce_expert_gradients(self.lightning_module)
 
     @contextmanager
+    @override
     def block_backward_sync(self) -> Generator[None, None, None]:
         """Skip gradient reduction on non-final accumulation steps (FSDP2 and DDP alike).
 
@@ -354,12 +369,15 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
             yield
 
     # ------------------------------------------------------------------ collectives
+    @override
     def barrier(self, name: str | None = None) -> None:
         self._barrier()
 
+    @override
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         return self._broadcast(obj, src)
 
+    @override
     def reduce(
         self, tensor: Tensor | Any, group: Any | None = None, reduce_op: ReduceOp | str | None = "mean"
     ) -> Tensor | Any:
@@ -374,23 +392,28 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
 
     # ------------------------------------------------------------------ checkpoints
+    @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         assert self.lightning_module is not None
         return get_model_state_dict(self.lightning_module)
 
+    @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
         assert self.lightning_module is not None
         # The checkpoint module's format (flattened per parameter name, so every pipeline stage keeps its own).
         return _optimizer_state(self.lightning_module, optimizer_list([optimizer])[0])
 
+    @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         pass  # done in load_checkpoint, shard by shard
 
+    @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         pass  # done in load_checkpoint, shard by shard
 
+    @override
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("picotron3d writes sharded checkpoints itself; `storage_options` is not supported.")
@@ -402,6 +425,7 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         self._fault_tolerance.add_to_checkpoint(checkpoint, self.lightning_module.trainer)  # RNG, data position
         save_sharded(path, state, metadata=checkpoint, writer=self._fault_tolerance.writer)
 
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(str(checkpoint_path)))
         assert self.lightning_module is not None
@@ -412,9 +436,11 @@ class Picotron3DStrategy(Picotron3DCore, ParallelStrategy):
         self._fault_tolerance.restore_from_checkpoint(checkpoint, self.global_rank)  # RNG, data position
         return checkpoint
 
+    @override
     def remove_checkpoint(self, filepath: Any) -> None:
         remove_checkpoint(filepath)
 
+    @override
     def teardown(self) -> None:
         # Fault tolerance: finish asynchronous saves and stop heartbeats (after a failure, silently: the others
         # then report this rank within the heartbeat timeout instead of waiting for the collective timeout).
