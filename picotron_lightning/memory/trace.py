@@ -131,7 +131,7 @@ def _fake_trace(
 ) -> RankEstimate:
     from picotron_lightning.parallel.data import check_ddp_with_tensor_parallel, resolve_mode
 
-    if config.data_parallel.mode != "ddp" and config.data_parallel.mode == "auto" and layout.tp == 1:
+    if config.data_parallel.mode == "auto" and layout.tp == 1:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         with FakeTensorMode(allow_non_fake_inputs=True):

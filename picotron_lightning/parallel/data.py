@@ -132,6 +132,7 @@ def fully_shard_units(root: nn.Module, units: Iterable[nn.Module], dp_mesh, conf
     ``dp_mesh`` is 1-D for FSDP or 2-D (replicate x shard) for HSDP. Expert-parallel weights are
     left out: they differ across ranks and are reduced over ``ep_replicate`` instead.
     """
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.distributed.fsdp import fully_shard
 
     kwargs = {"mesh": dp_mesh, "mp_policy": _mp_policy(config)}
@@ -142,30 +143,30 @@ def fully_shard_units(root: nn.Module, units: Iterable[nn.Module], dp_mesh, conf
     ignored_params = set(_expert_parameters(root))
     if ignored_params:
         kwargs["ignored_params"] = ignored_params
+    outside_fake_mode = unset_fake_temporarily if _has_fake_parameters(root) else contextlib.nullcontext
     for unit in units:
         _expect_tensor_parallel_view_output(unit)
-        with _device_meshes_outside_fake_mode(root):
+        with outside_fake_mode():
             fully_shard(unit, reshard_after_forward=config.reshard_after_forward, **kwargs)
     # The root's parameters are needed again at the start of backward: keep them gathered.
     _expect_tensor_parallel_view_output(root)
-    with _device_meshes_outside_fake_mode(root):
+    with outside_fake_mode():
         fully_shard(root, reshard_after_forward=False, **kwargs)
     return root
 
 
-def _device_meshes_outside_fake_mode(root: nn.Module) -> contextlib.AbstractContextManager:
-    """For the memory estimate's trace (fake parameters): ``fully_shard`` outside the fake-tensor mode.
+def _has_fake_parameters(root: nn.Module) -> bool:
+    """Whether ``root`` is the memory estimate's trace (fake parameters), where ``fully_shard`` runs outside the
+    fake-tensor mode.
 
     Over tensor-parallel parameters FSDP2 makes a (dp, tp) DeviceMesh, whose constructor finds this rank's
     coordinates with ``nonzero``, which fake tensors cannot answer (data-dependent). Outside the mode the
     mesh's small index tensors are real; the parameters stay fake, and so does everything made from them
     (the estimate of a 1B-parameter model at dp=2 x tp=2 stayed under 0.5 GB of host memory).
     """
-    from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+    from torch._subclasses.fake_tensor import is_fake
 
-    if any(is_fake(p) for p in root.parameters()):
-        return unset_fake_temporarily()
-    return contextlib.nullcontext()
+    return any(is_fake(p) for p in root.parameters())
 
 
 def _expect_tensor_parallel_view_output(unit: nn.Module) -> None:
